@@ -1,0 +1,60 @@
+"""devrep: never-stale read-only replicas of host memory in device memory.
+
+In-process use::
+
+    import devrep
+    with devrep.Replicator() as rep:
+        region = rep.create_region("table", 64 << 20)
+        rep.replicate("table", ["cpu:0", "cpu:1"])
+        ...
+"""
+
+from ._pages import PAGE_SIZE
+from .backends import Backend, DeviceBuffer, ExportHandle
+from .engine import Replicator
+from .errors import (
+    AlignmentError,
+    AlreadyExistsError,
+    BackendError,
+    DevrepError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LeaseTimeoutError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnknownDeviceError,
+    UnsupportedModeError,
+)
+from .region import Event, Lease, Region, RegionInfo, RegionStats, Replica, SyncReport, VerifyReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAGE_SIZE",
+    "AlignmentError",
+    "AlreadyExistsError",
+    "Backend",
+    "BackendError",
+    "DeviceBuffer",
+    "DevrepError",
+    "Event",
+    "ExportHandle",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "Lease",
+    "LeaseTimeoutError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Region",
+    "RegionInfo",
+    "RegionStats",
+    "Replica",
+    "Replicator",
+    "ResourceExhaustedError",
+    "SyncReport",
+    "UnknownDeviceError",
+    "UnsupportedModeError",
+    "VerifyReport",
+    "__version__",
+]

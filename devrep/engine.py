@@ -1,0 +1,184 @@
+"""``Replicator``: the in-process entry point. Owns backends and regions; the gRPC service wraps one."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ._pages import PAGE_SIZE, check_block_size
+from .backends import Backend, Progress, load_backend, parse_device
+from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, UnknownDeviceError
+from .memory import HostMemory, adopt_fd, create_shared, map_file, wrap_buffer
+from .region import DEFAULT_TIMEOUT, Event, Listener, Region, SyncReport, check_region_name
+from .tracking import make_tracker
+
+
+class Replicator:
+    """Regions of host memory and their device replicas.
+
+    >>> with Replicator() as rep:
+    ...     region = rep.create_region("emb", 1 << 20)
+    ...     region.array[:] = 7
+    ...     _ = rep.replicate("emb", ["cpu:0", "cpu:1"])
+    ...     region.array[4096] = 8              # a host write...
+    ...     _ = region.invalidate(4096, 1)      # ...reported (explicit mode)
+    ...     with region.acquire("cpu:0") as lease:   # fresh: syncs the one stale page first
+    ...         int(lease.array[4096])
+    8
+
+    ``backends`` maps a backend name to an instance (default: a 4-device CPU backend; ``opencl`` and
+    ``cuda`` are loaded on first use of one of their devices).
+    """
+
+    def __init__(self, backends: dict[str, Backend] | None = None, *, cpu_devices: int = 4) -> None:
+        self._backends: dict[str, Backend] = dict(backends or {})
+        self._cpu_devices = cpu_devices
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self.closed = False
+
+    # ------------------------------------------------------------------ devices
+    def backend(self, kind: str) -> Backend:
+        with self._lock:
+            if kind not in self._backends:
+                options: dict[str, Any] = {"devices": self._cpu_devices} if kind == "cpu" else {}
+                self._backends[kind] = load_backend(kind, **options)
+            return self._backends[kind]
+
+    def resolve(self, device: str) -> tuple[Backend, int]:
+        """``"cpu:1"`` -> (backend, 1), checking that the device exists."""
+        kind, index = parse_device(device)
+        backend = self.backend(kind)
+        count = backend.device_count()
+        if index >= count:
+            have = f"{kind}:0..{kind}:{count - 1}" if count else f"no {kind} devices"
+            raise UnknownDeviceError(f"no device {device}: this host has {have}")
+        return backend, index
+
+    def devices(self) -> list[str]:
+        """Devices of the backends loaded so far."""
+        with self._lock:
+            return [f"{k}:{i}" for k, b in self._backends.items() for i in range(b.device_count())]
+
+    # ------------------------------------------------------------------ events
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every region event (invalidate, sync, verify, ...)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def _dispatch(self, event: Event) -> None:
+        for listener in list(self._listeners):
+            listener(event)
+
+    # ------------------------------------------------------------------ regions
+    def _add(self, name: str, make_host: Any, block_size: int, tracking: str) -> Region:
+        check_region_name(name)
+        check_block_size(block_size)
+        tracker = make_tracker(tracking)
+        with self._lock:
+            if self.closed:
+                raise InvalidArgumentError("replicator is closed")
+            if name in self._regions:
+                raise AlreadyExistsError(f"region {name!r} already exists")
+            self._regions[name] = None  # type: ignore[assignment]  # reserve the name
+        try:
+            host: HostMemory = make_host()
+            try:
+                region = Region(name, host, tracker, self.resolve, block_size=block_size,
+                                listeners=[self._dispatch])
+            except BaseException:
+                host.close()
+                raise
+        except BaseException:
+            with self._lock:
+                del self._regions[name]
+            raise
+        with self._lock:
+            self._regions[name] = region
+        return region
+
+    def create_region(self, name: str, nbytes: int, *, block_size: int = PAGE_SIZE,
+                      tracking: str = "explicit") -> Region:
+        """A new memfd-backed host buffer; ``region.array`` is the owner's writable view."""
+        return self._add(name, lambda: create_shared(name, nbytes), block_size, tracking)
+
+    def register_file(self, name: str, path: str | os.PathLike[str], *, block_size: int = PAGE_SIZE,
+                      tracking: str = "explicit") -> Region:
+        """An existing regular file, mapped read-only."""
+        return self._add(name, lambda: map_file(path), block_size, tracking)
+
+    def register_buffer(self, name: str, buffer: Any, *, block_size: int = PAGE_SIZE,
+                        tracking: str = "explicit") -> Region:
+        """Any page-aligned buffer of this process (e.g. an ``mmap``); devrep never writes it."""
+        return self._add(name, lambda: wrap_buffer(buffer), block_size, tracking)
+
+    def register_fd(self, name: str, fd: int, nbytes: int | None = None, *, block_size: int = PAGE_SIZE,
+                    tracking: str = "explicit") -> Region:
+        """A memfd (or other mappable fd) handed over by another process; devrep takes ownership of ``fd``."""
+        return self._add(name, lambda: adopt_fd(fd, nbytes), block_size, tracking)
+
+    def region(self, name: str) -> Region:
+        with self._lock:
+            region = self._regions.get(name)
+        if region is None:
+            raise NotFoundError(f"no region named {name!r}")
+        return region
+
+    def regions(self) -> list[Region]:
+        with self._lock:
+            return [r for r in self._regions.values() if r is not None]
+
+    def unregister(self, name: str) -> None:
+        """Stop tracking, free the replicas (as their readers release them) and forget the region."""
+        region = self.region(name)
+        with self._lock:
+            del self._regions[name]
+        region.close()
+
+    # ------------------------------------------------------------------ replication
+    def replicate(self, name: str, devices: Sequence[str], *, progress: Progress | None = None,
+                  timeout: float | None = DEFAULT_TIMEOUT) -> SyncReport:
+        """Create replicas of ``name`` on ``devices`` (those it lacks) and bring every replica up to date."""
+        region = self.region(name)
+        if not devices:
+            raise InvalidArgumentError("replicate needs at least one device")
+        for device in devices:
+            self.resolve(device)  # all-or-nothing: check every name before allocating anything
+        added = []
+        try:
+            for device in dict.fromkeys(devices):
+                if device not in region.devices:
+                    region.add_replica(device)
+                    added.append(device)
+        except BaseException:
+            for device in added:
+                region.remove_replica(device)
+            raise
+        return region.sync(timeout=timeout, progress=progress)
+
+    def sync(self, name: str | None = None, **kwargs: Any) -> list[SyncReport]:
+        """Sync one region, or all of them."""
+        regions = [self.region(name)] if name is not None else self.regions()
+        return [r.sync(**kwargs) for r in regions]
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Unregister every region (releasing all write protections) and close the backends."""
+        with self._lock:
+            self.closed = True
+            names = [n for n, r in self._regions.items() if r is not None]
+        for name in names:
+            self.unregister(name)
+        for backend in self._backends.values():
+            backend.close()
+
+    def __enter__(self) -> Replicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""Exception types. Each maps to one documented gRPC status in the service (see ``GRPC_CODE``)."""
+
+from __future__ import annotations
+
+
+class DevrepError(Exception):
+    """Base class of every error devrep raises on purpose."""
+
+    grpc_code = "INTERNAL"
+
+
+class InvalidArgumentError(DevrepError, ValueError):
+    """A size, offset, alignment, name or option is not acceptable."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class AlignmentError(InvalidArgumentError):
+    """An address or length is not a multiple of the page (or block) size."""
+
+
+class NotFoundError(DevrepError, KeyError):
+    """An unknown region, replica, device or file."""
+
+    grpc_code = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownDeviceError(NotFoundError):
+    """A device name that no backend provides (e.g. ``cpu:9`` or ``cuda:0`` without a GPU)."""
+
+
+class AlreadyExistsError(DevrepError):
+    """A region or replica with that name already exists."""
+
+    grpc_code = "ALREADY_EXISTS"
+
+
+class PermissionDeniedError(DevrepError):
+    """The caller may not touch that region."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class ResourceExhaustedError(DevrepError):
+    """Device memory, a quota or a replica slot ran out."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPreconditionError(DevrepError):
+    """The object is not in a state that allows the call (closed, failed region, ...)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class UnsupportedModeError(FailedPreconditionError):
+    """A tracking mode cannot protect this memory or is not available on this kernel."""
+
+
+class LeaseTimeoutError(DevrepError, TimeoutError):
+    """A sync or acquire waited longer than its timeout for readers or writers."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class BackendError(DevrepError):
+    """A device backend failed (kernel build, driver error); the message names the device."""
+
+    grpc_code = "INTERNAL"

@@ -1,0 +1,192 @@
+"""Host memory that devrep replicates: a memfd it creates, a file mapped read-only, or a caller's buffer.
+
+Every source is exposed as one page-aligned, page-multiple ``uint8`` array (a file's last partial page
+reads as zeros, exactly as the kernel maps it), so backends never see a misaligned or ragged buffer.
+Mappings are made with libc ``mmap`` so the array can cover the whole last page; the mapping is
+unmapped when the last array that views it is garbage-collected, never under a live reader.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._pages import PAGE_SIZE, check_page_multiple, pages_for
+from .errors import AlignmentError, DevrepError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+# fcntl seals (linux/fcntl.h); Python exposes some of them only on recent versions.
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, F_SEAL_FUTURE_WRITE = 0x1, 0x2, 0x4, 0x8, 0x10
+
+
+class _Mapping:
+    """Owns one ``mmap`` of ``length`` bytes; unmapped when garbage-collected."""
+
+    def __init__(self, address: int, length: int) -> None:
+        self.address = address
+        self.length = length
+
+    def __del__(self) -> None:
+        if self.address:
+            _libc.munmap(self.address, self.length)
+            self.address = 0
+
+
+def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDArray[np.uint8]:
+    """``MAP_SHARED`` mapping of ``fd`` as a uint8 array of ``length`` bytes (rounded up to whole pages).
+
+    The array keeps the mapping alive; a read-only mapping yields a read-only array.
+    """
+    length = pages_for(length) * PAGE_SIZE
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+    if address in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        if err in (errno.ENOMEM, errno.ENOSPC):
+            raise ResourceExhaustedError(f"mmap of {length} bytes failed: {os.strerror(err)}")
+        raise DevrepError(f"mmap of {length} bytes failed: {os.strerror(err)}")
+    holder = (ctypes.c_uint8 * length).from_address(address)
+    holder._devrep_mapping = _Mapping(address, length)  # type: ignore[attr-defined]
+    array = np.frombuffer(holder, dtype=np.uint8)
+    if not writable:
+        array.flags.writeable = False
+    return array
+
+
+def memfd_create(name: str, nbytes: int, *, sealable: bool = True) -> int:
+    """A memfd of ``nbytes`` (close-on-exec). Pages are allocated up front so ENOSPC shows here."""
+    flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
+    fd = os.memfd_create(name[:200] or "devrep", flags)
+    try:
+        os.ftruncate(fd, nbytes)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise ResourceExhaustedError(f"cannot allocate {nbytes} bytes of shared memory: {exc}") from exc
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def add_seals(fd: int, seals: int) -> None:
+    fcntl.fcntl(fd, F_ADD_SEALS, seals)
+
+
+def buffer_address(array: npt.NDArray[Any]) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+@dataclass(eq=False)
+class HostMemory:
+    """A region's host pages. ``array`` covers whole pages; ``nbytes`` is the logical size."""
+
+    kind: str
+    """``"memfd"``, ``"file"`` or ``"buffer"``."""
+    array: npt.NDArray[np.uint8]
+    nbytes: int
+    fd: int | None = None
+    path: Path | None = None
+    _keepalive: Any = field(default=None, repr=False)
+
+    @property
+    def npages(self) -> int:
+        return self.array.nbytes // PAGE_SIZE
+
+    @property
+    def address(self) -> int:
+        return buffer_address(self.array)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def create_shared(name: str, nbytes: int) -> HostMemory:
+    """A memfd-backed buffer devrep creates for its owner: writable, shareable through its fd.
+
+    The memfd is sealed against shrinking so no one can truncate it under a replica (a SIGBUS hazard).
+    """
+    check_page_multiple("region size", nbytes)
+    fd = memfd_create(f"devrep:{name}", nbytes)
+    try:
+        add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW)
+        array = map_fd(fd, nbytes, writable=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HostMemory("memfd", array, nbytes, fd=fd)
+
+
+def adopt_fd(fd: int, nbytes: int | None = None, *, writable: bool = False) -> HostMemory:
+    """Map an fd someone handed over (a client's memfd). devrep takes ownership of ``fd``."""
+    size = os.fstat(fd).st_size
+    if nbytes is None:
+        nbytes = size
+    if nbytes <= 0:
+        raise InvalidArgumentError(f"cannot replicate an empty memory object (size {nbytes})")
+    if nbytes > size:
+        raise InvalidArgumentError(f"requested {nbytes} bytes but the memory object holds only {size}")
+    return HostMemory("memfd", map_fd(fd, nbytes, writable=writable), nbytes, fd=fd)
+
+
+def map_file(path: str | os.PathLike[str]) -> HostMemory:
+    """Map an existing regular file read-only."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"no such file: {p}") from exc
+    except IsADirectoryError as exc:
+        raise InvalidArgumentError(f"{p} is a directory, not a regular file") from exc
+    try:
+        st = os.fstat(fd)
+        if not os.path.isfile(p) or st.st_size == 0:
+            raise InvalidArgumentError(
+                f"{p} is empty or not a regular file; devrep replicates regular files of at least one byte"
+            )
+        array = map_fd(fd, st.st_size, writable=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HostMemory("file", array, st.st_size, fd=fd, path=p.resolve())
+
+
+def wrap_buffer(obj: Any) -> HostMemory:
+    """Any buffer of the calling process: it must be C-contiguous, page-aligned and a page multiple."""
+    try:
+        view = memoryview(obj)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"{type(obj).__name__} does not expose the buffer protocol") from exc
+    if not view.c_contiguous:
+        raise InvalidArgumentError("the buffer must be C-contiguous")
+    array = np.frombuffer(view.cast("B"), dtype=np.uint8) if view.nbytes else np.empty(0, np.uint8)
+    check_page_multiple("buffer length", array.nbytes)
+    if buffer_address(array) % PAGE_SIZE:
+        raise AlignmentError(
+            f"buffer address {buffer_address(array):#x} is not page-aligned; "
+            "allocate it with mmap or devrep.create_region()"
+        )
+    ro = array.view()
+    ro.flags.writeable = False
+    return HostMemory("buffer", ro, array.nbytes, _keepalive=obj)

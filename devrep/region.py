@@ -1,0 +1,671 @@
+"""Regions, replicas and leases: the coherence rules live here (see README, "Coherence rules").
+
+Per-page state, all whole-array numpy:
+
+* ``gen``   uint32 per page: the region generation at which the page was last invalidated;
+* ``valid`` uint16 per page: bit ``s`` set when replica slot ``s``'s readable buffer holds the page as
+  the host had it at that generation (so at most 16 replicas per region);
+* ``lag``   uint16 per page: bit ``s`` set when slot ``s``'s spare buffer differs from its readable one.
+
+That is 8 bytes per 4 KiB page whatever the number of replicas (see ``Region.metadata_bytes``).
+
+Torn pages are impossible by construction: a sync never writes a buffer that has a lease on it. A replica
+has one buffer until a sync finds it leased; then it gets a second, the sync writes the new pages there
+(catching up the pages the spare missed, tracked by ``lag``) and flips which buffer new acquires get. The
+old buffer becomes the spare once its readers release it. A sync that finds both buffers leased waits for
+the spare's readers, bounded by its timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._pages import (
+    PAGE_SIZE,
+    PageArray,
+    RunArray,
+    byte_range_to_pages,
+    runs_from_mask,
+    runs_from_pages,
+    widen_to_blocks,
+)
+from .backends import Backend, DeviceBuffer, ExportHandle
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LeaseTimeoutError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from .hashing import hash_pages
+from .memory import HostMemory
+from .tracking import Tracker
+
+if TYPE_CHECKING:
+    from .backends import Progress
+
+MAX_REPLICAS = 16
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a region, for watchers and metrics.
+
+    ``kind``: ``invalidate`` (``runs`` went stale everywhere), ``sync`` (``runs`` became valid on
+    ``device``), ``verify`` (``runs`` mismatched on ``device``), ``replica_added``, ``replica_removed``,
+    ``region_removed``, ``region_failed``.
+    """
+
+    kind: str
+    region: str
+    generation: int
+    runs: RunArray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    device: str | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def pages(self) -> int:
+        return int(self.runs[:, 1].sum()) if len(self.runs) else 0
+
+
+Listener = Callable[[Event], None]
+
+
+@dataclass
+class RegionStats:
+    invalidations: int = 0
+    pages_invalidated: int = 0
+    syncs: int = 0
+    pages_copied: int = 0
+    """Page copies into replicas (a page copied to 3 replicas counts 3)."""
+    bytes_copied: int = 0
+    host_bytes_read: int = 0
+    """Host bytes read by syncs: with fan-out, each dirty page once per sync however many replicas."""
+    sync_seconds: float = 0.0
+    verifies: int = 0
+    pages_verified: int = 0
+    verify_mismatches: int = 0
+    resyncs: int = 0
+    lease_waits: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    device: str
+    valid_pages: int
+    generation: int
+    leases: int
+    buffers: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    name: str
+    kind: str
+    nbytes: int
+    npages: int
+    block_size: int
+    tracking: str
+    generation: int
+    replicas: list[ReplicaInfo]
+    stats: RegionStats
+    failed: str | None
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    region: str
+    generation: int
+    pages_copied: int
+    bytes_copied: int
+    host_bytes_read: int
+    runs: int
+    seconds: float
+    devices: list[str]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    region: str
+    device: str
+    pages_checked: int
+    mismatched: RunArray
+    resynced: bool
+
+    @property
+    def mismatched_pages(self) -> int:
+        return int(self.mismatched[:, 1].sum()) if len(self.mismatched) else 0
+
+
+class Replica:
+    """A region's read-only copy on one device (one or two device buffers, see the module doc)."""
+
+    def __init__(self, region: Region, device: str, backend: Backend, index: int, slot: int) -> None:
+        self.region = region
+        self.device = device
+        self.backend = backend
+        self.index = index
+        self.slot = slot
+        self.bit = np.uint16(1 << slot)
+        self.buffers: list[DeviceBuffer | None] = [None, None]
+        self.leases = [0, 0]
+        self.busy = [False, False]
+        self.front = 0
+        self.generation = 0
+        self.valid_pages = 0
+        self.closed = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers if b is not None)
+
+    def _free_unleased(self) -> None:
+        for i, buf in enumerate(self.buffers):
+            if buf is not None and self.leases[i] == 0 and not self.busy[i]:
+                self.backend.free(buf)
+                self.buffers[i] = None
+
+
+class Lease:
+    """A reader's hold on one replica buffer: nothing writes that buffer until ``release()``.
+
+    ``generation`` is the region generation the replica reflects; ``invalid_runs`` lists the pages that were
+    stale at acquire time (empty for a fresh acquire).
+    """
+
+    def __init__(self, replica: Replica, buffer_index: int, generation: int, invalid_runs: RunArray) -> None:
+        self.replica = replica
+        self._buffer_index = buffer_index
+        self.generation = generation
+        self.invalid_runs = invalid_runs
+        self.released = False
+
+    @property
+    def device(self) -> str:
+        return self.replica.device
+
+    @property
+    def buffer(self) -> DeviceBuffer:
+        if self.released:
+            raise FailedPreconditionError("lease already released")
+        buf = self.replica.buffers[self._buffer_index]
+        assert buf is not None
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return self.replica.region.nbytes
+
+    @property
+    def array(self) -> Any:
+        """The replica as a read-only array: numpy (CPU, zero-copy), CuPy (CUDA) or a host copy (OpenCL).
+
+        Its length is the region's logical size.
+        """
+        return self.replica.backend.device_array(self.buffer)[: self.nbytes]
+
+    def read(self, offset: int = 0, nbytes: int | None = None) -> npt.NDArray[np.uint8]:
+        """Copy bytes of the replica back to host memory."""
+        if nbytes is None:
+            nbytes = self.nbytes - offset
+        return self.replica.backend.read(self.buffer, offset, nbytes)
+
+    def export(self) -> ExportHandle:
+        return self.replica.backend.export(self.buffer)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.replica.region._release(self.replica, self._buffer_index)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if not getattr(self, "released", True):
+            self.release()
+
+
+class Region:
+    """A named range of host memory and its replicas. Create through ``Replicator``."""
+
+    def __init__(
+        self,
+        name: str,
+        host: HostMemory,
+        tracker: Tracker,
+        resolve: Callable[[str], tuple[Backend, int]],
+        *,
+        block_size: int = PAGE_SIZE,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.tracker = tracker
+        self.block_size = block_size
+        self._pages_per_block = block_size // PAGE_SIZE
+        self._resolve = resolve
+        self._listeners = listeners
+        self.npages = host.npages
+        self.generation = 0
+        self._gen = np.zeros(self.npages, dtype=np.uint32)
+        self._valid = np.zeros(self.npages, dtype=np.uint16)
+        self._lag = np.zeros(self.npages, dtype=np.uint16)
+        self._replicas: dict[str, Replica] = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._sync_lock = threading.Lock()
+        self.stats = RegionStats()
+        self.failed: str | None = None
+        self.closed = False
+        tracker.attach(host, self.invalidate_pages)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def nbytes(self) -> int:
+        return self.host.nbytes
+
+    @property
+    def array(self) -> npt.NDArray[np.uint8]:
+        """The host pages (writable for a region devrep created, read-only otherwise), logical length."""
+        return self.host.array[: self.nbytes]
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._replicas)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Persistent per-page state, all replicas included."""
+        return self._gen.nbytes + self._valid.nbytes + self._lag.nbytes
+
+    def _emit(self, events: Iterable[Event]) -> None:
+        for event in events:
+            for listener in self._listeners:
+                listener(event)
+
+    def _replica(self, device: str) -> Replica:
+        try:
+            return self._replicas[device]
+        except KeyError:
+            raise NotFoundError(f"region {self.name!r} has no replica on {device!r} (has: {self.devices})") from None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise FailedPreconditionError(f"region {self.name!r} was unregistered")
+        if self.failed:
+            raise FailedPreconditionError(f"region {self.name!r} failed: {self.failed}")
+
+    # ------------------------------------------------------------------ invalidation
+    def invalidate(self, offset: int = 0, length: int | None = None) -> int:
+        """Mark the bytes ``[offset, offset+length)`` (whole blocks) stale everywhere. Returns the new generation."""
+        if length is None:
+            length = max(0, self.nbytes - offset)
+        pages = byte_range_to_pages(offset, length, self.npages, self._pages_per_block)
+        return self._invalidate(pages)
+
+    def invalidate_pages(self, pages: npt.ArrayLike) -> int:
+        """Mark pages (widened to whole blocks) stale in every replica and bump their generation. Idempotent."""
+        pages = widen_to_blocks(np.asarray(pages, dtype=np.int64).reshape(-1), self.npages, self._pages_per_block)
+        return self._invalidate(pages)
+
+    def _invalidate(self, pages: PageArray) -> int:
+        with self._cond:
+            generation = self._invalidate_locked(pages)
+        if pages.size:
+            self._emit([Event("invalidate", self.name, generation, runs_from_pages(pages))])
+        return generation
+
+    def _invalidate_locked(self, pages: PageArray) -> int:
+        if pages.size == 0:
+            return self.generation
+        self.generation += 1
+        self._gen[pages] = np.uint32(self.generation & 0xFFFFFFFF)
+        before = self._valid[pages]
+        for rep in self._replicas.values():
+            rep.valid_pages -= int(np.count_nonzero(before & rep.bit))
+        self._valid[pages] = 0
+        self.stats.invalidations += 1
+        self.stats.pages_invalidated += int(pages.size)
+        return self.generation
+
+    def _collect_locked(self) -> list[Event]:
+        pages = self.tracker.collect()
+        if len(pages) == 0:
+            return []
+        pages = widen_to_blocks(pages, self.npages, self._pages_per_block)
+        generation = self._invalidate_locked(pages)
+        return [Event("invalidate", self.name, generation, runs_from_pages(pages))]
+
+    def collect(self) -> None:
+        """Pull writes the tracker has seen into the page state (done implicitly by sync/acquire/verify)."""
+        with self._cond:
+            events = self._collect_locked()
+        self._emit(events)
+
+    # ------------------------------------------------------------------ replicas
+    def add_replica(self, device: str) -> Replica:
+        """Allocate an (all-stale) replica on ``device``; ``sync()`` fills it."""
+        self._check_open()
+        backend, index = self._resolve(device)
+        with self._cond:
+            if device in self._replicas:
+                raise AlreadyExistsError(f"region {self.name!r} already has a replica on {device}")
+            used = {r.slot for r in self._replicas.values()}
+            free = [s for s in range(MAX_REPLICAS) if s not in used]
+            if not free:
+                raise ResourceExhaustedError(f"region {self.name!r} already has {MAX_REPLICAS} replicas")
+            replica = Replica(self, device, backend, index, free[0])
+            self._valid &= ~replica.bit
+            self._lag &= ~replica.bit
+            self._replicas[device] = replica
+        try:
+            replica.buffers[0] = backend.allocate(index, self.npages * PAGE_SIZE)
+        except BaseException:
+            with self._cond:
+                del self._replicas[device]
+            raise
+        self._emit([Event("replica_added", self.name, self.generation, device=device)])
+        return replica
+
+    def remove_replica(self, device: str) -> None:
+        """Drop a replica. Device memory is freed now, or when its last reader releases."""
+        with self._cond:
+            replica = self._replica(device)
+            del self._replicas[device]
+            replica.closed = True
+            self._valid &= ~replica.bit
+            self._lag &= ~replica.bit
+            replica._free_unleased()
+            self._cond.notify_all()
+        self._emit([Event("replica_removed", self.name, self.generation, device=device)])
+
+    def _release(self, replica: Replica, buffer_index: int) -> None:
+        with self._cond:
+            replica.leases[buffer_index] -= 1
+            if replica.closed:
+                replica._free_unleased()
+            self._cond.notify_all()
+
+    def invalid_runs(self, device: str) -> RunArray:
+        with self._cond:
+            events = self._collect_locked()
+            runs = runs_from_mask((self._valid & self._replica(device).bit) == 0)
+        self._emit(events)
+        return runs
+
+    # ------------------------------------------------------------------ sync
+    def sync(
+        self,
+        devices: Sequence[str] | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        progress: Progress | None = None,
+    ) -> SyncReport:
+        """Copy every stale page to the replicas (all, or ``devices``), coalesced into runs.
+
+        A page invalidated again while its copy was in flight stays stale (generation check). Waits at most
+        ``timeout`` seconds for readers holding both buffers of a replica (``LeaseTimeoutError``).
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.perf_counter()
+        if not self._sync_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise LeaseTimeoutError(f"region {self.name!r}: another sync did not finish within {timeout}s")
+        try:
+            return self._sync(devices, deadline, progress, start)
+        finally:
+            self._sync_lock.release()
+
+    def _sync(
+        self, devices: Sequence[str] | None, deadline: float | None, progress: Progress | None, start: float
+    ) -> SyncReport:
+        events: list[Event] = []
+        plans: list[tuple[Replica, int, PageArray]] = []
+        with self._cond:
+            events += self._collect_locked()
+            targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
+            try:
+                for rep in targets:
+                    plans.append(self._plan_locked(rep, deadline))
+            except BaseException:
+                for rep, target, _ in plans:
+                    rep.busy[target] = False
+                raise
+            union = np.unique(np.concatenate([p for _, _, p in plans])) if plans else np.empty(0, np.int64)
+            snapshot = self._gen[union].copy()
+            generation = self.generation
+            union_runs = runs_from_pages(union)
+            if union.size:
+                self.tracker.rearm(union_runs)
+        self._emit(events)
+
+        try:
+            host_read = self._copy(plans, progress)
+        except BaseException:
+            with self._cond:
+                for rep, target, _ in plans:
+                    rep.busy[target] = False
+                self._cond.notify_all()
+            raise
+
+        events = []
+        with self._cond:
+            events += self._collect_locked()
+            unchanged = self._gen[union] == snapshot
+            seconds = time.perf_counter() - start
+            copied = 0
+            for rep, target, pages in plans:
+                rep.busy[target] = False
+                if rep.closed:
+                    rep._free_unleased()
+                    continue
+                fresh = pages[unchanged[np.searchsorted(union, pages)]]
+                newly = fresh[(self._valid[fresh] & rep.bit) == 0]
+                rep.valid_pages += int(newly.size)
+                self._valid[fresh] |= rep.bit
+                if target != rep.front:  # the new pages went to the spare: flip
+                    self._lag &= ~rep.bit
+                    rep.front = target
+                    self._lag[pages] |= rep.bit
+                elif rep.buffers[1 - target] is not None:
+                    self._lag[pages] |= rep.bit
+                rep.generation = generation
+                copied += int(pages.size)
+                if fresh.size:
+                    events.append(Event("sync", self.name, generation, runs_from_pages(fresh), device=rep.device,
+                                        nbytes=int(pages.size) * PAGE_SIZE, seconds=seconds))
+            self.stats.syncs += 1
+            self.stats.pages_copied += copied
+            self.stats.bytes_copied += copied * PAGE_SIZE
+            self.stats.host_bytes_read += host_read
+            self.stats.sync_seconds += seconds
+            self._cond.notify_all()
+        self._emit(events)
+        return SyncReport(self.name, generation, copied, copied * PAGE_SIZE, host_read, len(union_runs), seconds,
+                          [rep.device for rep, _, _ in plans])
+
+    def _plan_locked(self, rep: Replica, deadline: float | None) -> tuple[Replica, int, PageArray]:
+        """Pick the buffer a sync writes for ``rep`` and the pages it needs. Marks that buffer busy."""
+        if rep.leases[rep.front] == 0:
+            target = rep.front
+            pages = np.flatnonzero((self._valid & rep.bit) == 0)
+        else:
+            target = 1 - rep.front
+            if rep.buffers[target] is None:
+                rep.buffers[target] = rep.backend.allocate(rep.index, self.npages * PAGE_SIZE)
+                self._lag |= rep.bit  # a new spare holds nothing
+            while rep.leases[target] > 0:
+                self.stats.lease_waits += 1
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise LeaseTimeoutError(
+                        f"region {self.name!r} on {rep.device}: both replica buffers are held by readers; "
+                        "release leases or raise the sync timeout"
+                    )
+                self._cond.wait(remaining)
+            pages = np.flatnonzero(((self._valid & rep.bit) == 0) | ((self._lag & rep.bit) != 0))
+        rep.busy[target] = True
+        return rep, target, pages.astype(np.int64)
+
+    def _copy(self, plans: list[tuple[Replica, int, PageArray]], progress: Progress | None) -> int:
+        """Run the copies, one backend call per group of replicas that need the same pages (fan-out)."""
+        groups: dict[tuple[int, bytes], list[tuple[Replica, int, PageArray]]] = {}
+        for plan in plans:
+            rep, _, pages = plan
+            if pages.size:
+                groups.setdefault((id(rep.backend), pages.tobytes()), []).append(plan)
+        host_read = 0
+        for members in groups.values():
+            rep0, _, pages = members[0]
+            buffers = [rep.buffers[target] for rep, target, _ in members]
+            rep0.backend.copy_runs(self.host.array, runs_from_pages(pages),
+                                   [b for b in buffers if b is not None], progress)
+            host_read += int(pages.size) * PAGE_SIZE
+        return host_read
+
+    # ------------------------------------------------------------------ acquire
+    def acquire(self, device: str, *, fresh: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> Lease:
+        """Lease the replica on ``device`` for reading.
+
+        ``fresh=True`` returns only when every page is valid (syncing as needed), else raises
+        ``LeaseTimeoutError`` after ``timeout`` seconds. ``fresh=False`` returns at once (after any copy into
+        the readable buffer in flight) with ``Lease.invalid_runs`` listing the stale pages.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                events = self._collect_locked()
+                rep = self._replica(device)
+                while rep.busy[rep.front]:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise LeaseTimeoutError(f"region {self.name!r} on {device}: a sync is still copying")
+                    self._cond.wait(remaining)
+                lease = None
+                if not fresh or rep.valid_pages == self.npages:
+                    invalid = (runs_from_mask((self._valid & rep.bit) == 0) if rep.valid_pages < self.npages
+                               else np.empty((0, 2), np.int64))
+                    rep.leases[rep.front] += 1
+                    lease = Lease(rep, rep.front, rep.generation if invalid.size else self.generation, invalid)
+            self._emit(events)
+            if lease is not None:
+                return lease
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise LeaseTimeoutError(
+                    f"region {self.name!r} on {device}: still stale after {timeout}s (writes keep arriving)"
+                )
+            self.sync([device], timeout=remaining)
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, devices: Sequence[str] | None = None, *, resync: bool = True) -> list[VerifyReport]:
+        """Hash host and replica pages; pages valid throughout whose hashes differ are marked stale (counted)
+        and, with ``resync``, copied again."""
+        self._check_open()
+        targets = list(devices) if devices is not None else self.devices
+        leases = [self.acquire(d, fresh=False) for d in targets]
+        try:
+            with self._cond:
+                events = self._collect_locked()
+                gen_before = self._gen.copy()
+                valid_before = self._valid.copy()
+            self._emit(events)
+            host_hashes = hash_pages(self.host.array)
+            device_hashes = [lease.replica.backend.hash_pages(lease.buffer) for lease in leases]
+            reports: list[tuple[Replica, RunArray, int]] = []
+            events = []
+            with self._cond:
+                events += self._collect_locked()
+                stable = self._gen == gen_before
+                for lease, dev_hashes in zip(leases, device_hashes, strict=True):
+                    rep = lease.replica
+                    checked = stable & ((valid_before & rep.bit) != 0) & ((self._valid & rep.bit) != 0)
+                    bad = rep.backend.compare(host_hashes, dev_hashes)
+                    bad = bad[checked[bad]]
+                    rep.valid_pages -= int(bad.size)
+                    self._valid[bad] &= ~rep.bit
+                    runs = runs_from_pages(bad)
+                    self.stats.verifies += 1
+                    self.stats.pages_verified += int(np.count_nonzero(checked))
+                    self.stats.verify_mismatches += int(bad.size)
+                    reports.append((rep, runs, int(np.count_nonzero(checked))))
+                    if bad.size:
+                        events.append(Event("verify", self.name, self.generation, runs, device=rep.device))
+            self._emit(events)
+        finally:
+            for lease in leases:
+                lease.release()
+        mismatched = [rep.device for rep, runs, _ in reports if len(runs)]
+        if resync and mismatched:
+            self.sync(mismatched)
+            with self._cond:
+                self.stats.resyncs += 1
+        return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)))
+                for rep, runs, checked in reports]
+
+    # ------------------------------------------------------------------ describe / close
+    def describe(self) -> RegionInfo:
+        with self._cond:
+            events = self._collect_locked()
+            replicas = [
+                ReplicaInfo(r.device, r.valid_pages, r.generation, sum(r.leases),
+                            sum(b is not None for b in r.buffers), r.nbytes)
+                for r in self._replicas.values()
+            ]
+            info = RegionInfo(self.name, self.host.kind, self.nbytes, self.npages, self.block_size,
+                              self.tracker.mode, self.generation, replicas, RegionStats(**vars(self.stats)),
+                              self.failed)
+        self._emit(events)
+        return info
+
+    def fail(self, reason: str) -> None:
+        """Mark the region unusable (e.g. its memory was truncated under it) and tell watchers."""
+        with self._cond:
+            self.failed = reason
+            for rep in self._replicas.values():
+                rep.valid_pages = 0
+            self._valid[:] = 0
+            self._cond.notify_all()
+        self._emit([Event("region_failed", self.name, self.generation, message=reason)])
+
+    def close(self) -> None:
+        """Stop tracking (releasing every write protection), drop replicas, unmap host memory."""
+        if self.closed:
+            return
+        try:
+            self.tracker.close()
+        finally:
+            for device in list(self._replicas):
+                self.remove_replica(device)
+            self.closed = True
+            self.host.close()
+            self._emit([Event("region_removed", self.name, self.generation)])
+
+    def __repr__(self) -> str:
+        return f"<Region {self.name!r} {self.nbytes} B, {len(self._replicas)} replicas, {self.tracker.mode}>"
+
+
+def check_region_name(name: str) -> str:
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}", name):
+        raise InvalidArgumentError(
+            f"bad region name {name!r}: 1-255 characters of letters, digits and ._:/- , starting with a letter or digit"
+        )
+    return name

@@ -1,0 +1,80 @@
+"""Write tracking: how devrep learns that host pages changed. One tracker per region, one class per mode.
+
+The engine talks to a tracker through three calls only:
+
+* ``collect()`` -> pages written since the last call (the engine invalidates them). Called, under the
+  region lock, before every decision that depends on validity: sync, acquire, verify, describe.
+* ``rearm(runs)`` -> called by ``sync()`` *before* copying ``runs``, so a write during the copy is seen
+  (sync mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN re-protects atomically).
+* ``close()`` -> stop tracking and release every protection (no writer may stay blocked).
+
+A tracker that learns of a write asynchronously (a fault-handler thread in the service) may also call the
+``invalidate`` callback it was attached with; ``explicit`` mode relies on the owner calling
+``Region.invalidate`` itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+
+from .._pages import PageArray, RunArray
+from ..memory import HostMemory
+
+InvalidateCallback = Callable[[PageArray], None]
+
+
+class Tracker(ABC):
+    mode: ClassVar[str]
+
+    @abstractmethod
+    def attach(self, host: HostMemory, invalidate: InvalidateCallback) -> None:
+        """Start tracking ``host``; raise ``UnsupportedModeError`` (naming the modes that would work) if this
+        mode cannot protect that memory."""
+
+    def collect(self) -> PageArray:
+        return np.empty(0, dtype=np.int64)
+
+    def rearm(self, runs: RunArray) -> None:  # noqa: B027 - optional hook
+        """Re-arm write detection for pages about to be copied."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop tracking; release every protection."""
+
+
+class ExplicitTracker(Tracker):
+    """The owner reports what it wrote (``Region.invalidate``): memory the kernel cannot protect, e.g. DMA."""
+
+    mode = "explicit"
+
+    def attach(self, host: HostMemory, invalidate: InvalidateCallback) -> None:
+        pass
+
+
+TRACKERS: dict[str, type[Tracker]] = {"explicit": ExplicitTracker}
+
+
+def make_tracker(mode: str) -> Tracker:
+    from ..errors import InvalidArgumentError
+
+    if mode not in TRACKERS:
+        _register_kernel_trackers()
+    try:
+        return TRACKERS[mode]()
+    except KeyError:
+        raise InvalidArgumentError(f"unknown tracking mode {mode!r}; known: {', '.join(sorted(TRACKERS))}") from None
+
+
+def _register_kernel_trackers() -> None:
+    """Kernel-backed modes (sync, async, file) register themselves in ``TRACKERS`` on import."""
+    import importlib
+
+    for module in ("devrep.tracking._sync", "devrep.tracking._async", "devrep.tracking._file"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
