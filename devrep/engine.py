@@ -12,7 +12,7 @@ from .backends import Backend, Progress, load_backend, parse_device
 from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, UnknownDeviceError
 from .memory import HostMemory, adopt_fd, create_shared, map_file, wrap_buffer
 from .region import DEFAULT_TIMEOUT, Event, Listener, Region, SyncReport, check_region_name
-from .tracking import make_tracker
+from .tracking import Tracker, make_tracker
 
 
 class Replicator:
@@ -76,10 +76,10 @@ class Replicator:
             listener(event)
 
     # ------------------------------------------------------------------ regions
-    def _add(self, name: str, make_host: Any, block_size: int, tracking: str) -> Region:
+    def _add(self, name: str, make_host: Any, block_size: int, tracking: str | Tracker) -> Region:
         check_region_name(name)
         check_block_size(block_size)
-        tracker = make_tracker(tracking)
+        tracker = make_tracker(tracking) if isinstance(tracking, str) else tracking
         with self._lock:
             if self.closed:
                 raise InvalidArgumentError("replicator is closed")
@@ -103,22 +103,22 @@ class Replicator:
         return region
 
     def create_region(self, name: str, nbytes: int, *, block_size: int = PAGE_SIZE,
-                      tracking: str = "explicit") -> Region:
+                      tracking: str | Tracker = "explicit") -> Region:
         """A new memfd-backed host buffer; ``region.array`` is the owner's writable view."""
         return self._add(name, lambda: create_shared(name, nbytes), block_size, tracking)
 
     def register_file(self, name: str, path: str | os.PathLike[str], *, block_size: int = PAGE_SIZE,
-                      tracking: str = "explicit") -> Region:
+                      tracking: str | Tracker = "explicit") -> Region:
         """An existing regular file, mapped read-only."""
         return self._add(name, lambda: map_file(path), block_size, tracking)
 
     def register_buffer(self, name: str, buffer: Any, *, block_size: int = PAGE_SIZE,
-                        tracking: str = "explicit") -> Region:
+                        tracking: str | Tracker = "explicit") -> Region:
         """Any page-aligned buffer of this process (e.g. an ``mmap``); devrep never writes it."""
         return self._add(name, lambda: wrap_buffer(buffer), block_size, tracking)
 
     def register_fd(self, name: str, fd: int, nbytes: int | None = None, *, block_size: int = PAGE_SIZE,
-                    tracking: str = "explicit") -> Region:
+                    tracking: str | Tracker = "explicit") -> Region:
         """A memfd (or other mappable fd) handed over by another process; devrep takes ownership of ``fd``."""
         return self._add(name, lambda: adopt_fd(fd, nbytes), block_size, tracking)
 

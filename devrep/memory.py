@@ -64,7 +64,7 @@ def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDAr
         raise DevrepError(f"mmap of {length} bytes failed: {os.strerror(err)}")
     holder = (ctypes.c_uint8 * length).from_address(address)
     holder._devrep_mapping = _Mapping(address, length)  # type: ignore[attr-defined]
-    array = np.frombuffer(holder, dtype=np.uint8)
+    array = np.frombuffer(memoryview(holder).cast("B"), dtype=np.uint8)
     if not writable:
         array.flags.writeable = False
     return array

@@ -272,7 +272,7 @@ class Region:
         self.stats = RegionStats()
         self.failed: str | None = None
         self.closed = False
-        tracker.attach(host, self.invalidate_pages)
+        tracker.attach(host, self.collect)
 
     # ------------------------------------------------------------------ properties
     @property

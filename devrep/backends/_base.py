@@ -111,5 +111,5 @@ class Backend(ABC):
         """Bytes currently allocated on a device by this backend."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release every resource the backend holds."""

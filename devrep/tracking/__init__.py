@@ -1,16 +1,22 @@
 """Write tracking: how devrep learns that host pages changed. One tracker per region, one class per mode.
 
-The engine talks to a tracker through three calls only:
+The engine talks to a tracker through four calls only:
 
+* ``attach(host, notify)`` -> start tracking. ``notify()`` (no arguments) tells the region "writes are
+  waiting, call ``collect()`` soon"; it takes the region lock, so never call it while holding a lock
+  that ``collect``/``rearm`` also take.
 * ``collect()`` -> pages written since the last call (the engine invalidates them). Called, under the
-  region lock, before every decision that depends on validity: sync, acquire, verify, describe.
-* ``rearm(runs)`` -> called by ``sync()`` *before* copying ``runs``, so a write during the copy is seen
-  (sync mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN re-protects atomically).
+  region lock, before every decision that depends on validity: sync, acquire, verify, describe. It must
+  be cheap when nothing was written.
+* ``rearm(runs)`` -> called by ``sync()`` under the region lock *before* copying ``runs``, so a write
+  during the copy is seen (sync mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN
+  re-protects atomically).
 * ``close()`` -> stop tracking and release every protection (no writer may stay blocked).
 
-A tracker that learns of a write asynchronously (a fault-handler thread in the service) may also call the
-``invalidate`` callback it was attached with; ``explicit`` mode relies on the owner calling
-``Region.invalidate`` itself.
+Ordering rule that makes sync mode correct: a fault handler records the page as written (so the next
+``collect()`` returns it) *before* it un-protects the page and wakes the writer, and fault handling and
+``rearm`` are serialized with each other. Then a page is never reported valid while a write to it has
+landed undetected. ``explicit`` mode relies on the owner calling ``Region.invalidate`` itself.
 """
 
 from __future__ import annotations
@@ -24,14 +30,14 @@ import numpy as np
 from .._pages import PageArray, RunArray
 from ..memory import HostMemory
 
-InvalidateCallback = Callable[[PageArray], None]
+Notify = Callable[[], None]
 
 
 class Tracker(ABC):
     mode: ClassVar[str]
 
     @abstractmethod
-    def attach(self, host: HostMemory, invalidate: InvalidateCallback) -> None:
+    def attach(self, host: HostMemory, notify: Notify) -> None:
         """Start tracking ``host``; raise ``UnsupportedModeError`` (naming the modes that would work) if this
         mode cannot protect that memory."""
 
@@ -50,7 +56,7 @@ class ExplicitTracker(Tracker):
 
     mode = "explicit"
 
-    def attach(self, host: HostMemory, invalidate: InvalidateCallback) -> None:
+    def attach(self, host: HostMemory, notify: Notify) -> None:
         pass
 
 
