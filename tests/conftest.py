@@ -1,0 +1,47 @@
+"""Shared fixtures. The engine suite runs once per backend that can run here (CPU always, OpenCL on PoCL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import devrep
+from devrep.backends import Backend, load_backend
+
+ENGINE_BACKENDS = ["cpu", "opencl"]
+
+
+def _backend_or_skip(kind: str) -> Backend:
+    if kind == "cpu":
+        return load_backend("cpu", devices=4)
+    try:
+        return load_backend(kind)
+    except devrep.BackendError as exc:  # only where the optional package is truly absent
+        pytest.skip(f"{kind} backend unavailable: {exc}")
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def replicator(backend_kind: str) -> Iterator[devrep.Replicator]:
+    backends = {"cpu": load_backend("cpu", devices=4)}
+    if backend_kind != "cpu":
+        backends[backend_kind] = _backend_or_skip(backend_kind)
+    rep = devrep.Replicator(backends=backends)
+    try:
+        yield rep
+    finally:
+        rep.close()
+
+
+@pytest.fixture
+def devices(backend_kind: str, replicator: devrep.Replicator) -> list[str]:
+    """Two device names: both on the backend under test where it has two, else its first plus cpu:1."""
+    count = replicator.backend(backend_kind).device_count()
+    if count >= 2:
+        return [f"{backend_kind}:0", f"{backend_kind}:1"]
+    return [f"{backend_kind}:0", "cpu:1"]
