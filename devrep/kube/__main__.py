@@ -1,0 +1,65 @@
+"""``python -m devrep.kube``: run the device plugin until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from ..errors import DevrepError
+from .plugin import DEFAULT_PLUGIN_DIR, RESOURCE_NAME, DevicePlugin, PluginConfig
+from .tokens import TokenDirectory
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m devrep.kube", description="devrep kubelet device plugin")
+    p.add_argument("--plugin-dir", default=DEFAULT_PLUGIN_DIR, help="kubelet device-plugin directory")
+    p.add_argument("--resource-name", default=RESOURCE_NAME)
+    p.add_argument("--endpoint", default="devrep-replica.sock", help="our socket's file name in --plugin-dir")
+    p.add_argument("--slots", type=int, default=16, help="devices advertised per node")
+    p.add_argument("--socket-dir", default="/run/devrep", help="host directory of the devrep service socket")
+    p.add_argument("--socket-name", default="devrep.sock")
+    p.add_argument("--container-socket-dir", default="/run/devrep", help="where pods see --socket-dir")
+    p.add_argument("--token-dir", default="/run/devrep-tokens",
+                   help="directory the service reads per-allocation tokens from (devrep serve --token-dir)")
+    p.add_argument("--numa-nodes", default=None,
+                   help="comma-separated NUMA node ids to spread slots over ('' = none; default: from sysfs)")
+    p.add_argument("--poll-interval", type=float, default=1.0)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    numa = None if args.numa_nodes is None else [int(n) for n in args.numa_nodes.split(",") if n.strip()]
+    config = PluginConfig(
+        plugin_dir=args.plugin_dir, resource_name=args.resource_name, endpoint=args.endpoint, slots=args.slots,
+        socket_dir=args.socket_dir, socket_name=args.socket_name, container_socket_dir=args.container_socket_dir,
+        numa_nodes=numa, poll_interval=args.poll_interval,
+    )
+    try:
+        plugin = DevicePlugin(config, TokenDirectory(args.token_dir))
+    except (DevrepError, OSError) as e:
+        print(f"devrep device plugin: {e}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    plugin.start()
+    try:
+        done.wait()
+    finally:
+        plugin.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

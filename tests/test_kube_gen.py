@@ -1,0 +1,42 @@
+"""The committed device-plugin stubs match the proto, and the proto matches kubelet's wire names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from devrep.kube import gen
+from devrep.kube._gen import api_pb2
+
+
+def test_generated_stubs_are_fresh() -> None:
+    expected = gen.generate()
+    committed = {p.name: p.read_text() for p in gen.OUT.iterdir() if p.suffix in (".py", ".pyi")}
+    assert committed.keys() == expected.keys()
+    stale = [name for name, text in expected.items() if committed[name] != text]
+    assert not stale, f"{stale} differ from the proto: run `python -m devrep.kube.gen` and commit"
+
+
+def test_wire_names_match_kubelet() -> None:
+    # Kubelet addresses these by full name; a typo here would make registration fail on a real node.
+    d = api_pb2.DESCRIPTOR
+    assert d.package == "v1beta1"
+    assert d.services_by_name["Registration"].full_name == "v1beta1.Registration"
+    methods = [m.name for m in d.services_by_name["DevicePlugin"].methods]
+    assert methods == ["GetDevicePluginOptions", "ListAndWatch", "GetPreferredAllocation", "Allocate",
+                       "PreStartContainer"]
+    fields = {
+        "RegisterRequest": {"version": 1, "endpoint": 2, "resource_name": 3, "options": 4},
+        "DevicePluginOptions": {"pre_start_required": 1, "get_preferred_allocation_available": 2},
+        "Device": {"ID": 1, "health": 2, "topology": 3},
+        "NUMANode": {"ID": 1},
+        "ContainerPreferredAllocationRequest": {"available_deviceIDs": 1, "must_include_deviceIDs": 2,
+                                                "allocation_size": 3},
+        "ContainerAllocateRequest": {"devices_ids": 1},
+        "ContainerAllocateResponse": {"envs": 1, "mounts": 2, "devices": 3, "annotations": 4, "cdi_devices": 5},
+        "Mount": {"container_path": 1, "host_path": 2, "read_only": 3},
+        "DeviceSpec": {"container_path": 1, "host_path": 2, "permissions": 3},
+    }
+    for message, numbers in fields.items():
+        got = {f.name: f.number for f in d.message_types_by_name[message].fields}
+        assert got == numbers, message
+    assert Path(gen.PROTO_ROOT, gen.PROTO).is_file()
