@@ -127,7 +127,7 @@ def kubelet(dirs: dict[str, str]) -> Iterator[FakeKubelet]:
 
 def test_registers_lists_and_allocates(dirs: dict[str, str], kubelet: FakeKubelet) -> None:
     tokens = TokenDirectory(dirs["tokens"])
-    with DevicePlugin(make_config(dirs), tokens) as plugin:
+    with DevicePlugin(make_config(dirs), tokens):
         req = kubelet.requests.get(timeout=WAIT)
         assert (req.version, req.endpoint, req.resource_name) == ("v1beta1", "devrep-replica.sock",
                                                                   "devrep.io/replica")
