@@ -56,9 +56,17 @@ def byte_range_to_pages(offset: int, length: int, total_pages: int, pages_per_bl
     return np.arange(first, last + 1, dtype=np.int64)
 
 
+def sorted_unique(pages: npt.ArrayLike) -> PageArray:
+    """``np.unique`` with a fast path for input that is already sorted and unique (the common case)."""
+    pages = np.asarray(pages, dtype=np.int64).reshape(-1)
+    if pages.size < 2 or bool((pages[1:] > pages[:-1]).all()):
+        return pages
+    return np.unique(pages)
+
+
 def widen_to_blocks(pages: PageArray, total_pages: int, pages_per_block: int) -> PageArray:
     """Every page of every block that contains one of ``pages``; sorted and unique."""
-    pages = np.unique(np.asarray(pages, dtype=np.int64))
+    pages = sorted_unique(pages)
     if pages.size and (pages[0] < 0 or pages[-1] >= total_pages):
         raise InvalidArgumentError(f"page index out of range [0, {total_pages})")
     if pages_per_block == 1 or pages.size == 0:

@@ -446,7 +446,7 @@ class Region:
                 for rep, target, _ in plans:
                     rep.busy[target] = False
                 raise
-            union = np.unique(np.concatenate([p for _, _, p in plans])) if plans else np.empty(0, np.int64)
+            union = self._union([p for _, _, p in plans])
             snapshot = self._gen[union].copy()
             generation = self.generation
             union_runs = runs_from_pages(union)
@@ -474,7 +474,7 @@ class Region:
                 if rep.closed:
                     rep._free_unleased()
                     continue
-                fresh = pages[unchanged[np.searchsorted(union, pages)]]
+                fresh = pages[unchanged if pages is union else unchanged[np.searchsorted(union, pages)]]
                 newly = fresh[(self._valid[fresh] & rep.bit) == 0]
                 rep.valid_pages += int(newly.size)
                 self._valid[fresh] |= rep.bit
@@ -521,6 +521,16 @@ class Region:
             pages = np.flatnonzero(((self._valid & rep.bit) == 0) | ((self._lag & rep.bit) != 0))
         rep.busy[target] = True
         return rep, target, pages.astype(np.int64)
+
+    def _union(self, page_sets: list[PageArray]) -> PageArray:
+        if not page_sets:
+            return np.empty(0, np.int64)
+        if all(p is page_sets[0] or np.array_equal(p, page_sets[0]) for p in page_sets):
+            return page_sets[0]
+        mask = np.zeros(self.npages, dtype=bool)
+        for pages in page_sets:
+            mask[pages] = True
+        return np.flatnonzero(mask)
 
     def _copy(self, plans: list[tuple[Replica, int, PageArray]], progress: Progress | None) -> int:
         """Run the copies, one backend call per group of replicas that need the same pages (fan-out)."""

@@ -26,12 +26,17 @@ _LARGE_RUN_BYTES = 1 << 20
 _PROGRESS_BATCH_PAGES = (256 << 20) // PAGE_SIZE
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _scatter_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
     for k in numba.prange(runs.shape[0]):
         start = runs[k, 0] * PAGE_SIZE
         stop = start + runs[k, 1] * PAGE_SIZE
         dst[start:stop] = src[start:stop]
+
+
+_scatter_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_scatter)
+# Waking the second thread costs more than it saves on small batches, and stalls when the other core is busy.
+_scatter_serial = numba.njit(cache=True, nogil=True)(_scatter)
+_PARALLEL_MIN_PAGES = 8192
 
 
 def copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: RunArray) -> None:
@@ -43,7 +48,9 @@ def copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs:
         np.copyto(dst[a:b], src[a:b])
     small = runs[~large]
     if small.shape[0]:
-        _scatter_runs(src, dst, np.ascontiguousarray(small))
+        small = np.ascontiguousarray(small)
+        scatter = _scatter_parallel if int(small[:, 1].sum()) >= _PARALLEL_MIN_PAGES else _scatter_serial
+        scatter(src, dst, small)
 
 
 class CpuBackend(Backend):

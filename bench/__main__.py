@@ -1,0 +1,66 @@
+"""Run the benchmarks, print a table and write ``bench/results.json``.
+
+``python -m bench`` runs every module; ``python -m bench core tracking`` runs some. Each module exposes
+``run(results)`` and fills ``results[metric] = {"value", "baseline", "ratio", "target", "unit", "meets", "note"}``,
+with its baseline measured in the same run (this machine is shared and noisy: compare ratios, not values).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+MODULES = ["core", "backends", "tracking", "service"]
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def main(argv: list[str]) -> int:
+    console = Console()
+    wanted = argv or MODULES
+    unknown = [m for m in wanted if m not in MODULES]
+    if unknown:
+        console.print(f"[red]unknown benchmark module(s): {', '.join(unknown)}; known: {', '.join(MODULES)}")
+        return 2
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() and argv else {}
+    failed = []
+    for name in wanted:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            console.print(f"[yellow]skipping bench.{name}: {exc}")
+            continue
+        console.print(f"[bold]running bench.{name}[/] ...")
+        start = time.perf_counter()
+        try:
+            module.run(results)
+        except Exception:  # one broken module must not hide the others' figures
+            failed.append(name)
+            console.print(f"[red]bench.{name} failed:\n{traceback.format_exc()}")
+        console.print(f"  bench.{name} took {time.perf_counter() - start:.1f} s")
+    results["_meta"] = {"machine": platform.node(), "python": platform.python_version(),
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+    table = Table(title="devrep benchmarks (ratio = devrep vs same-run baseline)")
+    for column in ("metric", "value", "baseline", "unit", "ratio", "target", "meets", "what"):
+        table.add_column(column, overflow="fold")
+    for key in sorted(k for k in results if not k.startswith("_")):
+        r = results[key]
+        table.add_row(key, f"{r['value']:.4g}", f"{r['baseline']:.4g}", r["unit"], f"{r['ratio']:.2f}",
+                      str(r["target"]), "[green]yes" if r["meets"] else "[red]no", r.get("note", ""))
+    console.print(table)
+    console.print(f"wrote {RESULTS}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
