@@ -18,7 +18,8 @@ def _pages(n: int) -> np.ndarray:
 
 
 def _reference(array: np.ndarray) -> list[int]:
-    return [xxhash.xxh64_intdigest(array[i * PAGE_SIZE:(i + 1) * PAGE_SIZE].tobytes()) for i in range(array.size // PAGE_SIZE)]
+    pages = array.size // PAGE_SIZE
+    return [xxhash.xxh64_intdigest(array[i * PAGE_SIZE:(i + 1) * PAGE_SIZE].tobytes()) for i in range(pages)]
 
 
 def test_edge_case_pages_match_xxhash() -> None:
