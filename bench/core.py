@@ -92,7 +92,8 @@ def p3_sync_and_plot(results: dict[str, Any]) -> None:
             region = rep.create_region("p3", size)
             _random_fill(region.array)
             rep.replicate("p3", ["cpu:0"])
-            curves[f"{size // MiB} MiB region"] = [(f, _sync_seconds(rep, region, f, repeat=3)) for f in fractions]
+            curves[f"{size // MiB} MiB region"] = [(f * size, _sync_seconds(rep, region, f, repeat=3))
+                                                   for f in fractions]
             if size == GiB:
                 one = _sync_seconds(rep, region, 0.01, repeat=7)
                 full = _sync_seconds(rep, region, 1.0, repeat=3)
@@ -112,10 +113,10 @@ def _plot(curves: dict[str, list[tuple[float, float]]]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for label, points in curves.items():
         xs, ys = zip(*points, strict=True)
-        ax.plot([x * 100 for x in xs], [y * 1e3 for y in ys], marker="o", label=label)
+        ax.plot([x / MiB for x in xs], [y * 1e3 for y in ys], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("dirty pages (% of region)")
+    ax.set_xlabel("dirty data (MiB; 0.1% .. 100% of each region, random 4 KiB pages)")
     ax.set_ylabel("sync time (ms)")
     ax.set_title("devrep sync cost follows dirty pages, not region size (CPU backend)")
     ax.grid(True, which="both", alpha=0.3)
