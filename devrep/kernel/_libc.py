@@ -1,0 +1,58 @@
+"""The few libc entry points the kernel layer calls, with errno kept (ctypes ``use_errno``)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.ioctl.restype = ctypes.c_int
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc.prctl.restype = ctypes.c_int
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+# userfaultfd(2) syscall numbers; glibc 2.36 has no wrapper.
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "arm64": 282, "riscv64": 282, "ppc64le": 364, "s390x": 355}
+SYS_USERFAULTFD: int | None = _SYS_USERFAULTFD.get(platform.machine())
+
+PR_SET_PDEATHSIG = 1
+
+
+def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    """``_IOC`` from asm-generic/ioctl.h (x86_64 and aarch64 share it)."""
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
+def IO(kind: int, nr: int) -> int:
+    return _ioc(0, kind, nr, 0)
+
+
+def IOR(kind: int, nr: int, size: int) -> int:
+    return _ioc(2, kind, nr, size)
+
+
+def IOWR(kind: int, nr: int, size: int) -> int:
+    return _ioc(3, kind, nr, size)
+
+
+def check(result: int, what: str) -> int:
+    """Raise ``OSError`` with errno when a libc call returned -1."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array[ctypes.c_char] | None, what: str) -> int:
+    """``ioctl`` retrying on EINTR; raises ``OSError`` with errno."""
+    pointer = ctypes.addressof(arg) if arg is not None else None
+    while True:
+        result = libc.ioctl(fd, request, pointer)
+        if result >= 0:
+            return int(result)
+        err = ctypes.get_errno()
+        if err != 4:  # EINTR
+            raise OSError(err, f"{what}: {os.strerror(err)}")

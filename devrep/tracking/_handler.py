@@ -1,0 +1,160 @@
+"""Synchronous write-protect fault handling, shared by the helper process and the service's handler thread.
+
+``FaultHandler`` owns the ordering rule of ``devrep.tracking``: for each write-protect fault it marks the
+page in the shared dirty map and bumps the fault counter, *then* un-protects the page (which wakes the
+writer). ``rearm`` re-protects pages; callers run it and ``handle_pending`` one at a time (the helper
+process does both from one thread; the service thread and ``rearm`` share a lock).
+
+Run as ``python -m devrep.tracking._handler SOCKFD``: the in-process sync mode's helper. It receives the
+userfaultfd, the shared-state memfd and an eventfd over the SOCK_SEQPACKET socket ``SOCKFD`` (SCM_RIGHTS)
+and then holds the only reference to the userfaultfd, so if it dies the kernel releases every blocked
+writer. It exits when the socket reaches EOF (the owner died or closed the tracker).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+
+from ..kernel.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
+
+PAGE_SIZE = mmap.PAGESIZE
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+# Shared state layout (one memfd, mapped by both sides): fault counter, notify-pending flag, then one
+# byte per page (1 = written since the owner last collected it).
+COUNTER_OFFSET = 0
+NOTIFY_OFFSET = 8
+DIRTY_OFFSET = 64
+
+# Control messages on the socket (owner -> helper), each answered by one ACK.
+OP_INIT = b"I"  # + struct INIT (base, npages, bare) with fds [uffd, state memfd, eventfd]
+OP_REARM = b"R"  # + int64 pairs [first_page, count]
+OP_STOP = b"S"  # un-protect everything and exit
+ACK = b"A"
+INIT = struct.Struct("<QQQ")
+MAX_MESSAGE = 1 << 16
+RUNS_PER_MESSAGE = (MAX_MESSAGE - 1) // 16
+
+_U64 = struct.Struct("<Q")
+_MSG_FLAGS_ADDR = struct.Struct("<QQ")
+
+
+def state_size(npages: int) -> int:
+    return (DIRTY_OFFSET + npages + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+class FaultHandler:
+    """Handles write-protect faults on ``[base, base + npages pages)`` of the process that registered ``uffd``.
+
+    ``state`` is the shared map (see the layout above); ``eventfd`` (optional) is signalled once per batch
+    of faults while the owner's notify-pending flag is clear. ``bare`` only un-protects (benchmark baseline).
+    """
+
+    def __init__(self, uffd: Userfaultfd, base: int, npages: int, state: mmap.mmap, eventfd: int | None = None,
+                 *, bare: bool = False) -> None:
+        self.uffd = uffd
+        self.base = base
+        self.npages = npages
+        self.end = base + npages * PAGE_SIZE
+        self.state = state
+        self.eventfd = eventfd
+        self.bare = bare
+        self.faults = 0
+
+    def handle_pending(self) -> int:
+        """Handle every fault waiting on the userfaultfd; returns how many were handled."""
+        data = self.uffd.read_raw()
+        handled = 0
+        while data:
+            state, uffd = self.state, self.uffd
+            for off in range(0, len(data), MSG_SIZE):
+                if data[off] != Event.PAGEFAULT:
+                    continue  # fork/remap/... are not requested; nothing else can arrive
+                flags, address = _MSG_FLAGS_ADDR.unpack_from(data, off + 8)
+                page_address = address & ~(PAGE_SIZE - 1)
+                if not self.bare and self.base <= page_address < self.end:
+                    # Record first, then un-protect: the owner must see the page written before the write lands.
+                    state[DIRTY_OFFSET + ((page_address - self.base) >> PAGE_SHIFT)] = 1
+                    self.faults += 1
+                    _U64.pack_into(state, COUNTER_OFFSET, self.faults)
+                if flags & PagefaultFlag.WP:
+                    uffd.writeprotect(page_address, PAGE_SIZE, False)  # clears WP and wakes the writer
+                else:
+                    uffd.wake(page_address, PAGE_SIZE)
+                handled += 1
+            data = self.uffd.read_raw()
+        if handled and not self.bare and self.eventfd is not None and state[NOTIFY_OFFSET] == 0:
+            state[NOTIFY_OFFSET] = 1
+            os.eventfd_write(self.eventfd, 1)
+        return handled
+
+    def rearm(self, runs: Iterable[Sequence[int]]) -> None:
+        """Write-protect ``[first_page, count]`` runs again (no wake: nobody waits on a writable page)."""
+        for first, count in runs:
+            if first < 0 or count <= 0 or first + count > self.npages:
+                raise ValueError(f"run [{first}, {count}] outside the region's {self.npages} pages")
+            self.uffd.writeprotect(self.base + (first << PAGE_SHIFT), count << PAGE_SHIFT, True)
+
+    def release_all(self) -> None:
+        """Un-protect the whole range and wake anyone blocked on it."""
+        self.uffd.writeprotect(self.base, self.npages << PAGE_SHIFT, False)
+
+
+def _serve(sock: socket.socket) -> int:
+    msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 3)
+    if not msg.startswith(OP_INIT) or len(fds) != 3:
+        print("devrep handler: bad init message", file=sys.stderr)
+        return 2
+    uffd_fd, state_fd, event_fd = fds
+    base, npages, bare = INIT.unpack_from(msg, 1)
+    state = mmap.mmap(state_fd, state_size(npages))
+    os.close(state_fd)
+    uffd = Userfaultfd(uffd_fd)
+    handler = FaultHandler(uffd, base, npages, state, event_fd, bare=bool(bare))
+    sock.send(ACK)
+    poller = select.poll()
+    poller.register(uffd_fd, select.POLLIN)
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        for fd, mask in poller.poll():
+            if fd == uffd_fd:
+                handler.handle_pending()
+                continue
+            if mask & (select.POLLHUP | select.POLLERR) and not mask & select.POLLIN:
+                handler.release_all()
+                return 0
+            # Faults first, so a rearm never waits behind a blocked writer it could have released.
+            handler.handle_pending()
+            msg = sock.recv(MAX_MESSAGE)
+            if not msg or msg.startswith(OP_STOP):
+                handler.release_all()
+                if msg:
+                    sock.send(ACK)
+                return 0
+            if msg.startswith(OP_REARM):
+                flat = struct.unpack_from(f"<{(len(msg) - 1) // 8}q", msg, 1)
+                try:
+                    handler.rearm(list(zip(flat[0::2], flat[1::2], strict=True)))
+                except (OSError, ValueError) as exc:
+                    os.write(2, f"devrep handler: rearm failed: {exc}\n".encode())
+                    sock.send(b"E" + str(exc).encode()[:1000])
+                    continue
+                sock.send(ACK)
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[1]))
+    try:
+        return _serve(sock)
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
