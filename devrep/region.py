@@ -267,7 +267,8 @@ class Region:
         self._valid = np.zeros(self.npages, dtype=np.uint16)
         self._lag = np.zeros(self.npages, dtype=np.uint16)
         self._replicas: dict[str, Replica] = {}
-        self._cond = threading.Condition(threading.Lock())
+        # Re-entrant: a Lease collected by the GC releases itself, possibly on a thread that holds this lock.
+        self._cond = threading.Condition(threading.RLock())
         self._sync_lock = threading.Lock()
         self.stats = RegionStats()
         self.failed: str | None = None
