@@ -1,0 +1,141 @@
+"""Async mode on the real kernel: writers never block; each epoch finds exactly the written pages."""
+
+from __future__ import annotations
+
+import faulthandler
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import devrep
+from devrep._pages import PAGE_SIZE, pages_from_runs
+from devrep.region import Event
+from devrep.tracking._async import AsyncTracker, ranges_to_pages
+
+DEV = "cpu:0"
+
+
+@pytest.fixture(autouse=True)
+def hang_guard() -> Iterator[None]:
+    faulthandler.dump_traceback_later(90, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def rep() -> Iterator[devrep.Replicator]:
+    with devrep.Replicator(cpu_devices=2) as r:
+        yield r
+
+
+def test_finds_exactly_the_written_pages(rep: devrep.Replicator) -> None:
+    region = rep.create_region("a", 8192 * PAGE_SIZE, tracking=AsyncTracker(interval=None))
+    rep.replicate("a", [DEV])
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        written = np.sort(rng.choice(region.npages, 700, replace=False))
+        for page in written:
+            region.array[int(page) * PAGE_SIZE + int(rng.integers(PAGE_SIZE))] ^= 0x5A
+        assert np.array_equal(pages_from_runs(region.invalid_runs(DEV)), written)
+        rep.sync("a")
+        assert len(region.invalid_runs(DEV)) == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("flags", [mmap.MAP_PRIVATE, mmap.MAP_SHARED], ids=["private", "shared"])
+def test_never_touched_pages_of_a_buffer_are_tracked(rep: devrep.Replicator, mode: str, flags: int) -> None:
+    buf = mmap.mmap(-1, 64 * PAGE_SIZE, flags=flags | mmap.MAP_ANONYMOUS)
+    buf[0] = 1  # some pages populated, the rest never touched
+    tracker = AsyncTracker(interval=None) if mode == "async" else mode
+    region = rep.register_buffer(f"b-{mode}", buf, tracking=tracker)
+    buf[40 * PAGE_SIZE] = 1  # first touch of this anonymous page, after protection, before any read
+    rep.replicate(f"b-{mode}", [DEV])
+    buf[0] = 2
+    buf[50 * PAGE_SIZE] = 1
+    assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [0, 50]
+    with region.acquire(DEV) as lease:
+        assert lease.read().tobytes() == buf[:]
+
+
+def test_epoch_thread_invalidates_without_anyone_asking(rep: devrep.Replicator) -> None:
+    seen: list[Event] = []
+    got = threading.Event()
+
+    def listener(event: Event) -> None:
+        if event.kind == "invalidate" and event.region == "ep":
+            seen.append(event)
+            got.set()
+
+    rep.add_listener(listener)
+    region = rep.create_region("ep", 64 * PAGE_SIZE, tracking=AsyncTracker(interval=0.01))
+    rep.replicate("ep", [DEV])
+    got.clear()
+    seen.clear()
+    region.array[9 * PAGE_SIZE] = 1
+    assert got.wait(10), "no epoch reported the write"
+    assert pages_from_runs(seen[0].runs).tolist() == [9]
+
+
+def test_bad_interval() -> None:
+    with pytest.raises(devrep.InvalidArgumentError):
+        AsyncTracker(interval=0)
+
+
+def test_ranges_to_pages() -> None:
+    base = 1 << 30
+    ranges = np.array([[base, base + PAGE_SIZE], [base + 3 * PAGE_SIZE, base + 6 * PAGE_SIZE]], dtype=np.uint64)
+    assert ranges_to_pages(ranges, base, 10).tolist() == [0, 3, 4, 5]
+    assert ranges_to_pages(ranges[1:], base, 10).tolist() == [3, 4, 5]
+    assert ranges_to_pages(np.empty((0, 2), np.uint64), base, 10).tolist() == []
+
+
+_CLIENT = textwrap.dedent("""
+    import os, socket, sys
+    from devrep.memory import memfd_create, map_fd
+    from devrep.tracking._async import prepare_async_client
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = memfd_create("client", 64 * 4096)
+    array = map_fd(fd, 64 * 4096, writable=True)
+    uffd, pagemap = prepare_async_client(array)
+    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, pagemap, fd])
+    os.close(uffd); os.close(pagemap)
+    assert sock.recv(1) == b"g"
+    for page in (2, 3, 50):
+        array[page * 4096] = page
+    sock.sendall(b"d")
+    sock.recv(1)
+""")
+
+
+def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", _CLIENT, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        msg, (uffd, pagemap, memfd), _, _ = socket.recv_fds(ours, 64, 3)
+        tracker = AsyncTracker.remote(uffd, pagemap, int.from_bytes(msg, "little"), 64 * PAGE_SIZE, interval=None)
+        region = rep.register_fd("remote", memfd, tracking=tracker)
+        rep.replicate("remote", [DEV])
+        ours.sendall(b"g")
+        assert ours.recv(1) == b"d"
+        assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [2, 3, 50]
+        with region.acquire(DEV) as lease:
+            data = lease.read()
+            assert [int(data[p * PAGE_SIZE]) for p in (2, 3, 50)] == [2, 3, 50]
+        ours.sendall(b"q")
+        assert child.wait(30) == 0
+    finally:
+        ours.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert os.path.exists("/proc/self/pagemap")

@@ -1,0 +1,218 @@
+"""Sync mode on the real kernel: the writer's store returns only after its page is recorded stale."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import devrep
+from devrep._pages import PAGE_SIZE, pages_from_runs
+from devrep.errors import UnsupportedModeError
+from devrep.memory import memfd_create
+from devrep.tracking._sync import SyncTracker, prepare_sync_client
+
+DEV = "cpu:0"
+
+
+@pytest.fixture(autouse=True)
+def hang_guard() -> Iterator[None]:
+    # A write blocked on a fault holds the GIL, so only a C watchdog can end a hung test.
+    faulthandler.dump_traceback_later(90, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def rep() -> Iterator[devrep.Replicator]:
+    with devrep.Replicator(cpu_devices=2) as r:
+        yield r
+
+
+def test_store_is_invalid_when_it_returns(rep: devrep.Replicator) -> None:
+    region = rep.create_region("s", 256 * PAGE_SIZE, tracking="sync")
+    region.array[:] = 1
+    rep.replicate("s", [DEV, "cpu:1"])
+    assert len(region.invalid_runs(DEV)) == 0
+    for page in (0, 17, 255):
+        region.array[page * PAGE_SIZE + 3] = 9
+        # No sleep, no notify: the fault was recorded before the store could complete.
+        assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [page]
+        assert pages_from_runs(region.invalid_runs("cpu:1")).tolist() == [page]
+        with region.acquire(DEV, fresh=False) as lease:
+            assert pages_from_runs(lease.invalid_runs).tolist() == [page]
+        rep.sync("s")
+    # Second write to a page: after the sync re-protected it, it faults again.
+    region.array[17 * PAGE_SIZE] = 5
+    assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [17]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_end_to_end_random_writes(rep: devrep.Replicator, mode: str) -> None:
+    region = rep.create_region("e2e", 2048 * PAGE_SIZE, tracking=mode)
+    rng = np.random.default_rng(7)
+    region.array[:] = rng.integers(0, 256, region.nbytes, dtype=np.uint8)
+    rep.replicate("e2e", [DEV])
+    for _ in range(3):
+        pages = rng.choice(region.npages, 100, replace=False)
+        for page in pages:
+            offset = int(page) * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE - 8))
+            region.array[offset: offset + 8] = rng.integers(0, 256, 8, dtype=np.uint8)
+        assert set(pages_from_runs(region.invalid_runs(DEV)).tolist()) == set(pages.tolist())
+        with region.acquire(DEV, fresh=True) as lease:
+            assert np.array_equal(lease.read(), region.array)
+    # A bulk numpy write across everything.
+    region.array[:] = 3
+    with region.acquire(DEV) as lease:
+        assert np.array_equal(lease.read(), region.array)
+
+
+def test_kernel_mode_writes_succeed_and_invalidate(rep: devrep.Replicator) -> None:
+    """read(2)/readv/recv_into into a protected page must not fail with EFAULT."""
+    region = rep.create_region("k", 16 * PAGE_SIZE, tracking="sync")
+    rep.replicate("k", [DEV])
+    view = memoryview(region.array)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"abcdef")
+        assert os.readv(r, [view[2 * PAGE_SIZE: 2 * PAGE_SIZE + 6]]) == 6
+        assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [2]
+        rep.sync("k")
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(b"0123456789")
+            assert b.recv_into(view[5 * PAGE_SIZE: 5 * PAGE_SIZE + 10]) == 10
+        assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [5]
+        assert bytes(region.array[2 * PAGE_SIZE: 2 * PAGE_SIZE + 6]) == b"abcdef"
+        assert bytes(region.array[5 * PAGE_SIZE: 5 * PAGE_SIZE + 10]) == b"0123456789"
+        with region.acquire(DEV) as lease:
+            assert np.array_equal(lease.read(), region.array)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_unregister_releases_protection(rep: devrep.Replicator) -> None:
+    region = rep.create_region("u", 8 * PAGE_SIZE, tracking="sync")
+    rep.replicate("u", [DEV])
+    array = region.host.array
+    pid = region.tracker.helper_pid  # type: ignore[attr-defined]
+    rep.unregister("u")
+    array[PAGE_SIZE] = 7  # would block forever if a protection outlived the tracker
+    assert array[PAGE_SIZE] == 7
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+_KILL_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    import devrep
+    with devrep.Replicator() as rep:
+        region = rep.create_region("k", 64 * 4096, tracking="sync")
+        rep.replicate("k", ["cpu:0"])
+        pid = region.tracker.helper_pid
+        os.kill(pid, signal.SIGSTOP)  # the handler stops answering: the next store blocks
+        print(pid, flush=True)
+        region.array[3 * 4096] = 1
+        print(time.monotonic(), flush=True)
+        print(region.invalid_runs("cpu:0").tolist(), flush=True)
+        try:
+            rep.sync("k")
+        except devrep.FailedPreconditionError as exc:
+            print("refused:", exc, flush=True)
+""")
+
+
+def test_killed_handler_releases_blocked_writer_within_1s() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        helper = int(child.stdout.readline())
+        time.sleep(0.5)
+        assert child.poll() is None, "the writer should be blocked on its store"
+        killed_at = time.monotonic()
+        os.kill(helper, signal.SIGKILL)
+        resumed_at = float(child.stdout.readline())
+        assert resumed_at - killed_at < 1.0
+        rest = child.stdout.read()
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    lines = rest.splitlines()
+    assert lines[0] == "[[0, 64]]", "with the handler gone every page must be reported stale"
+    assert lines[1].startswith("refused:") and "exited" in lines[1]
+
+
+def test_unsupported_memory_names_modes_that_work(rep: devrep.Replicator, tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 10000)
+    for mode in ("sync", "async"):
+        with pytest.raises(UnsupportedModeError, match=r"use tracking='file' or 'explicit'"):
+            rep.register_file(f"f-{mode}", path, tracking=mode)
+        fd = memfd_create("other", 4 * PAGE_SIZE)
+        with pytest.raises(UnsupportedModeError, match=r"remote.*or use 'explicit'"):
+            rep.register_fd(f"m-{mode}", fd, tracking=mode)
+    assert rep.regions() == []
+
+
+_CLIENT = textwrap.dedent("""
+    import mmap, os, socket, sys
+    import numpy as np
+    from devrep.memory import memfd_create, map_fd
+    from devrep.tracking._sync import prepare_sync_client
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = memfd_create("client", 64 * 4096)
+    array = map_fd(fd, 64 * 4096, writable=True)
+    uffd = prepare_sync_client(array)
+    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, fd])
+    os.close(uffd)  # the service must hold the last reference
+    assert sock.recv(1) == b"g"
+    for page in (1, 30, 63):
+        array[page * 4096 + 5] = page
+    sock.sendall(b"d")
+    sock.recv(1)
+""")
+
+
+def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", _CLIENT, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
+        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 64 * PAGE_SIZE)
+        region = rep.register_fd("remote", memfd, tracking=tracker)
+        rep.replicate("remote", [DEV])
+        ours.sendall(b"g")
+        assert ours.recv(1) == b"d"
+        assert pages_from_runs(region.invalid_runs(DEV)).tolist() == [1, 30, 63]
+        with region.acquire(DEV) as lease:
+            data = lease.read()
+            assert [int(data[p * PAGE_SIZE + 5]) for p in (1, 30, 63)] == [1, 30, 63]
+        ours.sendall(b"q")
+        assert child.wait(30) == 0
+    finally:
+        ours.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_prepare_client_rejects_bad_input() -> None:
+    with pytest.raises(devrep.AlignmentError):
+        prepare_sync_client(12345, PAGE_SIZE)
+    with pytest.raises(devrep.InvalidArgumentError):
+        prepare_sync_client(PAGE_SIZE)
