@@ -1,0 +1,509 @@
+"""OpenCL backend (pyopencl): runs for real on PoCL's CPU device in CI, and on any GPU/CPU OpenCL driver.
+
+Devices are every GPU, CPU and accelerator device of every platform (or of the platforms chosen with the
+``platform`` option or ``DEVREP_OPENCL_PLATFORM``), numbered ``opencl:0..`` in platform order. All devices
+of one platform share one context, so fan-out to a second device of that platform is a device-side copy.
+
+Data path (kernels in ``kernels/devrep.cl``, spec in ``kernels/README.md``):
+
+* host-unified devices (CPU drivers such as PoCL): the region's host pages are wrapped as a
+  ``CL_MEM_USE_HOST_PTR`` buffer (zero-copy) and one ``copy_pages`` kernel per batch gathers the dirty pages
+  straight into the replica; no staging copy, no memcpy alignment cliff;
+* other devices: dirty pages are packed into a mapped ``CL_MEM_ALLOC_HOST_PTR`` staging buffer (pinned where
+  the driver supports it), unmapped (one host->device transfer) and placed by one ``scatter_pages`` kernel;
+  a single long run is copied directly.
+
+Further targets in the same context are filled from the first one on the device. Page hashes and the hash
+comparison run on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .._pages import PAGE_SIZE, RunArray, check_page_multiple
+from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+from ._base import Backend, DeviceBuffer, ExportHandle, Progress
+from ._kernels import KERNELS_ENV, kernels_dir
+from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
+
+PLATFORM_ENV = "DEVREP_OPENCL_PLATFORM"
+
+
+def _bitcode_digest() -> str:
+    try:
+        return (kernels_dir() / "pocl" / "SOURCE_SHA256").read_text().strip()[:16]
+    except OSError:
+        return "none"
+
+
+# PoCL keys its kernel cache by program hash, but programs created from bitcode get an empty hash, so a
+# changed bitcode would silently reuse the old compiled kernels. One cache directory per bitcode version
+# avoids that; it must be set before PoCL initialises (the first platform query in this process).
+os.environ.setdefault(
+    "POCL_CACHE_DIR",
+    str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devrep" / f"pocl-{_bitcode_digest()}"),
+)
+
+import pyopencl as cl  # noqa: E402 - after POCL_CACHE_DIR
+
+_PAGE_WORDS = PAGE_SIZE // 8
+_LOCAL = 64  # work-group size of every kernel launch (fixed, so PoCL compiles each kernel once)
+_OOM = {-4, -5, -6, -61}  # MEM_OBJECT_ALLOCATION_FAILURE, OUT_OF_RESOURCES, OUT_OF_HOST_MEMORY, INVALID_BUFFER_SIZE
+_DIRECT_RUN_BYTES = 8 << 20  # a run this long is copied with its own transfer rather than packed
+_DEVICE_TYPES = {
+    "all": cl.device_type.GPU | cl.device_type.CPU | cl.device_type.ACCELERATOR,
+    "gpu": cl.device_type.GPU,
+    "cpu": cl.device_type.CPU,
+    "accelerator": cl.device_type.ACCELERATOR,
+}
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _cpu_variant() -> str:
+    """PoCL's kernel-library name for this CPU's instruction set (which prebuilt bitcode can run here)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    have = set(flags)
+    if {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"} <= have:
+        return "avx512"
+    if {"avx2", "fma", "bmi2", "movbe"} <= have:
+        return "avx2"
+    return "sse2"
+
+
+@dataclass(eq=False)
+class _Context:
+    platform: Any
+    context: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    program: Any = None
+    kernels: dict[str, Any] = field(default_factory=dict)
+    staging: Any = None
+    source: str = ""
+    """How the program was built: ``"source"`` or the bitcode file's name."""
+
+
+@dataclass(eq=False)
+class _Device:
+    index: int
+    device: Any
+    ctx: _Context
+    queue: Any
+    in_use: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"opencl:{self.index} ({self.device.name.strip()})"
+
+    @property
+    def unified(self) -> bool:
+        return bool(self.device.host_unified_memory) and bool(self.device.type & cl.device_type.CPU)
+
+
+class OpenCLBackend(Backend):
+    """``opencl:0..``: OpenCL devices.
+
+    Options (all keyword, all optional): ``platform`` (a platform index, or a case-insensitive substring of
+    its name or vendor; default ``$DEVREP_OPENCL_PLATFORM``, else every platform), ``device_type`` (``all``,
+    ``gpu``, ``cpu``, ``accelerator``), ``capacity`` (bytes per device devrep may allocate; default the
+    device's global memory), ``zero_copy`` (use host pages in place on host-unified devices; ``False``
+    forces the staging path), ``kernel_source`` (OpenCL C to build instead of ``kernels/devrep.cl``; for
+    tests), ``batch_bytes`` (staging buffer size and progress granularity).
+    """
+
+    name = "opencl"
+
+    def __init__(
+        self,
+        *,
+        platform: str | int | None = None,
+        device_type: str = "all",
+        capacity: int | None = None,
+        zero_copy: bool = True,
+        kernel_source: str | None = None,
+        batch_bytes: int = 64 << 20,
+    ) -> None:
+        if device_type not in _DEVICE_TYPES:
+            raise InvalidArgumentError(f"device_type must be one of {', '.join(_DEVICE_TYPES)}, got {device_type!r}")
+        check_page_multiple("batch_bytes", batch_bytes)
+        self._capacity = capacity
+        self._zero_copy = zero_copy
+        self._kernel_source = kernel_source
+        self._batch_pages = batch_bytes // PAGE_SIZE
+        self._lock = threading.Lock()
+        self._live: dict[int, DeviceBuffer] = {}
+        self._devices: list[_Device] = []
+        self._closed = False
+        choice = platform if platform is not None else os.environ.get(PLATFORM_ENV) or None
+        for plat in self._platforms(choice):
+            try:
+                devices = plat.get_devices(device_type=_DEVICE_TYPES[device_type])
+            except cl.Error:  # DEVICE_NOT_FOUND: the platform has none of that type
+                continue
+            if not devices:
+                continue
+            ctx = _Context(plat, cl.Context(devices))
+            for dev in devices:
+                self._devices.append(_Device(len(self._devices), dev, ctx, cl.CommandQueue(ctx.context, dev)))
+
+    @staticmethod
+    def _platforms(choice: str | int | None) -> list[Any]:
+        try:
+            platforms = cl.get_platforms()
+        except cl.Error:  # PLATFORM_NOT_FOUND_KHR: no OpenCL driver installed
+            platforms = []
+        if choice is None:
+            return list(platforms)
+        names = [f"{i}: {p.name.strip()} ({p.vendor.strip()})" for i, p in enumerate(platforms)]
+        if isinstance(choice, int) or str(choice).isdigit():
+            i = int(choice)
+            if 0 <= i < len(platforms):
+                return [platforms[i]]
+        else:
+            want = str(choice).lower()
+            picked = [p for p in platforms if want in p.name.lower() or want in p.vendor.lower()]
+            if picked:
+                return picked
+        raise UnknownDeviceError(
+            f"no OpenCL platform matches {choice!r} (from the platform option or ${PLATFORM_ENV}); "
+            f"platforms here: {'; '.join(names) or 'none'}"
+        )
+
+    # ------------------------------------------------------------------ devices
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def _dev(self, index: int) -> _Device:
+        if self._closed:
+            raise BackendError("the OpenCL backend was closed")
+        if not 0 <= index < len(self._devices):
+            have = f"opencl:0..opencl:{len(self._devices) - 1}" if self._devices else "no OpenCL devices"
+            raise UnknownDeviceError(f"no device opencl:{index}: this host has {have}")
+        return self._devices[index]
+
+    def describe(self, index: int) -> str:
+        d = self._dev(index)
+        return (f"opencl:{index} ({d.device.name.strip()}, {d.ctx.platform.name.strip()}, "
+                f"{d.device.global_mem_size >> 20} MiB, program from {d.ctx.source or 'not built yet'})")
+
+    def bytes_in_use(self, index: int) -> int:
+        return self._dev(index).in_use
+
+    # ------------------------------------------------------------------ program
+    def _kernel(self, d: _Device, name: str) -> Any:
+        ctx = d.ctx
+        if ctx.program is None:
+            ctx.program, ctx.source = self._build(ctx)
+        if name not in ctx.kernels:
+            ctx.kernels[name] = cl.Kernel(ctx.program, name)
+        return ctx.kernels[name]
+
+    def _build(self, ctx: _Context) -> tuple[Any, str]:
+        devices = ctx.context.devices
+        labels = ", ".join(d.label for d in self._devices if d.ctx is ctx)
+        source = self._kernel_source
+        if source is None:
+            try:
+                source = (kernels_dir() / "devrep.cl").read_text()
+            except OSError as exc:
+                raise BackendError(f"cannot read the OpenCL kernels for {labels}: {exc} (set ${KERNELS_ENV})") from exc
+        try:
+            return cl.Program(ctx.context, source).build(options=[f"-DPAGE_WORDS={_PAGE_WORDS}"]), "source"
+        except cl.Error as exc:
+            log = self._build_log(exc)
+            # PoCL with an LLVM older than the CPU cannot build any source here (see build_pocl_bitcode.sh);
+            # our own kernels then come from the prebuilt bitcode.
+            if self._kernel_source is None and "unknown target CPU" in log and "Portable" in ctx.platform.name:
+                return self._build_bitcode(ctx, devices, labels, log)
+            raise BackendError(f"OpenCL kernel build failed on {labels}; build log:\n{log}") from exc
+
+    @staticmethod
+    def _build_log(exc: Exception) -> str:
+        return str(exc).strip()  # pyopencl puts every device's build log in the message
+
+    def _build_bitcode(self, ctx: _Context, devices: list[Any], labels: str, log: str) -> tuple[Any, str]:
+        pocl_dir = kernels_dir() / "pocl"
+        path = pocl_dir / f"devrep-{_cpu_variant()}.bc"
+        try:
+            expected = (pocl_dir / "SOURCE_SHA256").read_text().strip()
+            bitcode = path.read_bytes()
+            actual = hashlib.sha256((kernels_dir() / "devrep.cl").read_bytes()).hexdigest()
+        except OSError as exc:
+            raise BackendError(
+                f"OpenCL kernel build failed on {labels} and no prebuilt PoCL bitcode is usable ({exc}); "
+                f"build log:\n{log}"
+            ) from exc
+        if expected != actual or PAGE_SIZE != 4096:
+            raise BackendError(
+                f"OpenCL kernel build failed on {labels}, and the prebuilt PoCL bitcode does not match "
+                f"kernels/devrep.cl (run kernels/build_pocl_bitcode.sh); build log:\n{log}"
+            )
+        try:
+            program = cl.Program(ctx.context, devices, [bitcode] * len(devices)).build()
+        except cl.Error as exc:
+            raise BackendError(
+                f"OpenCL kernel build failed on {labels} from source and from {path.name}; build logs:\n"
+                f"{log}\n{self._build_log(exc)}"
+            ) from exc
+        return program, path.name
+
+    # ------------------------------------------------------------------ memory
+    def allocate(self, index: int, nbytes: int) -> DeviceBuffer:
+        d = self._dev(index)
+        check_page_multiple("replica size", nbytes)
+        capacity = self._capacity if self._capacity is not None else int(d.device.global_mem_size)
+        with self._lock:
+            if d.in_use + nbytes > capacity:
+                raise ResourceExhaustedError(
+                    f"{d.label} is full: {d.in_use} of {capacity} bytes in use, {nbytes} more requested"
+                )
+            d.in_use += nbytes
+        try:
+            try:
+                buf = cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE, nbytes)
+                try:
+                    # Zero it now: replicas start defined, and a lazily allocating driver fails here, not later.
+                    cl.enqueue_fill_buffer(d.queue, buf, np.zeros(1, np.uint8), 0, nbytes).wait()
+                except BaseException:
+                    buf.release()
+                    raise
+            except cl.Error as exc:
+                if exc.code in _OOM:
+                    raise ResourceExhaustedError(
+                        f"{d.label} cannot allocate {nbytes} bytes (largest single buffer "
+                        f"{d.device.max_mem_alloc_size} bytes, {d.in_use - nbytes} in use): {exc}"
+                    ) from exc
+                raise BackendError(f"{d.label}: allocating {nbytes} bytes failed: {exc}") from exc
+        except BaseException:
+            with self._lock:
+                d.in_use -= nbytes
+            raise
+        buffer = DeviceBuffer(f"opencl:{index}", index, nbytes, buf)
+        with self._lock:
+            self._live[id(buffer)] = buffer
+        return buffer
+
+    def free(self, buffer: DeviceBuffer) -> None:
+        with self._lock:
+            if buffer.freed:
+                return
+            buffer.freed = True
+            self._live.pop(id(buffer), None)
+            self._devices[buffer.index].in_use -= buffer.nbytes
+        buffer.handle.release()
+        buffer.handle = None
+
+    # ------------------------------------------------------------------ copies
+    def copy_runs(
+        self,
+        host: npt.NDArray[np.uint8],
+        runs: RunArray,
+        targets: Sequence[DeviceBuffer],
+        progress: Progress | None = None,
+    ) -> None:
+        targets = list(targets)
+        runs = check_copy(host, runs, targets)
+        if not targets or not runs.size:
+            return
+        groups: dict[int, list[DeviceBuffer]] = {}
+        for t in targets:  # one group per context, in the order the targets came
+            groups.setdefault(id(self._dev(t.index).ctx), []).append(t)
+        for group in groups.values():
+            d = self._dev(group[0].index)
+            with d.ctx.lock:
+                try:
+                    if d.unified and self._zero_copy:
+                        self._copy_zero(d, host, runs, group, progress)
+                    else:
+                        self._copy_staged(d, host, runs, group, progress)
+                except cl.Error as exc:
+                    raise BackendError(f"{d.label}: copying page runs failed: {exc}") from exc
+            progress = None  # bytes are reported once, for the first context
+
+    def _pages_buffer(self, d: _Device, pages: npt.NDArray[np.int64]) -> Any:
+        return cl.Buffer(d.ctx.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR, hostbuf=pages)
+
+    def _launch_pages(self, d: _Device, kernel: str, src: Any, dst: DeviceBuffer, pages_buf: Any, n: int) -> Any:
+        # One work-group per page; its work-items share the page's 16-byte words.
+        k = self._kernel(d, kernel)
+        k.set_args(src, dst.handle, pages_buf, np.int64(n))
+        return cl.enqueue_nd_range_kernel(self._dev(dst.index).queue, k, (n * _LOCAL,), (_LOCAL,))
+
+    def _fan_out(self, d: _Device, first: DeviceBuffer, rest: list[DeviceBuffer], pages_buf: Any, n: int) -> None:
+        for t in rest:  # device-side copy from the first replica: the host pages are read once
+            self._launch_pages(d, "copy_pages", first.handle, t, pages_buf, n).wait()
+
+    def _copy_zero(self, d: _Device, host: npt.NDArray[np.uint8], runs: RunArray, group: list[DeviceBuffer],
+                   progress: Progress | None) -> None:
+        src = cl.Buffer(d.ctx.context, cl.mem_flags.READ_ONLY | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
+        try:
+            for pages in page_batches(runs, self._batch_pages if progress else 1 << 62):
+                pages_buf = self._pages_buffer(d, pages)
+                try:
+                    self._launch_pages(d, "copy_pages", src, group[0], pages_buf, pages.size).wait()
+                    self._fan_out(d, group[0], group[1:], pages_buf, pages.size)
+                finally:
+                    pages_buf.release()
+                if progress:
+                    progress(int(pages.size) * PAGE_SIZE)
+        finally:
+            src.release()
+
+    def _staging(self, d: _Device) -> Any:
+        ctx = d.ctx
+        nbytes = self._batch_pages * PAGE_SIZE
+        if ctx.staging is None:
+            flags = cl.mem_flags.READ_ONLY | cl.mem_flags.ALLOC_HOST_PTR
+            try:
+                ctx.staging = cl.Buffer(ctx.context, flags, nbytes)
+            except cl.Error as exc:
+                raise ResourceExhaustedError(f"{d.label}: no room for a {nbytes}-byte staging buffer: {exc}") from exc
+        return ctx.staging
+
+    def _copy_staged(self, d: _Device, host: npt.NDArray[np.uint8], runs: RunArray, group: list[DeviceBuffer],
+                     progress: Progress | None) -> None:
+        first = group[0]
+        long_runs = runs[runs[:, 1] * PAGE_SIZE >= _DIRECT_RUN_BYTES]
+        for start, count in long_runs.tolist():
+            a, b = start * PAGE_SIZE, (start + count) * PAGE_SIZE
+            step = self._batch_pages * PAGE_SIZE
+            for lo in range(a, b, step):  # in batches only so progress moves
+                hi = min(b, lo + step)
+                cl.enqueue_copy(d.queue, first.handle, host[lo:hi], dst_offset=lo).wait()
+                for t in group[1:]:
+                    cl.enqueue_copy(d.queue, t.handle, first.handle, byte_count=hi - lo, src_offset=lo,
+                                    dst_offset=lo).wait()
+                if progress:
+                    progress(hi - lo)
+        short = runs[runs[:, 1] * PAGE_SIZE < _DIRECT_RUN_BYTES]
+        if not short.size:
+            return
+        staging = self._staging(d)
+        for pages in page_batches(short, self._batch_pages):
+            n = int(pages.size)
+            view, _ = cl.enqueue_map_buffer(d.queue, staging, cl.map_flags.WRITE_INVALIDATE_REGION, 0,
+                                            (n * PAGE_SIZE,), np.dtype(np.uint8))
+            try:
+                gather_pages(host, pages, view)
+            finally:
+                view.base.release(d.queue)  # unmap: the one host->device transfer of this batch
+            pages_buf = self._pages_buffer(d, pages)
+            try:
+                self._launch_pages(d, "scatter_pages", staging, first, pages_buf, n).wait()
+                self._fan_out(d, first, group[1:], pages_buf, n)
+            finally:
+                pages_buf.release()
+            if progress:
+                progress(n * PAGE_SIZE)
+
+    # ------------------------------------------------------------------ hashes
+    def hash_pages(self, buffer: DeviceBuffer, pages: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.uint64]:
+        d = self._dev(buffer.index)
+        if buffer.freed:
+            raise InvalidArgumentError(f"buffer on {buffer.device} was freed")
+        total = buffer.nbytes // PAGE_SIZE
+        index = None if pages is None else check_pages(pages, total, buffer.device)
+        n = total if index is None else int(index.size)
+        out = np.empty(n, dtype=np.uint64)
+        if n == 0:
+            return out
+        with d.ctx.lock:
+            try:
+                out_buf = cl.Buffer(d.ctx.context, cl.mem_flags.WRITE_ONLY, n * 8)
+                try:
+                    if index is None:
+                        k = self._kernel(d, "hash_all")
+                        k.set_args(buffer.handle, out_buf, np.int64(n))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
+                    else:
+                        pages_buf = self._pages_buffer(d, index)
+                        k = self._kernel(d, "hash_list")
+                        k.set_args(buffer.handle, pages_buf, out_buf, np.int64(n))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
+                    cl.enqueue_copy(d.queue, out, out_buf).wait()
+                    if index is not None:
+                        pages_buf.release()
+                finally:
+                    out_buf.release()
+            except cl.Error as exc:
+                raise BackendError(f"{d.label}: page hash failed: {exc}") from exc
+        return out
+
+    def compare(self, a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        a = np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+        b = np.ascontiguousarray(b, dtype=np.uint64).reshape(-1)
+        if a.shape != b.shape:
+            raise InvalidArgumentError(f"cannot compare hash arrays of {a.size} and {b.size} entries")
+        if a.size == 0 or not self._devices:
+            return super().compare(a, b)
+        d = self._dev(0)
+        n = int(a.size)
+        count = np.zeros(1, dtype=np.int64)
+        flags = cl.mem_flags
+        with d.ctx.lock:
+            try:
+                bufs = [cl.Buffer(d.ctx.context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=a),
+                        cl.Buffer(d.ctx.context, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=b),
+                        cl.Buffer(d.ctx.context, flags.WRITE_ONLY, n * 8),
+                        cl.Buffer(d.ctx.context, flags.READ_WRITE | flags.COPY_HOST_PTR, hostbuf=count)]
+                try:
+                    k = self._kernel(d, "compare")
+                    k.set_args(*bufs, np.int64(n))
+                    cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
+                    cl.enqueue_copy(d.queue, count, bufs[3]).wait()
+                    out = np.empty(int(count[0]), dtype=np.int64)
+                    if out.size:
+                        cl.enqueue_copy(d.queue, out, bufs[2]).wait()
+                finally:
+                    for buf in bufs:
+                        buf.release()
+            except cl.Error as exc:
+                raise BackendError(f"{d.label}: hash comparison failed: {exc}") from exc
+        out.sort()  # the kernel emits in completion order
+        return out
+
+    # ------------------------------------------------------------------ read / export
+    def read(self, buffer: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> npt.NDArray[np.uint8]:
+        d = self._dev(buffer.index)
+        nbytes = check_range(buffer, offset, nbytes)
+        out = np.empty(nbytes, dtype=np.uint8)
+        if nbytes:
+            try:
+                cl.enqueue_copy(d.queue, out, buffer.handle, src_offset=offset).wait()
+            except cl.Error as exc:
+                raise BackendError(f"{d.label}: reading {nbytes} bytes back failed: {exc}") from exc
+        return out
+
+    def export(self, buffer: DeviceBuffer) -> ExportHandle:
+        # OpenCL has no portable cross-process sharing of device memory.
+        return ExportHandle("none", 0, buffer.nbytes, buffer.device)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            live = list(self._live.values())
+        for buffer in live:
+            self.free(buffer)
+        for d in self._devices:
+            d.queue.finish()
+            if d.ctx.staging is not None:
+                d.ctx.staging.release()
+                d.ctx.staging = None
+        self._closed = True

@@ -1,0 +1,121 @@
+// devrep device kernels, OpenCL C 1.2. The spec is kernels/README.md; kernels/devrep.cu mirrors this file.
+//
+// PAGE_WORDS (8-byte words per page) is passed by the host as -DPAGE_WORDS=512 for 4 KiB pages.
+
+#ifndef PAGE_WORDS
+#define PAGE_WORDS 512
+#endif
+
+#pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable
+
+// Rotations are written as shifts rather than rotate(), and the atomic counter as a compiler builtin in the
+// prebuilt PoCL bitcode (DEVREP_BITCODE, see build_pocl_bitcode.sh): PoCL does not link its builtin library
+// into programs created from bitcode, so the script links only the work-item functions, and the kernels call
+// nothing else. Compilers turn the shift pair into one rotate instruction.
+#define ROTL(x, r) (((x) << (r)) | ((x) >> (64 - (r))))
+#ifdef DEVREP_BITCODE
+#define ATOMIC_INC(p) __sync_fetch_and_add((p), 1L)
+#else
+#define ATOMIC_INC(p) atom_inc(p)
+#endif
+
+#define P1 11400714785074694791UL
+#define P2 14029467366897019727UL
+#define P3 1609587929392839161UL
+#define P4 9650029242287828579UL
+
+// One XXH64 round on four lanes at once: the four accumulators v1..v4 are the vector's components, so the
+// page is read as consecutive 32-byte stripes exactly as XXH64 defines it.
+inline ulong4 xxh_round4(ulong4 acc, ulong4 lane) {
+    acc += lane * P2;                      // ulong arithmetic wraps mod 2^64, as XXH64 requires
+    acc = ROTL(acc, (ulong4)(31UL));
+    return acc * P1;
+}
+
+inline ulong xxh_merge(ulong h, ulong v) {
+    v *= P2;
+    v = ROTL(v, 31UL);
+    v *= P1;
+    h ^= v;
+    return h * P1 + P4;
+}
+
+inline ulong xxh64_finish(ulong4 v) {
+    ulong h = ROTL(v.s0, 1UL) + ROTL(v.s1, 7UL) + ROTL(v.s2, 12UL) + ROTL(v.s3, 18UL);
+    h = xxh_merge(h, v.s0);
+    h = xxh_merge(h, v.s1);
+    h = xxh_merge(h, v.s2);
+    h = xxh_merge(h, v.s3);
+    h += (ulong)(PAGE_WORDS * 8);
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
+}
+
+#define XXH_INIT ((ulong4)(P1 + P2, P2, 0UL, 0UL - P1))
+
+inline ulong xxh64_page(__global const ulong *page) {
+    ulong4 v = XXH_INIT;
+    __global const ulong4 *stripes = (__global const ulong4 *)page;
+    for (int i = 0; i < PAGE_WORDS / 4; ++i) {
+        v = xxh_round4(v, stripes[i]);
+    }
+    return xxh64_finish(v);
+}
+
+// out[k] = XXH64(page k of data), k < npages.
+__kernel void hash_all(__global const ulong *data, __global ulong *out, const long npages) {
+    long k = get_global_id(0);
+    if (k < npages) {
+        out[k] = xxh64_page(data + k * PAGE_WORDS);
+    }
+}
+
+// out[k] = XXH64(page pages[k] of data), k < n.
+__kernel void hash_list(__global const ulong *data, __global const long *pages, __global ulong *out, const long n) {
+    long k = get_global_id(0);
+    if (k < n) {
+        out[k] = xxh64_page(data + pages[k] * PAGE_WORDS);
+    }
+}
+
+// Every i < n with a[i] != b[i] lands in out[0..*count) in no particular order (the host sorts).
+__kernel void compare(__global const ulong *a, __global const ulong *b, __global long *out,
+                      volatile __global long *count, const long n) {
+    long i = get_global_id(0);
+    if (i < n && a[i] != b[i]) {
+        out[ATOMIC_INC(count)] = i;
+    }
+}
+
+// Scatter: packed page k of src goes to page dst_pages[k] of dst, for k < n. One work-group per page,
+// its work-items striding over the page's 16-byte words so loads and stores stay contiguous.
+__kernel void scatter_pages(__global const ulong2 *src, __global ulong2 *dst, __global const long *dst_pages,
+                            const long n) {
+    long k = get_group_id(0);
+    if (k >= n) {
+        return;
+    }
+    __global const ulong2 *from = src + k * (PAGE_WORDS / 2);
+    __global ulong2 *to = dst + dst_pages[k] * (PAGE_WORDS / 2);
+    for (int i = get_local_id(0); i < PAGE_WORDS / 2; i += get_local_size(0)) {
+        to[i] = from[i];
+    }
+}
+
+// Gather-scatter within one pair of buffers at equal offsets: page pages[k] of src goes to page pages[k] of
+// dst (zero-copy path: src is the host region itself, wrapped as a buffer on a host-unified device).
+__kernel void copy_pages(__global const ulong2 *src, __global ulong2 *dst, __global const long *pages,
+                         const long n) {
+    long k = get_group_id(0);
+    if (k >= n) {
+        return;
+    }
+    long base = pages[k] * (PAGE_WORDS / 2);
+    for (int i = get_local_id(0); i < PAGE_WORDS / 2; i += get_local_size(0)) {
+        dst[base + i] = src[base + i];
+    }
+}
