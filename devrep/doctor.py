@@ -1,0 +1,281 @@
+"""``devrep doctor``: what this kernel and these privileges allow, and which tracking modes work here.
+
+Every mode is checked by doing it for real on a few scratch pages (a write-protect fault round trip, an
+async-WP write found by PAGEMAP_SCAN, an inotify watch), not only by reading feature bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import select
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .kernel.pagemap import PageCategory, PagemapScanner, ScanFlag
+from .kernel.uffd import DEV_USERFAULTFD, Feature, RegisterMode, Userfaultfd
+
+CAP_SYS_PTRACE = 19
+MODES = ("sync", "async", "file", "explicit")
+
+
+@dataclass
+class ModeStatus:
+    works: bool
+    reason: str = ""
+
+
+@dataclass
+class Capabilities:
+    kernel: str
+    machine: str
+    euid: int
+    cap_sys_ptrace: bool
+    unprivileged_userfaultfd: int | None
+    dev_userfaultfd: str
+    userfaultfd: bool
+    userfaultfd_error: str
+    features: dict[str, bool]
+    pagemap_scan: bool
+    pagemap_scan_error: str
+    inotify: bool
+    fanotify: bool
+    fanotify_error: str
+    modes: dict[str, ModeStatus] = field(default_factory=dict)
+
+    @property
+    def all_modes_work(self) -> bool:
+        return all(m.works for m in self.modes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def render(self, console: Any) -> None:
+        """Print as rich tables on ``console`` (a ``rich.console.Console``)."""
+        from rich.table import Table
+
+        def yes(ok: bool) -> str:
+            return "[green]yes[/]" if ok else "[red]no[/]"
+
+        env = Table(title="devrep doctor: kernel and privileges", show_header=False)
+        env.add_row("kernel", f"{self.kernel} ({self.machine})")
+        env.add_row("effective uid", str(self.euid))
+        env.add_row("CAP_SYS_PTRACE", yes(self.cap_sys_ptrace))
+        env.add_row("vm.unprivileged_userfaultfd", "absent" if self.unprivileged_userfaultfd is None
+                    else str(self.unprivileged_userfaultfd))
+        env.add_row(DEV_USERFAULTFD, self.dev_userfaultfd)
+        env.add_row("userfaultfd", yes(self.userfaultfd) + (f"  {self.userfaultfd_error}" if self.userfaultfd_error
+                                                           else ""))
+        env.add_row("PAGEMAP_SCAN", yes(self.pagemap_scan) + (f"  {self.pagemap_scan_error}"
+                                                              if self.pagemap_scan_error else ""))
+        env.add_row("inotify", yes(self.inotify))
+        env.add_row("fanotify", yes(self.fanotify) + (f"  {self.fanotify_error}" if self.fanotify_error else ""))
+        console.print(env)
+        if self.features:
+            feats = Table(title="userfaultfd features")
+            feats.add_column("feature")
+            feats.add_column("supported")
+            for name, ok in self.features.items():
+                feats.add_row(name, yes(ok))
+            console.print(feats)
+        modes = Table(title="tracking modes")
+        modes.add_column("mode")
+        modes.add_column("works")
+        modes.add_column("why not")
+        for name, status in self.modes.items():
+            modes.add_row(name, yes(status.works), status.reason)
+        console.print(modes)
+
+
+def _cap_sys_ptrace() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_PTRACE & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _sysctl_unprivileged() -> int | None:
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _dev_userfaultfd() -> str:
+    if not os.path.exists(DEV_USERFAULTFD):
+        return "absent"
+    return "accessible" if os.access(DEV_USERFAULTFD, os.R_OK | os.W_OK) else "present, no access"
+
+
+def _probe_uffd() -> tuple[Feature | None, str]:
+    from .tracking._setup import uffd_unavailable_reason
+
+    try:
+        with Userfaultfd() as uffd:
+            return uffd.api(Feature.NONE), ""
+    except OSError as exc:
+        return None, uffd_unavailable_reason(exc)
+
+
+def _check_sync() -> str:
+    """A kernel-mode write into a write-protected memfd page must fault to us and complete once un-protected."""
+    fd = os.memfd_create("devrep-doctor", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 2 * mmap.PAGESIZE)
+    m = mmap.mmap(fd, 2 * mmap.PAGESIZE)
+    buf = (ctypes.c_char * len(m)).from_buffer(m)
+    address = ctypes.addressof(buf)
+    r, w = os.pipe()
+    try:
+        with Userfaultfd() as uffd:
+            uffd.api(Feature.WP_HUGETLBFS_SHMEM)
+            uffd.register(address, len(m), RegisterMode.WP)
+            uffd.writeprotect(address, len(m), True)
+            os.write(w, b"x")
+            done: list[int] = []
+            view = memoryview(m)[mmap.PAGESIZE: mmap.PAGESIZE + 1]
+            reader = threading.Thread(target=lambda: done.append(os.readv(r, [view])), daemon=True)
+            reader.start()
+            if not select.select([uffd], [], [], 5)[0]:
+                return "no write-protect fault arrived within 5 s"
+            events = uffd.read_events()
+            if not events or not events[0].is_wp:
+                return f"unexpected userfaultfd events {events}"
+            uffd.writeprotect(address + mmap.PAGESIZE, mmap.PAGESIZE, False)
+            reader.join(5)
+            view.release()
+            if done != [1]:
+                return "the faulting write did not complete after un-protecting"
+        return ""
+    finally:
+        del buf
+        m.close()
+        for f in (fd, r, w):
+            os.close(f)
+
+
+def _check_async() -> str:
+    fd = os.memfd_create("devrep-doctor", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4 * mmap.PAGESIZE)
+    m = mmap.mmap(fd, 4 * mmap.PAGESIZE)
+    buf = (ctypes.c_char * len(m)).from_buffer(m)
+    address = ctypes.addressof(buf)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with Userfaultfd() as uffd:
+            uffd.api(Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM)
+            uffd.register(address, len(m), RegisterMode.WP)
+            uffd.writeprotect(address, len(m), True)
+            m[2 * mmap.PAGESIZE] = 1
+            ranges = PagemapScanner(pagemap).scan(address, address + len(m),
+                                                  flags=ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC,
+                                                  category_mask=PageCategory.WRITTEN,
+                                                  return_mask=PageCategory.WRITTEN)
+            want = [[address + 2 * mmap.PAGESIZE, address + 3 * mmap.PAGESIZE]]
+            if ranges.tolist() != want:
+                return f"PAGEMAP_SCAN found {ranges.tolist()} instead of the one written page"
+        return ""
+    finally:
+        del buf
+        m.close()
+        os.close(fd)
+        os.close(pagemap)
+
+
+def _probe_pagemap_scan() -> str:
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        PagemapScanner(pagemap, 1).scan(0, mmap.PAGESIZE)
+        return ""
+    except OSError as exc:
+        return f"PAGEMAP_SCAN ioctl failed ({exc.strerror}); it needs Linux 6.7+"
+    finally:
+        os.close(pagemap)
+
+
+def _probe_inotify() -> str:
+    from inotify_simple import INotify
+    from inotify_simple import flags as IN
+
+    try:
+        with INotify() as ino, tempfile.TemporaryDirectory() as d:
+            ino.add_watch(d, IN.MODIFY)
+        return ""
+    except OSError as exc:
+        return f"inotify failed: {exc}"
+
+
+def _probe_fanotify() -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "fanotify_init"):
+        return "libc has no fanotify_init"
+    fd = libc.fanotify_init(0, os.O_RDONLY)  # FAN_CLASS_NOTIF
+    if fd < 0:
+        return f"fanotify_init: {os.strerror(ctypes.get_errno())} (needs CAP_SYS_ADMIN)"
+    os.close(fd)
+    return ""
+
+
+def _attempt(check: Any) -> str:
+    try:
+        return str(check())
+    except OSError as exc:
+        return f"{exc}"
+
+
+def probe() -> Capabilities:
+    """Probe this machine; never raises for a missing feature (it is reported instead)."""
+    uname = os.uname()
+    supported, uffd_error = _probe_uffd()
+    features = {f.name: bool(supported is not None and f in supported) for f in Feature if f.name and f.value}
+    scan_error = _attempt(_probe_pagemap_scan)
+    inotify_error = _attempt(_probe_inotify)
+    fanotify_error = _attempt(_probe_fanotify)
+    caps = Capabilities(
+        kernel=uname.release, machine=uname.machine, euid=os.geteuid(), cap_sys_ptrace=_cap_sys_ptrace(),
+        unprivileged_userfaultfd=_sysctl_unprivileged(), dev_userfaultfd=_dev_userfaultfd(),
+        userfaultfd=supported is not None, userfaultfd_error=uffd_error, features=features,
+        pagemap_scan=not scan_error, pagemap_scan_error=scan_error, inotify=not inotify_error,
+        fanotify=not fanotify_error, fanotify_error=fanotify_error,
+    )
+    if supported is None:
+        sync_reason = async_reason = uffd_error
+    else:
+        sync_reason = ("userfaultfd lacks WP_HUGETLBFS_SHMEM (write-protecting memfd pages, Linux 5.19+)"
+                       if Feature.WP_HUGETLBFS_SHMEM not in supported else _attempt(_check_sync))
+        if Feature.WP_ASYNC not in supported:
+            async_reason = "userfaultfd lacks WP_ASYNC (Linux 6.7+)"
+        elif scan_error:
+            async_reason = scan_error
+        else:
+            async_reason = _attempt(_check_async)
+    caps.modes = {
+        "sync": ModeStatus(not sync_reason, sync_reason),
+        "async": ModeStatus(not async_reason, async_reason),
+        "file": ModeStatus(not inotify_error, inotify_error),
+        "explicit": ModeStatus(True, ""),
+    }
+    return caps
+
+
+def main_doctor(as_json: bool) -> int:
+    """Entry point for ``devrep doctor [--json]``: 0 when every tracking mode works here, 1 otherwise."""
+    caps = probe()
+    if as_json:
+        print(caps.to_json())
+    else:
+        from rich.console import Console
+
+        caps.render(Console())
+    return 0 if caps.all_modes_work else 1
