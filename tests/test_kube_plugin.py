@@ -227,6 +227,10 @@ def test_waits_for_kubelet_and_reports_readiness(dirs: dict[str, str]) -> None:
             kubelet.requests.get(timeout=WAIT)
             wait_for(lambda: probe.check(sock, HEALTH_SERVICE)[0], "readiness after registering")
             assert probe.main(["--address", sock, "--service", HEALTH_SERVICE]) == 0
+            # The images run the probe as a plain script (no devrep import): it must work that way too.
+            script = subprocess.run([sys.executable, probe.__file__, "--address", sock, "--service", HEALTH_SERVICE],
+                                    capture_output=True, text=True, timeout=WAIT)
+            assert script.returncode == 0 and "SERVING" in script.stdout, script.stderr
         finally:
             kubelet.stop()
     assert probe.main(["--address", os.path.join(dirs["run"], "absent.sock"), "--timeout", "1"]) == 1
