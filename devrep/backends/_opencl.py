@@ -6,12 +6,12 @@ of one platform share one context, so fan-out to a second device of that platfor
 
 Data path (kernels in ``kernels/devrep.cl``, spec in ``kernels/README.md``):
 
-* host-unified devices (CPU drivers such as PoCL): the region's host pages are wrapped as a
+* runs of at least 8 MiB: one host->device transfer each, straight into place;
+* shorter runs on host-unified devices (CPU drivers such as PoCL): the region's host pages are wrapped as a
   ``CL_MEM_USE_HOST_PTR`` buffer (zero-copy) and one ``copy_pages`` kernel per batch gathers the dirty pages
   straight into the replica; no staging copy, no memcpy alignment cliff;
 * other devices: dirty pages are packed into a mapped ``CL_MEM_ALLOC_HOST_PTR`` staging buffer (pinned where
-  the driver supports it), unmapped (one host->device transfer) and placed by one ``scatter_pages`` kernel;
-  a single long run is copied directly.
+  the driver supports it), unmapped (one host->device transfer) and placed by one ``scatter_pages`` kernel.
 
 Further targets in the same context are filled from the first one on the device. Page hashes and the hash
 comparison run on the device.
@@ -324,14 +324,17 @@ class OpenCLBackend(Backend):
         groups: dict[int, list[DeviceBuffer]] = {}
         for t in targets:  # one group per context, in the order the targets came
             groups.setdefault(id(self._dev(t.index).ctx), []).append(t)
+        long = runs[:, 1] * PAGE_SIZE >= _DIRECT_RUN_BYTES
         for group in groups.values():
             d = self._dev(group[0].index)
             with d.ctx.lock:
                 try:
-                    if d.unified and self._zero_copy:
-                        self._copy_zero(d, host, runs, group, progress)
-                    else:
-                        self._copy_staged(d, host, runs, group, progress)
+                    self._copy_long(d, host, runs[long], group, progress)
+                    if not long.all():
+                        if d.unified and self._zero_copy:
+                            self._copy_zero(d, host, runs[~long], group, progress)
+                        else:
+                            self._copy_staged(d, host, runs[~long], group, progress)
                 except cl.Error as exc:
                     raise BackendError(f"{d.label}: copying page runs failed: {exc}") from exc
             progress = None  # bytes are reported once, for the first context
@@ -376,24 +379,25 @@ class OpenCLBackend(Backend):
                 raise ResourceExhaustedError(f"{d.label}: no room for a {nbytes}-byte staging buffer: {exc}") from exc
         return ctx.staging
 
-    def _copy_staged(self, d: _Device, host: npt.NDArray[np.uint8], runs: RunArray, group: list[DeviceBuffer],
-                     progress: Progress | None) -> None:
+    def _copy_long(self, d: _Device, host: npt.NDArray[np.uint8], runs: RunArray, group: list[DeviceBuffer],
+                   progress: Progress | None) -> None:
+        """Long runs: one transfer each (the driver's memcpy/DMA beats a kernel on a run this long)."""
         first = group[0]
-        long_runs = runs[runs[:, 1] * PAGE_SIZE >= _DIRECT_RUN_BYTES]
-        for start, count in long_runs.tolist():
+        step = self._batch_pages * PAGE_SIZE
+        for start, count in runs.tolist():
             a, b = start * PAGE_SIZE, (start + count) * PAGE_SIZE
-            step = self._batch_pages * PAGE_SIZE
-            for lo in range(a, b, step):  # in batches only so progress moves
-                hi = min(b, lo + step)
+            for lo in range(a, b, step if progress else b - a):  # batched only so progress moves
+                hi = min(b, lo + step) if progress else b
                 cl.enqueue_copy(d.queue, first.handle, host[lo:hi], dst_offset=lo).wait()
                 for t in group[1:]:
                     cl.enqueue_copy(d.queue, t.handle, first.handle, byte_count=hi - lo, src_offset=lo,
                                     dst_offset=lo).wait()
                 if progress:
                     progress(hi - lo)
-        short = runs[runs[:, 1] * PAGE_SIZE < _DIRECT_RUN_BYTES]
-        if not short.size:
-            return
+
+    def _copy_staged(self, d: _Device, host: npt.NDArray[np.uint8], short: RunArray, group: list[DeviceBuffer],
+                     progress: Progress | None) -> None:
+        first = group[0]
         staging = self._staging(d)
         for pages in page_batches(short, self._batch_pages):
             n = int(pages.size)
