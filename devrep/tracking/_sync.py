@@ -11,6 +11,7 @@ service handles its faults.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -246,8 +247,13 @@ class SyncTracker(Tracker):
             with self._lock:
                 try:
                     self._handler.rearm(runs.tolist())
-                except (OSError, ValueError) as exc:
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH:  # the writer's address space is gone
+                        self._failed = "the writing process exited; its mapping can no longer be protected"
+                        raise FailedPreconditionError(f"{self._failed}; unregister the region") from exc
                     raise DevrepError(f"re-protecting {len(runs)} runs failed: {exc}") from exc
+                except ValueError as exc:
+                    raise InvalidArgumentError(str(exc)) from exc
             return
         with self._lock:
             for start in range(0, len(runs), h.RUNS_PER_MESSAGE):
