@@ -1,0 +1,352 @@
+"""One conformance suite for every device backend: CPU, OpenCL (PoCL in CI, zero-copy and staged data paths)
+and CUDA where a GPU and CuPy exist. Also the OpenCL backend's bad-input handling, end to end through
+``Replicator``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+from devrep import Replicator
+from devrep._pages import PAGE_SIZE, pages_from_runs
+from devrep.backends import Backend, DeviceBuffer, load_backend
+from devrep.backends._staging import aligned_empty
+from devrep.errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+
+pytestmark = pytest.mark.timeout(120)
+
+KINDS = ["cpu", "opencl", "opencl-staged", "cuda"]
+
+
+def _cuda_missing() -> str | None:
+    """Why the CUDA variant cannot run here, or None."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install devrep[cuda])"
+    backend = load_backend("cuda")
+    if backend.device_count() == 0:
+        return "CuPy is installed but no NVIDIA GPU / CUDA driver is visible"
+    return None
+
+
+def make_backend(kind: str, **options: object) -> Backend:
+    if kind == "cpu":
+        return load_backend("cpu", devices=2, **options)
+    if kind == "opencl":
+        return load_backend("opencl", **options)
+    if kind == "opencl-staged":  # the discrete-GPU path (pack, one transfer, scatter kernel), run on PoCL
+        return load_backend("opencl", zero_copy=False, batch_bytes=1 << 20, **options)
+    missing = _cuda_missing()
+    if missing:
+        pytest.skip(f"CUDA backend not tested here: {missing}")
+    return load_backend("cuda", batch_bytes=1 << 20, **options)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend(kind: str) -> Iterator[Backend]:
+    b = make_backend(kind)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def random_host(npages: int, seed: int = 0) -> np.ndarray:
+    host = aligned_empty(npages * PAGE_SIZE)
+    host[:] = np.random.default_rng(seed).integers(0, 256, host.size, dtype=np.uint8)
+    return host
+
+
+def page(buf: np.ndarray, p: int) -> np.ndarray:
+    return buf[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+
+
+def test_allocate_zeroed_and_free(backend: Backend) -> None:
+    before = backend.bytes_in_use(0)
+    buf = backend.allocate(0, 8 * PAGE_SIZE)
+    assert backend.bytes_in_use(0) == before + 8 * PAGE_SIZE
+    assert buf.device.endswith(":0") and buf.nbytes == 8 * PAGE_SIZE
+    assert not backend.read(buf).any()
+    backend.free(buf)
+    backend.free(buf)  # idempotent
+    assert buf.freed and backend.bytes_in_use(0) == before
+
+
+def test_copy_runs_fan_out_and_read_back(backend: Backend) -> None:
+    host = random_host(64)
+    targets = [backend.allocate(0, host.nbytes), backend.allocate(0, host.nbytes)]
+    runs = np.array([[0, 3], [10, 1], [20, 30], [63, 1]], dtype=np.int64)
+    reported: list[int] = []
+    backend.copy_runs(host, runs, targets, reported.append)
+    copied = pages_from_runs(runs)
+    assert sum(reported) == copied.size * PAGE_SIZE
+    for t in targets:
+        back = backend.read(t)
+        for p in range(64):
+            expected = page(host, p) if p in copied else np.zeros(PAGE_SIZE, np.uint8)
+            assert np.array_equal(page(back, p), expected), f"page {p} on {t.device}"
+        assert np.array_equal(backend.read(t, 20 * PAGE_SIZE + 5, 100), host[20 * PAGE_SIZE + 5:20 * PAGE_SIZE + 105])
+        native = backend.device_array(t)  # numpy (CPU view, OpenCL copy) or CuPy
+        assert np.array_equal(native.get() if hasattr(native, "get") else np.asarray(native), back)
+        del native
+    # a second sync overwrites in place and leaves the other pages alone
+    host[:] = 0xA5
+    backend.copy_runs(host, np.array([[10, 1]]), targets)
+    for t in targets:
+        back = backend.read(t)
+        assert (page(back, 10) == 0xA5).all() and not (page(back, 0) == 0xA5).all()
+    for t in targets:
+        backend.free(t)
+
+
+def test_copy_long_runs_with_progress(backend: Backend, kind: str) -> None:
+    npages = (12 << 20) // PAGE_SIZE  # one 12 MiB run takes the direct-transfer path
+    host = random_host(npages + 16, seed=3)
+    targets = [backend.allocate(0, host.nbytes), backend.allocate(0, host.nbytes)]
+    runs = np.array([[0, npages], [npages + 2, 1], [npages + 5, 7]], dtype=np.int64)
+    reported: list[int] = []
+    backend.copy_runs(host, runs, targets, reported.append)
+    assert sum(reported) == int(runs[:, 1].sum()) * PAGE_SIZE
+    assert all(r > 0 for r in reported)
+    if kind in ("opencl-staged", "cuda"):  # 1 MiB batches: progress moves during the long run
+        assert len(reported) >= 12
+    mask = np.zeros(npages + 16, bool)
+    mask[pages_from_runs(runs)] = True
+    for t in targets:
+        hashes = backend.hash_pages(t)
+        assert np.array_equal(hashes[mask], backend_independent_hashes(host)[mask])
+        assert (hashes[~mask] == xxhash.xxh64_intdigest(bytes(PAGE_SIZE))).all()
+        backend.free(t)
+
+
+def backend_independent_hashes(host: np.ndarray) -> np.ndarray:
+    return np.array([xxhash.xxh64_intdigest(page(host, p).tobytes()) for p in range(host.nbytes // PAGE_SIZE)],
+                    dtype=np.uint64)
+
+
+def test_hashes_bit_identical_to_xxhash(backend: Backend) -> None:
+    rng = np.random.default_rng(7)
+    host = aligned_empty(9 * PAGE_SIZE)
+    page(host, 0)[:] = 0
+    page(host, 1)[:] = 0xFF
+    page(host, 2)[:] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+    for p, src in ((3, 0), (4, 1), (5, 2)):  # one bit flipped in each, at different places
+        page(host, p)[:] = page(host, src)
+        bit = int(rng.integers(0, PAGE_SIZE * 8))
+        page(host, p)[bit // 8] ^= np.uint8(1 << (bit % 8))
+    page(host, 6)[:] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
+    page(host, 7)[:] = page(host, 6)
+    page(host, 7)[-1] ^= 0x80  # last bit of the last stripe
+    page(host, 8)[:] = page(host, 6)
+    page(host, 8)[0] ^= 0x01  # first bit of the first stripe
+    buf = backend.allocate(0, host.nbytes)
+    backend.copy_runs(host, np.array([[0, 9]]), [buf])
+    expected = backend_independent_hashes(host)
+    assert len(set(expected.tolist())) == 9
+    assert np.array_equal(backend.hash_pages(buf), expected)
+    pick = np.array([8, 0, 0, 5, 3, 1, 7], dtype=np.int64)  # any order, repeats allowed, not a multiple of 4
+    assert np.array_equal(backend.hash_pages(buf, pick), expected[pick])
+    assert backend.hash_pages(buf, np.empty(0, np.int64)).size == 0
+    with pytest.raises(ValueError, match="out of range"):  # InvalidArgumentError is a ValueError
+        backend.hash_pages(buf, np.array([9]))
+    backend.free(buf)
+
+
+def test_hash_sizes_around_vector_width(backend: Backend) -> None:
+    for npages in (1, 2, 3, 4, 5, 7, 8, 9, 255, 257):  # kernels do several pages per work-item
+        host = random_host(npages, seed=npages)
+        buf = backend.allocate(0, host.nbytes)
+        backend.copy_runs(host, np.array([[0, npages]]), [buf])
+        assert np.array_equal(backend.hash_pages(buf), backend_independent_hashes(host)), npages
+        backend.free(buf)
+
+
+def test_compare(backend: Backend) -> None:
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 2**63, 100_003, dtype=np.uint64)
+    b = a.copy()
+    diff = np.sort(rng.choice(a.size, 5_000, replace=False))
+    b[diff] ^= np.uint64(1)
+    got = backend.compare(a, b)
+    assert got.dtype == np.int64 and np.array_equal(got, diff)
+    assert backend.compare(a, a).size == 0
+    assert backend.compare(a[:0], b[:0]).size == 0
+    assert np.array_equal(backend.compare(a[:1], b[:1] + np.uint64(1)), [0])
+    if not isinstance(backend, type(load_backend("cpu"))):
+        with pytest.raises(InvalidArgumentError):
+            backend.compare(a, b[:-1])
+
+
+def test_export(backend: Backend, kind: str) -> None:
+    buf = backend.allocate(0, 2 * PAGE_SIZE)
+    handle = backend.export(buf)
+    assert handle.nbytes == 2 * PAGE_SIZE and handle.device == buf.device
+    expected = {"cpu": "fd", "opencl": "none", "opencl-staged": "none", "cuda": "cuda_ipc"}[kind]
+    assert handle.kind == expected
+    if kind == "cuda":
+        assert isinstance(handle.payload, bytes) and len(handle.payload) == 64
+    if kind == "cpu":
+        assert isinstance(handle.payload, int) and os.fstat(handle.payload).st_size == 2 * PAGE_SIZE
+    backend.free(buf)
+
+
+def test_unknown_device(backend: Backend, kind: str) -> None:
+    name = backend.name
+    with pytest.raises(UnknownDeviceError, match=f"{name}:99"):
+        backend.allocate(99, PAGE_SIZE)
+    with pytest.raises(UnknownDeviceError, match=f"{name}:99"):
+        backend.bytes_in_use(99)
+
+
+def test_capacity_exhausted_names_device(kind: str) -> None:
+    backend = make_backend(kind, capacity=4 * PAGE_SIZE)
+    try:
+        buf = backend.allocate(0, 4 * PAGE_SIZE)
+        with pytest.raises(ResourceExhaustedError, match=f"{backend.name}:0"):
+            backend.allocate(0, PAGE_SIZE)
+        assert backend.bytes_in_use(0) == 4 * PAGE_SIZE
+        backend.free(buf)
+        assert backend.bytes_in_use(0) == 0
+    finally:
+        backend.close()
+
+
+def test_bad_ranges(backend: Backend) -> None:
+    buf = backend.allocate(0, 4 * PAGE_SIZE)
+    host = random_host(4)
+    if backend.name != "cpu":  # the CPU backend leaves argument checks to the engine
+        with pytest.raises(InvalidArgumentError):
+            backend.copy_runs(host, np.array([[3, 2]]), [buf])
+        with pytest.raises(InvalidArgumentError):
+            backend.read(buf, 3 * PAGE_SIZE, 2 * PAGE_SIZE)
+        with pytest.raises(InvalidArgumentError):
+            backend.allocate(0, 100)
+    backend.free(buf)
+    if backend.name != "cpu":
+        with pytest.raises(InvalidArgumentError, match="freed"):
+            backend.hash_pages(buf)
+
+
+# ---------------------------------------------------------------------------- OpenCL specifics
+
+@pytest.fixture
+def ocl() -> Iterator[Backend]:
+    b = load_backend("opencl")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_opencl_real_huge_allocation_fails_cleanly(ocl: Backend) -> None:
+    with pytest.raises(ResourceExhaustedError, match="opencl:0"):
+        ocl.allocate(0, 1 << 44)  # refused against the device's memory size
+    driver = load_backend("opencl", capacity=1 << 50)  # let the driver itself refuse it
+    try:
+        with pytest.raises(ResourceExhaustedError, match="opencl:0"):
+            driver.allocate(0, 1 << 44)
+        assert driver.bytes_in_use(0) == 0
+    finally:
+        driver.close()
+    assert ocl.bytes_in_use(0) == 0
+
+
+def test_opencl_kernel_build_failure_names_device_and_log() -> None:
+    broken = load_backend("opencl", kernel_source="__kernel void hash_all(__global ulong *d) { this is not C; }")
+    try:
+        buf = broken.allocate(0, PAGE_SIZE)
+        with pytest.raises(BackendError, match=r"opencl:0 \(") as info:
+            broken.hash_pages(buf)
+        message = str(info.value)
+        assert "build log" in message and "error" in message.lower()
+        broken.free(buf)
+        assert broken.bytes_in_use(0) == 0
+    finally:
+        broken.close()
+
+
+def test_opencl_platform_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UnknownDeviceError, match="no OpenCL platform matches 'no-such-platform'"):
+        load_backend("opencl", platform="no-such-platform")
+    monkeypatch.setenv("DEVREP_OPENCL_PLATFORM", "portable")
+    by_env = load_backend("opencl")
+    assert by_env.device_count() >= 1 and "Portable Computing Language" in by_env.describe(0)
+    assert load_backend("opencl", platform=0).device_count() >= 1
+    assert load_backend("opencl", device_type="gpu", platform="portable").device_count() == 0
+    with pytest.raises(InvalidArgumentError, match="device_type"):
+        load_backend("opencl", device_type="fpga")
+
+
+def test_opencl_close_frees_live_buffers() -> None:
+    b = load_backend("opencl")
+    bufs = [b.allocate(0, PAGE_SIZE) for _ in range(3)]
+    b.close()
+    assert all(buf.freed for buf in bufs)
+    with pytest.raises(BackendError, match="closed"):
+        b.allocate(0, PAGE_SIZE)
+
+
+def test_opencl_through_replicator_verify_uses_device_hash() -> None:
+    with Replicator() as rep:
+        region = rep.create_region("conf", 40 * PAGE_SIZE + 0)
+        region.array[:] = np.random.default_rng(5).integers(0, 256, region.nbytes, dtype=np.uint8)
+        report = rep.replicate("conf", ["opencl:0", "cpu:0"])
+        assert report.pages_copied == 80
+        with region.acquire("opencl:0") as lease:
+            assert np.array_equal(np.asarray(lease.array), region.array)
+            assert np.array_equal(lease.read(PAGE_SIZE, 10), region.array[PAGE_SIZE:PAGE_SIZE + 10])
+            assert lease.export().kind == "none"
+        region.array[5 * PAGE_SIZE] ^= 0xFF
+        region.invalidate(5 * PAGE_SIZE, 1)
+        assert rep.sync("conf")[0].pages_copied == 2
+        # corrupt the device copy behind devrep's back: verify must find it by device hash and resync it
+        import pyopencl as cl
+
+        backend = rep.backend("opencl")
+        replica = region._replicas["opencl:0"]
+        buf: DeviceBuffer = replica.buffers[replica.front]  # type: ignore[assignment]
+        queue = backend._devices[0].queue  # type: ignore[attr-defined]
+        cl.enqueue_copy(queue, buf.handle, np.full(16, 7, np.uint8), dst_offset=9 * PAGE_SIZE + 100).wait()
+        reports = {r.device: r for r in region.verify()}
+        assert reports["opencl:0"].mismatched.tolist() == [[9, 1]] and reports["opencl:0"].resynced
+        assert reports["cpu:0"].mismatched_pages == 0
+        with region.acquire("opencl:0") as lease:
+            assert np.array_equal(lease.read(), region.array)
+        assert backend.bytes_in_use(0) > 0
+        rep.unregister("conf")
+        assert backend.bytes_in_use(0) == 0
+
+
+def test_opencl_missing_kernel_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DEVREP_KERNELS_DIR", str(tmp_path))
+    b = load_backend("opencl")
+    try:
+        buf = b.allocate(0, PAGE_SIZE)
+        with pytest.raises(BackendError, match="cannot read the OpenCL kernels for opencl:0"):
+            b.hash_pages(buf)
+        b.free(buf)
+    finally:
+        b.close()
+
+
+def test_cuda_backend_absent_is_a_clear_error() -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match=r"install devrep\[cuda\]"):
+            load_backend("cuda")
+        with Replicator() as rep, pytest.raises(BackendError, match=r"devrep\[cuda\]"):
+            rep.resolve("cuda:0")
+    else:
+        assert load_backend("cuda").device_count() >= 0  # imports and counts (0 without a GPU)
