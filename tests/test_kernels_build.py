@@ -1,0 +1,90 @@
+"""Every kernel source builds: each ``kernels/*.cu`` with nvcc (so a CUDA syntax error fails CI without a GPU),
+each ``kernels/*.cl`` on PoCL, and the prebuilt PoCL bitcode is current with ``devrep.cl``."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devrep.backends import load_backend
+from devrep.backends._kernels import kernels_dir
+
+pytestmark = pytest.mark.timeout(180)
+
+KERNELS = kernels_dir()
+KERNEL_NAMES = {"hash_all", "hash_list", "compare", "scatter_pages", "copy_pages"}
+
+
+def _nvcc() -> str:
+    for candidate in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.skip("nvcc not found on PATH, /usr/local/cuda/bin or /usr/local/bin: the CUDA kernels were not compiled")
+
+
+@pytest.mark.parametrize("source", sorted(KERNELS.glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_sources_compile_with_nvcc(source: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [_nvcc(), "--cubin", "-arch=sm_80", "-DPAGE_WORDS=512", "-Werror", "all-warnings", "-o",
+         str(tmp_path / "out.cubin"), str(source)],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "out.cubin").stat().st_size > 0
+
+
+def test_there_are_kernel_sources() -> None:
+    assert sorted(p.name for p in KERNELS.glob("*.cu")) == ["devrep.cu"]
+    assert sorted(p.name for p in KERNELS.glob("*.cl")) == ["devrep.cl"]
+
+
+def _kernels_in(text: str, pattern: str) -> set[str]:
+    return set(re.findall(pattern, text))
+
+
+def test_cuda_and_opencl_define_the_same_kernels() -> None:
+    cl = _kernels_in((KERNELS / "devrep.cl").read_text(), r"__kernel\s+void\s+(\w+)")
+    cu = _kernels_in((KERNELS / "devrep.cu").read_text(), r'extern\s+"C"\s+__global__\s+void\s+(\w+)')
+    assert cl == cu == KERNEL_NAMES
+
+
+@pytest.mark.parametrize("source", sorted(KERNELS.glob("*.cl")), ids=lambda p: p.name)
+def test_opencl_sources_build_on_pocl(source: Path) -> None:
+    backend = load_backend("opencl", platform="portable")
+    try:
+        device = backend._devices[0]  # type: ignore[attr-defined]
+        for name in KERNEL_NAMES:  # builds the program (from source, or the bitcode where PoCL cannot)
+            assert backend._kernel(device, name) is not None  # type: ignore[attr-defined]
+        assert "program from " in backend.describe(0) and "not built" not in backend.describe(0)
+    finally:
+        backend.close()
+
+
+def test_pocl_bitcode_is_current() -> None:
+    recorded = (KERNELS / "pocl" / "SOURCE_SHA256").read_text().strip()
+    actual = hashlib.sha256((KERNELS / "devrep.cl").read_bytes()).hexdigest()
+    assert recorded == actual, "kernels/devrep.cl changed: run kernels/build_pocl_bitcode.sh and commit kernels/pocl/"
+    for variant in ("sse2", "avx2", "avx512"):
+        assert (KERNELS / "pocl" / f"devrep-{variant}.bc").read_bytes()[:4] == b"BC\xc0\xde"
+
+
+def test_stale_bitcode_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(KERNELS, tmp_path / "kernels")
+    edited = tmp_path / "kernels" / "devrep.cl"
+    edited.write_text(edited.read_text() + "\n// edited after the bitcode was built\n")
+    monkeypatch.setenv("DEVREP_KERNELS_DIR", str(tmp_path / "kernels"))
+    backend = load_backend("opencl", platform="portable")
+    try:
+        try:
+            backend._kernel(backend._devices[0], "hash_all")  # type: ignore[attr-defined]
+        except Exception as exc:  # PoCL cannot build source here: the stale bitcode must not be used
+            assert "build_pocl_bitcode.sh" in str(exc) and "opencl:0" in str(exc)
+        else:  # a PoCL that builds source never needs the bitcode
+            assert "program from source" in backend.describe(0)
+    finally:
+        backend.close()
