@@ -1,0 +1,149 @@
+"""CUDA backend on a real GPU: IPC export mapped by another process, DLPack, large scattered copies, errors.
+
+Runs only where CuPy and an NVIDIA GPU exist (``bench/gpu_check.sh`` runs it); the skip says which is missing.
+The backend-independent checks run for CUDA in ``tests/test_backend_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from devrep import Replicator
+from devrep._pages import PAGE_SIZE, runs_from_pages
+from devrep.backends import Backend, load_backend
+from devrep.backends._staging import aligned_empty
+from devrep.errors import BackendError, ResourceExhaustedError, UnknownDeviceError
+from devrep.hashing import hash_pages
+
+try:
+    import cupy
+except ImportError:
+    pytest.skip("CUDA suite not run: CuPy is not installed (pip install devrep[cuda])", allow_module_level=True)
+try:
+    _GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError as _exc:
+    pytest.skip(f"CUDA suite not run: CuPy is installed but the CUDA driver reports no GPU ({_exc})",
+                allow_module_level=True)
+if _GPUS == 0:
+    pytest.skip("CUDA suite not run: CuPy is installed but no NVIDIA GPU is visible", allow_module_level=True)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def cuda() -> Iterator[Backend]:
+    b = load_backend("cuda")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _random(nbytes: int, seed: int = 0) -> np.ndarray:
+    host = aligned_empty(nbytes)
+    host[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    return host
+
+
+def test_ipc_handle_is_mapped_by_another_process(cuda: Backend) -> None:
+    host = _random(64 * PAGE_SIZE)
+    buf = cuda.allocate(0, host.nbytes)
+    cuda.copy_runs(host, np.array([[0, 64]]), [buf])
+    handle = cuda.export(buf)
+    assert handle.kind == "cuda_ipc" and isinstance(handle.payload, bytes) and len(handle.payload) == 64
+    child = textwrap.dedent(f"""
+        import sys, cupy, numpy as np
+        ptr = cupy.cuda.runtime.ipcOpenMemHandle({handle.payload!r})
+        mem = cupy.cuda.UnownedMemory(ptr, {handle.nbytes}, None)
+        arr = cupy.ndarray(({handle.nbytes},), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+        sys.stdout.write(arr.get().tobytes().hex())
+        cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert bytes.fromhex(out.stdout) == host.tobytes()
+    cuda.free(buf)
+
+
+def test_device_array_is_cupy_and_dlpack_exports(cuda: Backend) -> None:
+    host = _random(8 * PAGE_SIZE, seed=1)
+    buf = cuda.allocate(0, host.nbytes)
+    cuda.copy_runs(host, np.array([[0, 8]]), [buf])
+    arr = cuda.device_array(buf)
+    assert isinstance(arr, cupy.ndarray) and arr.dtype == cupy.uint8 and arr.size == host.nbytes
+    again = cupy.from_dlpack(arr)
+    assert again.data.ptr == arr.data.ptr
+    assert np.array_equal(again.get(), host)
+    del arr, again
+    cuda.free(buf)
+
+
+def test_large_scattered_copy_and_hash(cuda: Backend) -> None:
+    npages = (256 << 20) // PAGE_SIZE
+    host = _random(npages * PAGE_SIZE, seed=2)
+    targets = [cuda.allocate(0, host.nbytes), cuda.allocate(0, host.nbytes)]
+    pages = np.sort(np.random.default_rng(3).choice(npages, npages // 7, replace=False))
+    wanted = np.unique(np.concatenate([pages, np.arange(npages - 5000, npages)]))  # scattered plus one long run
+    seen: list[int] = []
+    cuda.copy_runs(host, runs_from_pages(wanted), targets, seen.append)
+    copied = np.zeros(npages, bool)
+    copied[wanted] = True
+    assert sum(seen) == int(copied.sum()) * PAGE_SIZE
+    expected = hash_pages(host)
+    zero = hash_pages(np.zeros(PAGE_SIZE, np.uint8))[0]
+    for t in targets:
+        got = cuda.hash_pages(t)
+        assert np.array_equal(got[copied], expected[copied])
+        assert (got[~copied] == zero).all()
+        cuda.free(t)
+
+
+def test_out_of_memory_and_unknown_device(cuda: Backend) -> None:
+    with pytest.raises(ResourceExhaustedError, match="cuda:0"):
+        cuda.allocate(0, 1 << 50)  # refused against the device's size
+    driver = load_backend("cuda", capacity=1 << 52)
+    try:
+        with pytest.raises(ResourceExhaustedError, match="cuda:0"):
+            driver.allocate(0, 1 << 48)  # refused by cudaMalloc
+        assert driver.bytes_in_use(0) == 0
+    finally:
+        driver.close()
+    with pytest.raises(UnknownDeviceError, match="cuda:64"):
+        cuda.allocate(64, PAGE_SIZE)
+    assert cuda.bytes_in_use(0) == 0
+
+
+def test_kernel_build_failure_names_device_and_log() -> None:
+    broken = load_backend("cuda", kernel_source='extern "C" __global__ void hash_all() { not c++; }')
+    try:
+        buf = broken.allocate(0, PAGE_SIZE)
+        with pytest.raises(BackendError, match=r"cuda:0 \(") as info:
+            broken.hash_pages(buf)
+        assert "build log" in str(info.value)
+        broken.free(buf)
+        assert broken.bytes_in_use(0) == 0
+    finally:
+        broken.close()
+
+
+def test_replicator_end_to_end_on_gpu() -> None:
+    with Replicator() as rep:
+        region = rep.create_region("gpu", 1 << 20)
+        region.array[:] = np.random.default_rng(4).integers(0, 256, region.nbytes, dtype=np.uint8)
+        rep.replicate("gpu", ["cuda:0"])
+        with region.acquire("cuda:0") as lease:
+            assert isinstance(lease.array, cupy.ndarray)
+            assert np.array_equal(lease.array.get(), region.array)
+        region.array[4096] ^= 1
+        region.invalidate(4096, 1)
+        assert rep.sync("gpu")[0].pages_copied == 1
+        assert all(r.mismatched_pages == 0 for r in region.verify())
+        backend = rep.backend("cuda")
+        rep.unregister("gpu")
+        assert backend.bytes_in_use(0) == 0
