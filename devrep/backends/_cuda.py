@@ -160,6 +160,8 @@ class CudaBackend(Backend):
                 try:
                     mem = cupy.cuda.memory.Memory(nbytes)  # cudaMalloc, not the pool: IPC-exportable
                     cudart.memset(mem.ptr, 0, nbytes)
+                    # cudaMemset runs on the legacy stream, which our non-blocking streams do not wait for.
+                    cudart.deviceSynchronize()
                 except Exception as exc:
                     if _is_oom(exc):
                         raise ResourceExhaustedError(f"{d.label} cannot allocate {nbytes} bytes: {exc}") from exc
