@@ -58,7 +58,10 @@ class _Device:
     pinned: list[Any] = field(default_factory=list)
     pinned_views: list[npt.NDArray[np.uint8]] = field(default_factory=list)
     staging: list[Any] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Copies and hashes take separate locks and streams so a sync's copies overlap another buffer's hashing.
+    copy_lock: threading.Lock = field(default_factory=threading.Lock)
+    hash_lock: threading.Lock = field(default_factory=threading.Lock)
+    init_lock: threading.Lock = field(default_factory=threading.Lock)
     in_use: int = 0
 
     @property
@@ -118,8 +121,11 @@ class CudaBackend(Backend):
 
     def _ready(self, d: _Device) -> None:
         """Build the kernels and create the streams of a device on first use (call inside its context)."""
-        if d.module is not None:
-            return
+        with d.init_lock:
+            if d.module is None:
+                self._build(d)
+
+    def _build(self, d: _Device) -> None:
         source = self._kernel_source
         if source is None:
             try:
@@ -219,7 +225,7 @@ class CudaBackend(Backend):
             groups.setdefault(t.index, []).append(t)
         for index, group in groups.items():
             d = self._dev(index)
-            with d.lock, cupy.cuda.Device(index):
+            with d.copy_lock, cupy.cuda.Device(index):
                 try:
                     self._ready(d)
                     self._staging(d)
@@ -278,7 +284,7 @@ class CudaBackend(Backend):
         n = total if index is None else int(index.size)
         if n == 0:
             return np.empty(0, dtype=np.uint64)
-        with d.lock, cupy.cuda.Device(buffer.index):
+        with d.hash_lock, cupy.cuda.Device(buffer.index):
             try:
                 self._ready(d)
                 stream = d.hash_stream
@@ -309,7 +315,7 @@ class CudaBackend(Backend):
             return super().compare(a, b)
         d = self._dev(0)
         n = int(a.size)
-        with d.lock, cupy.cuda.Device(0):
+        with d.hash_lock, cupy.cuda.Device(0):
             try:
                 self._ready(d)
                 stream = d.hash_stream
