@@ -6,17 +6,15 @@
 #define PAGE_WORDS 512
 #endif
 
-#pragma OPENCL EXTENSION cl_khr_int64_base_atomics : enable
-
 // Rotations are written as shifts rather than rotate(), and the atomic counter as a compiler builtin in the
 // prebuilt PoCL bitcode (DEVREP_BITCODE, see build_pocl_bitcode.sh): PoCL does not link its builtin library
 // into programs created from bitcode, so the script links only the work-item functions, and the kernels call
 // nothing else. Compilers turn the shift pair into one rotate instruction.
 #define ROTL(x, r) (((x) << (r)) | ((x) >> (64 - (r))))
 #ifdef DEVREP_BITCODE
-#define ATOMIC_INC(p) __sync_fetch_and_add((p), 1L)
+#define ATOMIC_INC(p) __sync_fetch_and_add((p), 1U)
 #else
-#define ATOMIC_INC(p) atom_inc(p)
+#define ATOMIC_INC(p) atomic_inc(p)
 #endif
 
 #define MINL(a, b) ((a) < (b) ? (a) : (b))  // not min(): no builtins in the bitcode
@@ -114,7 +112,7 @@ __kernel void hash_list(__global const ulong *data, __global const long *pages, 
 
 // Every i < n with a[i] != b[i] lands in out[0..*count) in no particular order (the host sorts).
 __kernel void compare(__global const ulong *a, __global const ulong *b, __global long *out,
-                      volatile __global long *count, const long n) {
+                      volatile __global uint *count, const long n) {
     long i = get_global_id(0);
     if (i < n && a[i] != b[i]) {
         out[ATOMIC_INC(count)] = i;

@@ -74,10 +74,10 @@ extern "C" __global__ void hash_list(const u64 *__restrict__ data, const i64 *__
 
 // Every i < n with a[i] != b[i] lands in out[0..*count) in no particular order (the host sorts).
 extern "C" __global__ void compare(const u64 *__restrict__ a, const u64 *__restrict__ b, i64 *__restrict__ out,
-                                   unsigned long long *count, i64 n) {
+                                   unsigned int *count, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n && a[i] != b[i]) {
-        out[atomicAdd(count, 1ULL)] = i;
+        out[atomicAdd(count, 1U)] = i;
     }
 }
 

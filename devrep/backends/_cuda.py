@@ -311,7 +311,7 @@ class CudaBackend(Backend):
         b = np.ascontiguousarray(b, dtype=np.uint64).reshape(-1)
         if a.shape != b.shape:
             raise InvalidArgumentError(f"cannot compare hash arrays of {a.size} and {b.size} entries")
-        if a.size == 0 or not self._devices:
+        if a.size == 0 or a.size >= 1 << 32 or not self._devices:  # the kernel's counter is 32-bit
             return super().compare(a, b)
         d = self._dev(0)
         n = int(a.size)
@@ -322,7 +322,7 @@ class CudaBackend(Backend):
                 with stream:
                     da, db = cupy.asarray(a), cupy.asarray(b)
                     out = cupy.empty(n, dtype=cupy.int64)
-                    count = cupy.zeros(1, dtype=cupy.uint64)
+                    count = cupy.zeros(1, dtype=cupy.uint32)
                     d.module.get_function("compare")(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
                                                      (da, db, out, count, np.int64(n)), stream=stream)
                     found = int(count.get(stream=stream)[0])

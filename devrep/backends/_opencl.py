@@ -455,11 +455,11 @@ class OpenCLBackend(Backend):
         b = np.ascontiguousarray(b, dtype=np.uint64).reshape(-1)
         if a.shape != b.shape:
             raise InvalidArgumentError(f"cannot compare hash arrays of {a.size} and {b.size} entries")
-        if a.size == 0 or not self._devices:
+        if a.size == 0 or a.size >= 1 << 32 or not self._devices:  # the kernel's counter is 32-bit
             return super().compare(a, b)
         d = self._dev(0)
         n = int(a.size)
-        count = np.zeros(1, dtype=np.int64)
+        count = np.zeros(1, dtype=np.uint32)
         flags = cl.mem_flags
         with d.ctx.lock:
             try:
