@@ -6,6 +6,7 @@ import faulthandler
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_replaced_by_rename_fails_the_region(rep: devrep.Replicator, ckpt: tuple
     tmp.replace(path)
     with pytest.raises(devrep.FailedPreconditionError, match="replaced"):
         region.acquire(DEV)
+    deadline = time.monotonic() + 10  # the watcher thread fails the region (it may not hold the lock we do)
+    while region.failed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert "replaced" in (region.describe().failed or "")
 
 

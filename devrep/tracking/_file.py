@@ -60,6 +60,7 @@ class FileTracker(Tracker):
         self._failed: str | None = None
         self._reported_failure = False
         self._stop_r, self._stop_w = -1, -1
+        self._wake = -1
         self._thread: threading.Thread | None = None
         self.rehashes = 0
         self.closed = False
@@ -81,6 +82,7 @@ class FileTracker(Tracker):
             raise UnsupportedModeError(f"tracking='file': cannot watch {self._path}: {exc}") from exc
         self._inotify = inotify
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._watch, args=(notify,), name="devrep-file-watch", daemon=True)
         self._thread.start()
 
@@ -121,11 +123,15 @@ class FileTracker(Tracker):
         poller = select.poll()
         poller.register(self._inotify.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
         told_failure = False
         while True:
             events = dict(poller.poll(int(self.poll_interval * 1000)))
             if self._stop_r in events:
                 return
+            if self._wake in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
             with self._lock:
                 if self.closed:
                     return
@@ -162,6 +168,7 @@ class FileTracker(Tracker):
                 if self._reported_failure:
                     return np.empty(0, dtype=np.int64)
                 self._reported_failure = True
+                os.eventfd_write(self._wake, 1)  # the watcher fails the region (we hold its lock here)
                 return np.arange(self._host.npages, dtype=np.int64)
             if not changed:
                 return np.empty(0, dtype=np.int64)
@@ -190,11 +197,11 @@ class FileTracker(Tracker):
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
-            for fd in (self._stop_r, self._stop_w):
+            for fd in (self._stop_r, self._stop_w, self._wake):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            self._stop_r = self._stop_w = -1
+            self._stop_r = self._stop_w = self._wake = -1
 
 
 TRACKERS["file"] = FileTracker

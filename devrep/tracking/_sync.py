@@ -35,6 +35,8 @@ from ._setup import WP_FEATURES, address_and_length, check_host, open_uffd, regi
 
 log = logging.getLogger(__name__)
 
+_PF_EXITING = 0x4  # linux/sched.h task flag, field 9 of /proc/<pid>/stat
+
 
 class _Shared:
     """The owner's view of the shared state: fault counter, notify flag, dirty map."""
@@ -94,6 +96,7 @@ class SyncTracker(Tracker):
         self._handler_thread: threading.Thread | None = None
         self._notify_thread: threading.Thread | None = None
         self._eventfd = -1
+        self._stat_fd = -1
         self._stop_r, self._stop_w = -1, -1
         self._npages = 0
         self._failed: str | None = None
@@ -155,6 +158,7 @@ class SyncTracker(Tracker):
             )
         finally:
             theirs.close()
+        self._stat_fd = os.open(f"/proc/{self._proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         init = h.OP_INIT + h.INIT.pack(base, self._npages, int(self._bare))
         socket.send_fds(ours, [init], [uffd.fileno(), self._shared.fd, self._eventfd])
         self._expect_ack(self.start_timeout, "start")
@@ -216,10 +220,24 @@ class SyncTracker(Tracker):
                 log.debug("notify after faults: %s", exc)
 
     # ------------------------------------------------------------------ tracker API
+    def _helper_exiting(self) -> bool:
+        """True once the helper has begun to exit. The kernel sets PF_EXITING before the exiting task closes
+        its files, so a helper seen alive here still held the userfaultfd: every write that completed
+        before this check was recorded. (``Popen.poll`` only sees the zombie, after the writers were
+        released, which leaves a window where an unrecorded write could look tracked.)"""
+        try:
+            stat = os.pread(self._stat_fd, 1024, 0)
+        except OSError:
+            return True  # reaped
+        fields = stat[stat.rfind(b")") + 2:].split()
+        return fields[0] in (b"Z", b"X", b"x") or bool(int(fields[6]) & _PF_EXITING)
+
     def _check_alive(self) -> None:
-        if self._failed is None and self._proc is not None and self._proc.poll() is not None:
-            self._failed = (f"the sync-mode fault handler (pid {self._proc.pid}) exited with status "
-                            f"{self._proc.returncode}; writes are no longer tracked")
+        if self._failed is None and self._proc is not None and self._helper_exiting():
+            self._proc.poll()
+            self._failed = (f"the sync-mode fault handler (pid {self._proc.pid}) exited"
+                            f"{'' if self._proc.returncode is None else f' with status {self._proc.returncode}'}"
+                            "; writes are no longer tracked")
         if self._failed is None and self._handler_thread is not None and not self._handler_thread.is_alive() \
                 and not self.closed:
             self._failed = "the sync-mode fault-handling thread stopped; writes are no longer tracked"
@@ -313,10 +331,10 @@ class SyncTracker(Tracker):
         for thread in (self._handler_thread, self._notify_thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5.0)
-        for fd in (self._eventfd, self._stop_r, self._stop_w):
+        for fd in (self._eventfd, self._stop_r, self._stop_w, self._stat_fd):
             if fd >= 0:
                 os.close(fd)
-        self._eventfd = self._stop_r = self._stop_w = -1
+        self._eventfd = self._stop_r = self._stop_w = self._stat_fd = -1
         if self._shared is not None:
             self._shared.close()
 
