@@ -9,8 +9,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import xxhash
 
+from devrep._pages import PAGE_SIZE
 from devrep.backends import load_backend
 from devrep.backends._kernels import kernels_dir
 
@@ -88,3 +91,44 @@ def test_stale_bitcode_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert "program from source" in backend.describe(0)
     finally:
         backend.close()
+
+
+def test_cuda_kernels_compute_the_spec_on_the_host(tmp_path: Path) -> None:
+    """The .cu kernels, compiled for the CPU with shims for blockIdx/threadIdx/atomicAdd and run thread by
+    thread (tests/data/cuda_host_harness.cpp): hashes bit-identical to xxhash, compare and both page copies
+    exact. This checks the CUDA arithmetic and indexing where no GPU is; the GPU run is tests/gpu."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++/c++) on PATH: the CUDA kernels were not run on the host")
+    harness = tmp_path / "harness"
+    build = subprocess.run(
+        [cxx, "-O2", "-std=c++17", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{KERNELS}", "-o", str(harness),
+         str(Path(__file__).parent / "data" / "cuda_host_harness.cpp")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert build.returncode == 0, build.stderr
+    npages = 261  # not a multiple of the 128-thread block, nor of the 3 x 32 copy grid
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8)
+    data[:PAGE_SIZE] = 0
+    data[PAGE_SIZE:2 * PAGE_SIZE] = 0xFF
+    data[2 * PAGE_SIZE:3 * PAGE_SIZE] = data[3 * PAGE_SIZE:4 * PAGE_SIZE]
+    data[2 * PAGE_SIZE + 77] ^= 0x10  # one bit flipped
+    (tmp_path / "data").write_bytes(data.tobytes())
+    run = subprocess.run([str(harness), str(tmp_path / "data"), str(npages), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = np.frombuffer((tmp_path / "out").read_bytes(), dtype=np.uint64)
+    expected = np.array([xxhash.xxh64_intdigest(data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].tobytes())
+                         for p in range(npages)], dtype=np.uint64)
+    assert np.array_equal(out[:npages], expected)  # hash_all
+    assert np.array_equal(out[npages:2 * npages], expected[::-1])  # hash_list, reversed list
+    count = int(out[2 * npages])
+    diff = np.sort(out[2 * npages + 1:2 * npages + 1 + count].astype(np.int64))
+    assert np.array_equal(diff, np.arange(0, npages, 3))
+    pages = out[2 * npages + 1 + count:].view(np.uint8)
+    scattered, copied = pages[:data.size], pages[data.size:]
+    as_pages = data.reshape(npages, PAGE_SIZE)
+    assert np.array_equal(scattered.reshape(npages, PAGE_SIZE), as_pages[::-1])
+    copied = copied.reshape(npages, PAGE_SIZE)
+    assert np.array_equal(copied[::2], as_pages[::2]) and not copied[1::2].any()
