@@ -24,11 +24,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 if ! "$PY" -c 'import cupy' 2>/dev/null; then
     WHEELS=${CUPY_WHEELS:-}
     for d in wheels shared/wheels; do [ -z "$WHEELS" ] && [ -d "$d" ] && WHEELS=$d; done
+    # [ctk] brings NVRTC and the CUDA runtime as wheels, for machines without a CUDA toolkit
     if [ -n "$WHEELS" ]; then
-        "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" cupy-cuda12x || \
-            "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" cupy-cuda13x
+        for spec in 'cupy-cuda12x[ctk]' cupy-cuda12x 'cupy-cuda13x[ctk]' cupy-cuda13x; do
+            "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "$spec" && break
+        done
     else
-        timeout 300 "$PY" -m pip install --quiet 'cupy-cuda12x>=13'
+        timeout 300 "$PY" -m pip install --quiet 'cupy-cuda12x[ctk]>=13' || \
+            timeout 300 "$PY" -m pip install --quiet 'cupy-cuda12x>=13'
     fi
 fi
 "$PY" -c 'import cupy; print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())' || {
