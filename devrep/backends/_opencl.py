@@ -83,7 +83,7 @@ def _cpu_variant() -> str:
     have = set(flags)
     if {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"} <= have:
         return "avx512"
-    if {"avx2", "fma", "bmi2", "movbe"} <= have:
+    if {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= have:  # x86-64-v3
         return "avx2"
     return "sse2"
 
