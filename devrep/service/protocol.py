@@ -1,0 +1,81 @@
+"""The fd side channel's wire format, shared by the server and the client.
+
+A ``SOCK_SEQPACKET`` Unix socket beside the gRPC socket. Each packet is one UTF-8 JSON object of at most
+``MAX_MESSAGE`` bytes, optionally carrying file descriptors (``SCM_RIGHTS``, at most ``MAX_FDS``).
+Requests have an ``op``; replies are ``{"ok": true, ...}`` or ``{"ok": false, "code": <grpc status name>,
+"error": <message>}``. SEQPACKET keeps message boundaries, so a truncated or oversized packet is detected
+(``MSG_TRUNC``/``MSG_CTRUNC``) instead of desynchronising the stream.
+
+Ops (see docs/api.md): ``hello`` (first; returns the session token), ``put_fds`` (hand over fds, returns a
+ticket that ``RegisterRegion`` names), ``lease_fd`` (the memfd of a CPU replica you hold a lease on), ``bye``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..errors import DevrepError, InvalidArgumentError
+
+MAX_MESSAGE = 64 * 1024
+MAX_FDS = 4
+
+
+class ProtocolError(InvalidArgumentError):
+    """A malformed side-channel packet."""
+
+
+def side_channel_path(grpc_socket: str | os.PathLike[str]) -> Path:
+    """``/run/devrep/devrep.sock`` -> ``/run/devrep/devrep.fd.sock``."""
+    path = Path(grpc_socket)
+    return path.with_name(f"{path.stem}.fd.sock" if path.suffix == ".sock" else f"{path.name}.fd.sock")
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"side-channel message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One packet: ``(message, fds)``; ``(None, [])`` at end of stream.
+
+    The caller owns the returned fds, even when this raises ``ProtocolError`` it has closed them.
+    """
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS)
+    if not data and not fds:
+        return None, []
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"too many file descriptors in one message (at most {MAX_FDS})")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+            raise ProtocolError(f"side-channel message larger than {MAX_MESSAGE} bytes")
+        try:
+            message = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"side-channel message is not JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("side-channel message must be a JSON object")
+    except BaseException:
+        close_fds(fds)
+        raise
+    return message, fds
+
+
+def error_reply(exc: BaseException) -> dict[str, Any]:
+    code = exc.grpc_code if isinstance(exc, DevrepError) else "INTERNAL"
+    return {"ok": False, "code": code, "error": str(exc) or type(exc).__name__}

@@ -1,0 +1,197 @@
+"""Build and run the devrep gRPC server (``devrep serve``).
+
+``build_server(...)`` returns a started-on-demand ``DevrepServer`` that tests use in process; ``run(...)`` is
+the daemon: it serves until SIGTERM/SIGINT, then shuts down gracefully (health NOT_SERVING, streams ended,
+in-flight RPCs drained, every session closed and the Replicator closed, which releases every write
+protection and frees device memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..engine import Replicator
+from ..errors import InvalidArgumentError
+from ._gen import devrep_pb2 as pb
+from ._gen import devrep_pb2_grpc as pb_grpc
+from .protocol import side_channel_path
+from .servicer import DevrepServicer
+from .sessions import Quota, SessionRegistry, TokenStore
+from .sidechannel import SideChannel
+from .watch import WatchHub
+
+log = logging.getLogger("devrep.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DevrepService"].full_name
+MAX_MESSAGE = 64 << 20
+
+
+def default_socket_path() -> Path:
+    """``/run/devrep/devrep.sock`` as root, else ``$XDG_RUNTIME_DIR/devrep/devrep.sock`` (or /tmp/devrep-<uid>)."""
+    if os.geteuid() == 0:
+        return Path("/run/devrep/devrep.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "devrep" if runtime else Path(f"/tmp/devrep-{os.geteuid()}")
+    return base / "devrep.sock"
+
+
+def default_address() -> str:
+    """``DEVREP_ADDRESS`` or the default Unix socket."""
+    return os.environ.get("DEVREP_ADDRESS") or f"unix:{default_socket_path()}"
+
+
+def unix_path(address: str) -> Path | None:
+    """The socket path of a ``unix:`` address (or a bare path), else ``None`` (TCP)."""
+    if address.startswith("unix://"):
+        return Path(address[len("unix://"):])
+    if address.startswith("unix:"):
+        return Path(address[len("unix:"):])
+    if address.startswith("/") or address.startswith("."):
+        return Path(address)
+    return None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    """With a CA, clients must present a certificate it signed (mTLS)."""
+
+
+class DevrepServer:
+    """A gRPC server + fd side channel around one ``Replicator``."""
+
+    def __init__(self, address: str, *, replicator: Replicator | None = None, tokens: TokenStore | None = None,
+                 quota: Quota | None = None, fd_socket: str | os.PathLike[str] | None = None,
+                 require_token: bool = False, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 tls: TlsFiles | None = None, insecure: bool = False, max_workers: int = 32,
+                 socket_mode: int = 0o660) -> None:
+        self.address = address if unix_path(address) is None else f"unix:{unix_path(address)}"
+        self.replicator = replicator if replicator is not None else Replicator()
+        self.tokens = tokens if tokens is not None else TokenStore()
+        self.registry = SessionRegistry(self.replicator, self.tokens, quota or Quota())
+        self.hub = WatchHub()
+        self.replicator.add_listener(self.hub)
+        self.servicer = DevrepServicer(self.replicator, self.registry, self.hub)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._socket_mode = socket_mode
+        sock = unix_path(address)
+        if sock is None and tls is None and not insecure:
+            raise InvalidArgumentError(
+                f"refusing to serve {address} over plain TCP: give --tls-cert/--tls-key (and --tls-ca for mTLS), "
+                "or --insecure explicitly"
+            )
+        if sock is not None:
+            sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        self.socket_path = sock
+        fd_path = Path(fd_socket) if fd_socket else (side_channel_path(sock) if sock else None)
+        self.fd_socket_path = fd_path
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="devrep-rpc"),
+            interceptors=list(interceptors),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=max_workers * 4,
+        )
+        pb_grpc.add_DevrepServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        if tls is not None:
+            creds = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.ca.read_bytes() if tls.ca else None,
+                require_client_auth=tls.ca is not None)
+            self.port = self._server.add_secure_port(self.address, creds)
+        else:
+            self.port = self._server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise InvalidArgumentError(f"cannot listen on {self.address}")
+        self.side_channel = (SideChannel(fd_path, self.registry, require_token=require_token, mode=socket_mode,
+                                         acquire=self.servicer.acquire_lease)
+                             if fd_path else None)
+        self._stopped = threading.Event()
+
+    def start(self) -> DevrepServer:
+        self._server.start()
+        if self.socket_path is not None:
+            os.chmod(self.socket_path, self._socket_mode)
+        if self.side_channel is not None:
+            self.side_channel.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful shutdown; idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING
+        self.servicer.stopping.set()
+        self.hub.close()  # end Watch streams so draining does not wait for them
+        if self.side_channel is not None:
+            self.side_channel.close()
+        self._server.stop(grace).wait(grace + 1)
+        self.registry.close_all()
+        self.replicator.close()  # releases every write protection, frees device memory
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> DevrepServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def build_server(address: str | None = None, **options: Any) -> DevrepServer:
+    """A server on ``address`` (default: the default Unix socket); call ``.start()``. See ``DevrepServer``."""
+    return DevrepServer(address or f"unix:{default_socket_path()}", **options)
+
+
+def run(address: str | None = None, *, grace: float = 5.0, ready: Any = None, **options: Any) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
+    server = build_server(address, **options)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        log.info("devrep serving on %s (fd side channel %s)", server.address, server.fd_socket_path)
+        if ready is not None:
+            ready(server)
+        while not stop.wait(0.5):
+            pass
+        log.info("devrep shutting down")
+        server.stop(grace)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.stop(0)
+    return 0

@@ -1,0 +1,471 @@
+"""``devrep.v1.DevrepService``: each RPC checks its session and arguments, then calls the ``Replicator``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .. import __version__
+from .._pages import PAGE_SIZE, RunArray, pages_for, pages_from_runs
+from ..backends import ExportHandle
+from ..engine import Replicator
+from ..errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnsupportedModeError,
+)
+from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncReport, check_region_name
+from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracker
+from ._gen import devrep_pb2 as pb
+from ._gen import devrep_pb2_grpc as pb_grpc
+from .protocol import close_fds
+from .sessions import Session, SessionRegistry, readable_by
+from .sidechannel import check_fd
+from .status import streaming, unary
+from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
+
+MODES = {
+    pb.TRACKING_MODE_UNSPECIFIED: "explicit",
+    pb.TRACKING_MODE_EXPLICIT: "explicit",
+    pb.TRACKING_MODE_SYNC: "sync",
+    pb.TRACKING_MODE_ASYNC: "async",
+    pb.TRACKING_MODE_FILE: "file",
+}
+MAX_LIST = 64
+MAX_RUNS_IN = 1_000_000
+PROGRESS_INTERVAL = 0.05
+
+
+def available_modes() -> list[str]:
+    _register_kernel_trackers()
+    return sorted(TRACKERS)
+
+
+def token_of(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+            return value[7:].strip()
+        if key == "x-devrep-token" and isinstance(value, str):
+            return value.strip()
+    return None
+
+
+def check_name(name: str) -> str:
+    if not name:
+        raise InvalidArgumentError("name is required")
+    return check_region_name(name)
+
+
+def check_devices(devices: Any, *, required: bool) -> list[str]:
+    devices = list(devices)
+    if required and not devices:
+        raise InvalidArgumentError("devices is required (e.g. ['cpu:0'])")
+    if len(devices) > MAX_LIST:
+        raise InvalidArgumentError(f"at most {MAX_LIST} devices per call, got {len(devices)}")
+    return devices
+
+
+def runs_in(flat: Any, npages: int) -> RunArray:
+    """Validate flattened ``[first, count]`` pairs from a request."""
+    values = np.asarray(flat, dtype=np.int64)
+    if values.size > 2 * MAX_RUNS_IN:
+        raise InvalidArgumentError(f"at most {MAX_RUNS_IN} runs per call")
+    if values.size % 2:
+        raise InvalidArgumentError("runs must be flattened [first, count] pairs (an even number of values)")
+    runs = values.reshape(-1, 2)
+    if np.any(runs[:, 0] < 0) or np.any(runs[:, 1] <= 0):
+        raise InvalidArgumentError("every run needs first >= 0 and count > 0")
+    if np.any(runs[:, 0] + runs[:, 1] > npages):
+        raise InvalidArgumentError(f"a run reaches past the region's {npages} pages")
+    return runs
+
+
+def flat(runs: RunArray) -> list[int]:
+    out: list[int] = np.asarray(runs, dtype=np.int64).reshape(-1).tolist()
+    return out
+
+
+def timeout_of(timeout_ms: int, context: grpc.ServicerContext) -> float:
+    """The request's timeout, bounded by the RPC deadline (default 30 s)."""
+    if timeout_ms < 0:
+        raise InvalidArgumentError(f"timeout_ms must be >= 0, got {timeout_ms}")
+    timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT
+    remaining = context.time_remaining()
+    if remaining is not None:
+        timeout = min(timeout, max(0.0, remaining - 0.01))
+    return timeout
+
+
+def region_pb(info: RegionInfo, region: Region, owner: str, read_only: bool) -> pb.Region:
+    s = info.stats
+    return pb.Region(
+        name=info.name, kind=info.kind, nbytes=info.nbytes, npages=info.npages, block_size=info.block_size,
+        tracking=info.tracking, generation=info.generation, failed=info.failed or "", owner=owner,
+        read_only=read_only, path=str(region.host.path or ""),
+        replicas=[pb.Replica(device=r.device, valid_pages=r.valid_pages, generation=r.generation, leases=r.leases,
+                             buffers=r.buffers, nbytes=r.nbytes) for r in info.replicas],
+        stats=pb.RegionStats(**vars(s)),
+    )
+
+
+def report_pb(r: SyncReport) -> pb.SyncReport:
+    return pb.SyncReport(region=r.region, generation=r.generation, pages_copied=r.pages_copied,
+                         bytes_copied=r.bytes_copied, host_bytes_read=r.host_bytes_read, runs=r.runs,
+                         seconds=r.seconds, devices=r.devices)
+
+
+def remote_tracker(mode: str, fds: list[int], writer_base: int, length: int) -> Tracker:
+    """A sync/async tracker fed by the client's userfaultfd (and pagemap fd); it owns those fds from now on."""
+    _register_kernel_trackers()
+    cls = TRACKERS.get(mode)
+    remote = getattr(cls, "remote", None) if cls is not None else None
+    if remote is None:
+        raise UnsupportedModeError(
+            f"tracking mode {mode!r} is not available for client regions on this server "
+            f"(available: {', '.join(available_modes())}); use explicit mode and Invalidate"
+        )
+    if not writer_base or writer_base % PAGE_SIZE:
+        raise InvalidArgumentError(f"{mode} tracking needs the page-aligned address of the writer's mapping "
+                                   f"(memfd.writer_base), got {writer_base:#x}")
+    args = [fds[1], writer_base, length] if mode == "sync" else [fds[1], fds[2], writer_base, length]
+    tracker: Tracker = remote(*args)
+    return tracker
+
+
+class DevrepServicer(pb_grpc.DevrepServiceServicer):
+    def __init__(self, replicator: Replicator, registry: SessionRegistry, hub: WatchHub) -> None:
+        self.rep = replicator
+        self.reg = registry
+        self.hub = hub
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------------ helpers
+    def _session(self, context: grpc.ServicerContext) -> Session:
+        return self.reg.authenticate(token_of(context))
+
+    def _region(self, session: Session, name: str, *, write: bool) -> tuple[Region, bool]:
+        check_name(name)
+        owned = self.reg.check(session, name, write=write)
+        return self.rep.region(name), owned
+
+    def _describe(self, session: Session, region: Region) -> pb.Region:
+        owned = self.reg.owners.get(region.name) is session
+        return region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
+
+    # ------------------------------------------------------------------ RPCs
+    @unary
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        return pb.PingResponse(session_id=self._session(context).id)
+
+    @unary
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+                      ) -> pb.GetServerInfoResponse:
+        session = self._session(context)
+        self.rep.backend("cpu")
+        regions = self.rep.regions()
+        q = self.reg.quota
+        return pb.GetServerInfoResponse(
+            version=__version__, devices=self.rep.devices(), sessions=len(self.reg.sessions()),
+            regions=len(regions), leases=self.reg.lease_count(), host_bytes=sum(r.nbytes for r in regions),
+            tracking_modes=available_modes(), session_id=session.id,
+            quota=pb.Quota(max_bytes=q.max_bytes, max_regions=q.max_regions,
+                           used_bytes=self.reg.device_bytes(session), used_regions=len(session.regions)))
+
+    @unary
+    def RegisterRegion(self, request: pb.RegisterRegionRequest, context: grpc.ServicerContext
+                       ) -> pb.RegisterRegionResponse:
+        session = self._session(context)
+        name = check_name(request.name)
+        block_size = request.block_size or PAGE_SIZE
+        if request.block_size < 0:
+            raise InvalidArgumentError(f"block_size must be >= 0, got {request.block_size}")
+        if request.tracking not in MODES:
+            raise InvalidArgumentError(f"unknown tracking mode {request.tracking}")
+        mode = MODES[request.tracking]
+        which = request.WhichOneof("source")
+        if which is None:
+            raise InvalidArgumentError("a region needs a source: memfd (an fd ticket) or file (a path)")
+        self.reg.claim(session, name)
+        if which == "memfd":
+            region = self._register_memfd(session, name, request.memfd, mode, block_size)
+        else:
+            region = self._register_file(session, name, request.file, mode, block_size)
+        return pb.RegisterRegionResponse(region=self._describe(session, region))
+
+    def _register_memfd(self, session: Session, name: str, src: pb.MemfdSource, mode: str,
+                        block_size: int) -> Region:
+        if src.nbytes < 0:
+            raise InvalidArgumentError(f"nbytes must be >= 0, got {src.nbytes}")
+        if not src.fd_ticket:
+            raise InvalidArgumentError("memfd.fd_ticket is required (hand the memfd over with put_fds first)")
+        fds = self.reg.take_ticket(session, src.fd_ticket)
+        try:
+            if mode == "file":
+                raise InvalidArgumentError("file tracking needs a file source, not a memfd")
+            need = {"explicit": 1, "sync": 2, "async": 3}[mode]
+            if len(fds) != need:
+                raise InvalidArgumentError(f"{mode} tracking needs a ticket of {need} fds "
+                                           f"(memfd{'+uffd' if need > 1 else ''}{'+pagemap' if need > 2 else ''}), "
+                                           f"this one has {len(fds)}")
+            size = os.fstat(fds[0]).st_size
+            nbytes = src.nbytes or size
+            if nbytes > size:
+                raise InvalidArgumentError(f"nbytes {nbytes} exceeds the memfd's size {size}")
+        except BaseException:
+            close_fds(fds)
+            raise
+        tracking: str | Tracker = "explicit"
+        if mode != "explicit":
+            try:
+                tracking = remote_tracker(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
+            except BaseException:
+                close_fds(fds)
+                raise
+        try:
+            region = self.rep.register_fd(name, fds[0], nbytes, block_size=block_size, tracking=tracking)
+        except BaseException:
+            if isinstance(tracking, Tracker):
+                with contextlib.suppress(Exception):
+                    tracking.close()
+            raise
+        self.reg.adopt(session, name)
+        return region
+
+    def _register_file(self, session: Session, name: str, src: pb.FileSource, mode: str, block_size: int) -> Region:
+        if not src.path:
+            raise InvalidArgumentError("file.path is required")
+        if not os.path.isabs(src.path) or "\0" in src.path or len(src.path) > 4096:
+            raise InvalidArgumentError(f"file.path must be an absolute path, got {src.path!r}")
+        if mode in ("sync", "async"):
+            raise InvalidArgumentError(f"{mode} tracking applies to memory, not files; use file or explicit")
+        if mode == "file":
+            _register_kernel_trackers()
+            if "file" not in TRACKERS:
+                raise UnsupportedModeError("file tracking is not available on this server (no inotify tracker "
+                                           "installed); register with explicit tracking and call Invalidate")
+        try:
+            st = os.stat(src.path)
+        except FileNotFoundError:
+            raise NotFoundError(f"no such file: {src.path}") from None
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot stat {src.path}: {exc.strerror}") from None
+        if src.fd_ticket:
+            fds = self.reg.take_ticket(session, src.fd_ticket)
+            try:
+                check_fd(fds[0], "file")
+                proof = os.fstat(fds[0])
+                if (proof.st_dev, proof.st_ino) != (st.st_dev, st.st_ino):
+                    raise PermissionDeniedError(f"the fd in ticket {src.fd_ticket} is not {src.path}")
+            finally:
+                close_fds(fds)
+        elif not readable_by(st, session.uid):
+            raise PermissionDeniedError(f"{src.path} is not readable by this session ({session.describe()}); "
+                                        "send an open fd of it with put_fds(kind='file') to prove access")
+        region = self.rep.register_file(name, src.path, block_size=block_size,
+                                        tracking=mode if mode == "file" else make_tracker("explicit"))
+        self.reg.adopt(session, name)
+        return region
+
+    @unary
+    def UnregisterRegion(self, request: pb.UnregisterRegionRequest, context: grpc.ServicerContext
+                         ) -> pb.UnregisterRegionResponse:
+        session = self._session(context)
+        self._region(session, request.name, write=True)
+        self.reg.drop_region(session, request.name)
+        return pb.UnregisterRegionResponse()
+
+    @unary
+    def ListRegions(self, request: pb.ListRegionsRequest, context: grpc.ServicerContext) -> pb.ListRegionsResponse:
+        session = self._session(context)
+        out = []
+        for name, _owned in self.reg.visible(session):
+            with contextlib.suppress(Exception):
+                out.append(self._describe(session, self.rep.region(name)))
+        return pb.ListRegionsResponse(regions=out)
+
+    @unary
+    def DescribeRegion(self, request: pb.DescribeRegionRequest, context: grpc.ServicerContext
+                       ) -> pb.DescribeRegionResponse:
+        session = self._session(context)
+        region, _ = self._region(session, request.name, write=False)
+        return pb.DescribeRegionResponse(region=self._describe(session, region))
+
+    @unary
+    def ShareRegion(self, request: pb.ShareRegionRequest, context: grpc.ServicerContext) -> pb.ShareRegionResponse:
+        session = self._session(context)
+        check_name(request.name)
+        if not request.grantee:
+            raise InvalidArgumentError("grantee is required: '*', 'uid:<n>' or 'label:<label>'")
+        self.reg.share(session, request.name, request.grantee, request.revoke)
+        return pb.ShareRegionResponse()
+
+    @streaming
+    def Replicate(self, request: pb.ReplicateRequest, context: grpc.ServicerContext
+                  ) -> Iterator[pb.ReplicateResponse]:
+        session = self._session(context)
+        region, _ = self._region(session, request.name, write=True)
+        devices = check_devices(request.devices, required=True)
+        timeout = timeout_of(request.timeout_ms, context)
+        for device in devices:
+            self.rep.resolve(device)
+        new = [d for d in dict.fromkeys(devices) if d not in region.devices]
+        self.reg.check_bytes(session, len(new) * region.npages * PAGE_SIZE)
+        total = region.npages * PAGE_SIZE if new else 0
+        total += sum(int(region.invalid_runs(d)[:, 1].sum()) * PAGE_SIZE for d in region.devices)
+        progress: queue.SimpleQueue[int] = queue.SimpleQueue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["report"] = self.rep.replicate(request.name, devices, progress=progress.put, timeout=timeout)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="devrep-replicate", daemon=True)
+        worker.start()
+        done = 0
+        last = 0.0
+        while worker.is_alive():
+            worker.join(PROGRESS_INTERVAL)
+            while not progress.empty():
+                done += progress.get()
+            if done and time.monotonic() - last >= PROGRESS_INTERVAL and context.is_active():
+                last = time.monotonic()
+                yield pb.ReplicateResponse(bytes_copied=done, bytes_total=max(total, done))
+        if "error" in outcome:
+            raise outcome["error"]
+        yield pb.ReplicateResponse(report=report_pb(outcome["report"]), bytes_total=total)
+
+    @unary
+    def Sync(self, request: pb.SyncRequest, context: grpc.ServicerContext) -> pb.SyncResponse:
+        session = self._session(context)
+        region, _ = self._region(session, request.name, write=True)
+        devices = check_devices(request.devices, required=False)
+        report = region.sync(devices or None, timeout=timeout_of(request.timeout_ms, context))
+        return pb.SyncResponse(report=report_pb(report))
+
+    def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float
+                      ) -> tuple[int, Lease, ExportHandle]:
+        """Acquire for the gRPC call and the side channel's one-round-trip ``acquire`` alike."""
+        region, _ = self._region(session, name, write=False)
+        if not device:
+            raise InvalidArgumentError("device is required (e.g. 'cpu:0')")
+        if len(session.leases) >= self.reg.quota.max_leases:
+            raise ResourceExhaustedError(f"session holds {len(session.leases)} leases "
+                                         f"(limit {self.reg.quota.max_leases}); release some")
+        lease = region.acquire(device, fresh=fresh, timeout=timeout)
+        try:
+            handle = lease.export()
+        except BaseException:
+            lease.release()
+            raise
+        return self.reg.add_lease(session, lease), lease, handle
+
+    @unary
+    def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
+        session = self._session(context)
+        lease_id, lease, handle = self.acquire_lease(session, request.name, request.device, request.fresh,
+                                                     timeout_of(request.timeout_ms, context))
+        return pb.AcquireResponse(
+            lease_id=lease_id, generation=lease.generation, invalid_runs=flat(lease.invalid_runs),
+            nbytes=lease.nbytes, device=lease.device, export_kind=handle.kind, buffer_nbytes=handle.nbytes,
+            cuda_ipc_handle=handle.payload if isinstance(handle.payload, bytes) else b"")
+
+    @unary
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        session = self._session(context)
+        if request.lease_id == 0:
+            raise InvalidArgumentError("lease_id is required")
+        self.reg.release(session, request.lease_id)
+        return pb.ReleaseResponse()
+
+    @unary
+    def Invalidate(self, request: pb.InvalidateRequest, context: grpc.ServicerContext) -> pb.InvalidateResponse:
+        session = self._session(context)
+        region, _ = self._region(session, request.name, write=True)
+        if request.runs:
+            generation = region.invalidate_pages(pages_from_runs(runs_in(request.runs, region.npages)))
+        else:
+            if request.offset < 0 or request.length < 0:
+                raise InvalidArgumentError(f"offset and length must be >= 0, got {request.offset}, {request.length}")
+            if request.offset >= region.nbytes:
+                raise InvalidArgumentError(f"offset {request.offset} is beyond the region's {region.nbytes} bytes")
+            generation = region.invalidate(request.offset, request.length or None)
+        return pb.InvalidateResponse(generation=generation)
+
+    @unary
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        session = self._session(context)
+        region, _ = self._region(session, request.name, write=request.resync)
+        devices = check_devices(request.devices, required=False)
+        reports = region.verify(devices or None, resync=request.resync)
+        return pb.VerifyResponse(reports=[
+            pb.VerifyReport(device=r.device, pages_checked=r.pages_checked, mismatched_runs=flat(r.mismatched),
+                            resynced=r.resynced) for r in reports])
+
+    @streaming
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchResponse]:
+        session = self._session(context)
+        if not 0 <= request.coalesce_ms <= 1000:
+            raise InvalidArgumentError(f"coalesce_ms must be in [0, 1000], got {request.coalesce_ms}")
+        names = set(request.names)
+        if len(names) > MAX_LIST:
+            raise InvalidArgumentError(f"at most {MAX_LIST} names per watch")
+        for name in names:
+            self._region(session, name, write=False)
+        with session.lock:
+            if session.watchers >= self.reg.quota.max_watchers:
+                raise ResourceExhaustedError(f"session already has {session.watchers} watch streams "
+                                             f"(limit {self.reg.quota.max_watchers})")
+            session.watchers += 1
+
+        def accept(event: Event) -> bool:
+            return (event.region in names) if names else self.reg.can_read(session, event.region)
+
+        watcher = self.hub.add(accept)
+        context.add_callback(watcher.close)
+        try:
+            context.send_initial_metadata(())
+            for events, dropped in watcher.batches((request.coalesce_ms or 2) / 1000):
+                if session.closed or not context.is_active() or self.stopping.is_set():
+                    return
+                if events or dropped:
+                    yield from _watch_messages(events, dropped)
+        finally:
+            self.hub.remove(watcher)
+            with session.lock:
+                session.watchers -= 1
+
+
+def _watch_messages(events: list[Event], dropped: int) -> Iterator[pb.WatchResponse]:
+    """Pack events into messages of at most ``MAX_RUNS_PER_MESSAGE`` runs (a huge event is split)."""
+    out: list[pb.Event] = []
+    budget = MAX_RUNS_PER_MESSAGE
+    for event in events:
+        runs = np.asarray(event.runs, dtype=np.int64).reshape(-1, 2)
+        start = 0
+        while True:
+            part = runs[start:start + budget]
+            out.append(pb.Event(kind=event.kind, region=event.region, generation=event.generation, runs=flat(part),
+                                device=event.device or "", pages=int(part[:, 1].sum()) if len(part) else 0,
+                                message=event.message))
+            budget -= len(part)
+            start += len(part)
+            if budget <= 0:
+                yield pb.WatchResponse(events=out, dropped=dropped)
+                out, budget, dropped = [], MAX_RUNS_PER_MESSAGE, 0
+            if start >= len(runs):
+                break
+    if out:
+        yield pb.WatchResponse(events=out, dropped=dropped)
+

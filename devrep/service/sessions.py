@@ -1,0 +1,353 @@
+"""Sessions, tokens, ownership, sharing and quotas.
+
+A session is a client's identity: created by ``hello`` on the side channel (it ends when that connection
+closes, including when the process dies) or pre-authorized by the operator (``TokenStore``: e.g. a
+per-allocation token the Kubernetes device plugin puts in ``DEVREP_TOKEN``; such a session lives until the
+token is removed or the server stops). gRPC calls carry the token in metadata. A session sees and touches
+only its own regions, plus regions their owners shared with it (read-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._pages import PAGE_SIZE
+from ..errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from .protocol import close_fds
+
+if TYPE_CHECKING:
+    from ..engine import Replicator
+    from ..region import Lease
+
+
+class UnauthenticatedError(PermissionDeniedError):
+    """No token, or a token the server does not know."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-session limits. ``max_bytes`` counts device memory held by the session's replicas (bytes of the
+    region times its replicas); ``0`` means unlimited."""
+
+    max_bytes: int = 0
+    max_regions: int = 256
+    max_leases: int = 4096
+    max_tickets: int = 16
+    max_watchers: int = 8
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    token: str
+    label: str
+    uid: int | None = None
+    pid: int | None = None
+    persistent: bool = False
+    regions: set[str] = field(default_factory=set)
+    leases: dict[int, Lease] = field(default_factory=dict)
+    tickets: dict[str, list[int]] = field(default_factory=dict)
+    watchers: int = 0
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def describe(self) -> str:
+        who = f"uid {self.uid} pid {self.pid}" if self.uid is not None else "pre-authorized"
+        return f"{self.label} ({who})"
+
+
+class TokenStore:
+    """Pre-authorized tokens: added in process (``add``) or read from ``token_dir`` (one file per token: the file
+    name is the label, the content the token). The directory is re-read, at most once a second, when an unknown
+    token shows up, so tokens written by a device plugin work without a restart."""
+
+    def __init__(self, token_dir: str | os.PathLike[str] | None = None) -> None:
+        self._tokens: dict[str, str] = {}
+        self._from_dir: dict[str, str] = {}
+        self._dir = Path(token_dir) if token_dir else None
+        self._lock = threading.Lock()
+        self._last_scan = 0.0
+        if self._dir is not None:
+            self._scan()
+
+    def add(self, token: str, label: str) -> None:
+        if not token or len(token) < 16:
+            raise InvalidArgumentError("a pre-authorized token needs at least 16 characters")
+        with self._lock:
+            self._tokens[token] = label
+
+    def remove(self, token: str) -> None:
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def _scan(self) -> None:
+        assert self._dir is not None
+        found: dict[str, str] = {}
+        try:
+            entries = list(self._dir.iterdir())
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                if entry.is_file() and not entry.name.startswith("."):
+                    token = entry.read_text().strip()
+                    if len(token) >= 16:
+                        found[token] = entry.name
+            except OSError:
+                continue
+        self._from_dir = found
+        self._last_scan = time.monotonic()
+
+    def lookup(self, token: str) -> str | None:
+        with self._lock:
+            label = self._tokens.get(token) or self._from_dir.get(token)
+            if label is None and self._dir is not None and time.monotonic() - self._last_scan > 1.0:
+                self._scan()
+                label = self._from_dir.get(token)
+            return label
+
+    def __contains__(self, token: str) -> bool:
+        return self.lookup(token) is not None
+
+
+class SessionRegistry:
+    """Every session, region ownership and sharing. Region names are global (one namespace per server)."""
+
+    def __init__(self, replicator: Replicator, tokens: TokenStore, quota: Quota) -> None:
+        self.replicator = replicator
+        self.tokens = tokens
+        self.quota = quota
+        self._sessions: dict[str, Session] = {}
+        self.owners: dict[str, Session] = {}
+        self.shares: dict[str, set[str]] = {}
+        self._lock = threading.RLock()
+        self._ids = 0
+        self._lease_ids = 0
+
+    # ------------------------------------------------------------------ sessions
+    def _new_id(self) -> str:
+        self._ids += 1
+        return f"s{self._ids}"
+
+    def open(self, label: str, uid: int | None, pid: int | None) -> Session:
+        with self._lock:
+            session = Session(self._new_id(), secrets.token_urlsafe(32), label, uid, pid)
+            self._sessions[session.token] = session
+            return session
+
+    def authenticate(self, token: str | None) -> Session:
+        if not token:
+            raise UnauthenticatedError(
+                "missing session token: send 'authorization: Bearer <token>' (from the side channel's hello, or "
+                "a pre-authorized token)"
+            )
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is not None and not session.closed:
+                return session
+        label = self.tokens.lookup(token)
+        if label is None:
+            raise UnauthenticatedError("unknown or expired session token")
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None or session.closed:
+                session = Session(self._new_id(), token, label, persistent=True)
+                self._sessions[token] = session
+            return session
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if not s.closed]
+
+    def close(self, session: Session) -> None:
+        """End a session: release its leases, unregister its regions, close pending fds."""
+        with self._lock:
+            if session.closed:
+                return
+            session.closed = True
+            self._sessions.pop(session.token, None)
+        with session.lock:
+            leases = list(session.leases.values())
+            session.leases.clear()
+            tickets = list(session.tickets.values())
+            session.tickets.clear()
+            names = list(session.regions)
+        for lease in leases:
+            lease.release()
+        for fds in tickets:
+            close_fds(fds)
+        for name in names:
+            self.drop_region(session, name)
+
+    def close_all(self) -> None:
+        for session in self.sessions():
+            self.close(session)
+
+    # ------------------------------------------------------------------ tickets (fds from the side channel)
+    def add_ticket(self, session: Session, fds: list[int]) -> str:
+        with session.lock:
+            if session.closed:
+                raise UnauthenticatedError("session ended")
+            if len(session.tickets) >= self.quota.max_tickets:
+                raise ResourceExhaustedError(
+                    f"session holds {len(session.tickets)} unused fd tickets (limit {self.quota.max_tickets}); "
+                    "register regions with them first"
+                )
+            ticket = secrets.token_hex(8)
+            session.tickets[ticket] = fds
+            return ticket
+
+    def take_ticket(self, session: Session, ticket: str) -> list[int]:
+        with session.lock:
+            fds = session.tickets.pop(ticket, None)
+        if fds is None:
+            raise NotFoundError(f"no fd ticket {ticket!r} in this session (tickets are single-use)")
+        return fds
+
+    # ------------------------------------------------------------------ regions
+    def claim(self, session: Session, name: str) -> None:
+        """Reserve a region slot for ``session`` (quota) before registering it."""
+        with session.lock:
+            if len(session.regions) >= self.quota.max_regions:
+                raise ResourceExhaustedError(
+                    f"session {session.label} already has {len(session.regions)} regions "
+                    f"(limit {self.quota.max_regions})"
+                )
+
+    def adopt(self, session: Session, name: str) -> None:
+        with self._lock, session.lock:
+            self.owners[name] = session
+            session.regions.add(name)
+
+    def drop_region(self, session: Session, name: str) -> None:
+        with self._lock, session.lock:
+            if self.owners.get(name) is not session:
+                return
+            session.regions.discard(name)
+        with contextlib.suppress(NotFoundError):
+            self.replicator.unregister(name)
+        with self._lock:
+            if self.owners.get(name) is session:
+                del self.owners[name]
+            self.shares.pop(name, None)
+
+    def can_read(self, session: Session, name: str) -> bool:
+        owner = self.owners.get(name)
+        if owner is None:
+            return False
+        if owner is session:
+            return True
+        grants = self.shares.get(name, ())
+        return "*" in grants or f"label:{session.label}" in grants or (
+            session.uid is not None and f"uid:{session.uid}" in grants)
+
+    def check(self, session: Session, name: str, *, write: bool) -> bool:
+        """Raise unless ``session`` may use region ``name``; returns whether it is the owner."""
+        owner = self.owners.get(name)
+        if owner is session:
+            return True
+        if owner is None or not self.can_read(session, name):
+            raise NotFoundError(f"no region named {name!r}")
+        if write:
+            raise PermissionDeniedError(f"region {name!r} is shared with you read-only; only its owner may change it")
+        return False
+
+    def share(self, session: Session, name: str, grantee: str, revoke: bool) -> None:
+        self.check(session, name, write=True)
+        kind, sep, value = grantee.partition(":")
+        if grantee != "*" and not (sep and value and (kind == "label" or (kind == "uid" and value.isdigit()))):
+            raise InvalidArgumentError(f"bad grantee {grantee!r}: use '*', 'uid:<number>' or 'label:<label>'")
+        with self._lock:
+            grants = self.shares.setdefault(name, set())
+            if revoke:
+                grants.discard(grantee)
+            else:
+                grants.add(grantee)
+
+    def visible(self, session: Session) -> list[tuple[str, bool]]:
+        """``(name, owned)`` of the regions ``session`` can see."""
+        with self._lock:
+            names = list(self.owners)
+        return [(n, self.owners.get(n) is session) for n in names if self.can_read(session, n)]
+
+    def owner_label(self, name: str) -> str:
+        owner = self.owners.get(name)
+        return owner.label if owner else ""
+
+    # ------------------------------------------------------------------ quota
+    def device_bytes(self, session: Session) -> int:
+        total = 0
+        for name in list(session.regions):
+            try:
+                region = self.replicator.region(name)
+            except NotFoundError:
+                continue
+            total += region.npages * PAGE_SIZE * len(region.devices)
+        return total
+
+    def check_bytes(self, session: Session, extra: int) -> None:
+        if self.quota.max_bytes and self.device_bytes(session) + extra > self.quota.max_bytes:
+            raise ResourceExhaustedError(
+                f"session {session.label}: {extra} more bytes of replicas would exceed its quota of "
+                f"{self.quota.max_bytes} bytes ({self.device_bytes(session)} in use)"
+            )
+
+    # ------------------------------------------------------------------ leases
+    def add_lease(self, session: Session, lease: Lease) -> int:
+        with session.lock:
+            if session.closed:
+                lease.release()
+                raise UnauthenticatedError("session ended")
+            if len(session.leases) >= self.quota.max_leases:
+                lease.release()
+                raise ResourceExhaustedError(f"session holds {len(session.leases)} leases "
+                                             f"(limit {self.quota.max_leases}); release some")
+            with self._lock:
+                self._lease_ids += 1
+                lease_id = self._lease_ids
+            session.leases[lease_id] = lease
+            return lease_id
+
+    def lease(self, session: Session, lease_id: int) -> Lease:
+        with session.lock:
+            lease = session.leases.get(lease_id)
+        if lease is None:
+            raise NotFoundError(f"no lease {lease_id} in this session")
+        return lease
+
+    def release(self, session: Session, lease_id: int) -> None:
+        with session.lock:
+            lease = session.leases.pop(lease_id, None)
+        if lease is None:
+            raise NotFoundError(f"no lease {lease_id} in this session")
+        lease.release()
+
+    def lease_count(self) -> int:
+        return sum(len(s.leases) for s in self.sessions())
+
+
+def readable_by(st: os.stat_result, uid: int | None, gids: Iterable[int] = ()) -> bool:
+    """Whether a user may read a file with these permission bits (root may read anything)."""
+    if uid == 0:
+        return True
+    if uid is not None and st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in set(gids):
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)

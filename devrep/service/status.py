@@ -1,0 +1,67 @@
+"""The one place where devrep errors become gRPC status codes (documented in docs/api.md)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from ..errors import DevrepError
+
+log = logging.getLogger("devrep.service")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """``DevrepError.grpc_code`` (a status name) -> ``grpc.StatusCode``; anything else is INTERNAL."""
+    name = exc.grpc_code if isinstance(exc, DevrepError) else "INTERNAL"
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    code = status_code(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    message = str(exc) or type(exc).__name__
+    if not isinstance(exc, DevrepError):
+        message = f"internal error in {method}: {type(exc).__name__}: {message}"
+    context.abort(code, message)
+
+
+def unary(fn: F) -> F:
+    """Wrap a unary servicer method: devrep errors (and bugs) become a status, never a crash."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            if _is_abort(exc, context):
+                raise
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    """Same for a server-streaming method (a generator)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            if _is_abort(exc, context):
+                raise
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_abort(exc: BaseException, context: grpc.ServicerContext) -> bool:
+    # grpcio's abort() raises a bare Exception after recording the status on the context.
+    return type(exc) is Exception and context.code() is not None
