@@ -235,6 +235,7 @@ def test_no_write_lost_while_syncing_concurrently(rep: devrep.Replicator, mode: 
             for page in rng.integers(0, region.npages, 64):
                 writes[0] += 1
                 array[int(page) * PAGE_SIZE + int(rng.integers(PAGE_SIZE))] = writes[0] & 0xFF
+            time.sleep(0)  # an async-mode writer never blocks: let the syncing thread have the GIL too
 
     thread = threading.Thread(target=writer)
     thread.start()
