@@ -121,6 +121,8 @@ class Metrics:
                                        buckets=RPC_BUCKETS, registry=r)
         self.listener_errors = Counter("devrep_metrics_listener_errors", "Events the metrics listener failed on",
                                        registry=r)
+        # Labelled children per device, looked up once: labels() takes a lock and builds a tuple each call.
+        self._per_device: dict[str, tuple[Any, Any, Any]] = {}
         self._collector = _ReplicatorCollector()
         r.register(self._collector)
         self._attached: list[tuple[Replicator, Callable[[Event], None]]] = []
@@ -152,9 +154,15 @@ class Metrics:
                 self.invalidated_pages.inc(event.pages)
             elif event.kind == "sync":
                 device = event.device or ""
-                self.syncs.labels(device).inc()
-                self.replicated_bytes.labels(device).inc(event.nbytes or event.pages * PAGE_SIZE)
-                self.sync_duration.labels(device).observe(event.seconds)
+                children = self._per_device.get(device)
+                if children is None:
+                    children = self._per_device[device] = (self.syncs.labels(device),
+                                                            self.replicated_bytes.labels(device),
+                                                            self.sync_duration.labels(device))
+                syncs, replicated, duration = children
+                syncs.inc()
+                replicated.inc(event.nbytes or event.pages * PAGE_SIZE)
+                duration.observe(event.seconds)
             elif event.kind == "verify":
                 self.verify_mismatches.labels(event.device or "").inc(event.pages)
             elif event.kind == "region_failed":
