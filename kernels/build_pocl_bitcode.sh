@@ -22,7 +22,7 @@ for pair in sse2:x86-64 avx2:x86-64-v3 avx512:x86-64-v4; do
     variant=${pair%%:*}
     cpu=${pair##*:}
     clang-14 -cc1 -emit-llvm-bc -triple x86_64-unknown-linux-gnu -target-cpu "$cpu" -O2 -cl-std=CL1.2 \
-        -cl-kernel-arg-info -fno-builtin -ffake-address-space-map -I "$share/include" \
+        -cl-kernel-arg-info -fno-builtin -ffake-address-space-map -Wno-psabi -I "$share/include" \
         -include "$share/include/_kernel.h" -D__USE_CLANG_OPENCL_C_H -Dcl_khr_int64 -DPOCL_DEVICE_ADDRESS_BITS=64 \
         -D__ENDIAN_LITTLE__=1 -DPAGE_WORDS=512 -DDEVREP_BITCODE -x cl "$here/devrep.cl" -o "$tmp/devrep.bc"
     llvm-link-14 --only-needed "$tmp/devrep.bc" "$share/kernel-x86_64-unknown-linux-gnu-$variant.bc" \
