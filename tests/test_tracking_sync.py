@@ -254,3 +254,21 @@ def test_no_write_lost_while_syncing_concurrently(rep: devrep.Replicator, mode: 
         assert np.array_equal(lease.read(), region.array)
     report = region.verify([DEV], resync=False)[0]
     assert report.mismatched_pages == 0
+
+
+def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
+    """Re-protecting more runs than fit one control message: every one of them must fault again."""
+    from devrep.tracking._handler import RUNS_PER_MESSAGE
+
+    npages = 2 * RUNS_PER_MESSAGE + 100
+    npages += npages % 2
+    region = rep.create_region("many", npages * PAGE_SIZE, tracking="sync")
+    rep.replicate("many", [DEV])
+    every_other = np.arange(0, npages, 2)
+    for round_ in range(2):
+        for page in every_other:
+            region.array[int(page) * PAGE_SIZE] = round_ + 1
+        assert np.array_equal(pages_from_runs(region.invalid_runs(DEV)), every_other)
+        rep.sync("many")  # rearms ~npages/2 single-page runs
+    with region.acquire(DEV) as lease:
+        assert np.array_equal(lease.read(), region.array)

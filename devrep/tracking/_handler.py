@@ -83,10 +83,15 @@ class FaultHandler:
                     state[DIRTY_OFFSET + ((page_address - self.base) >> PAGE_SHIFT)] = 1
                     self.faults += 1
                     _U64.pack_into(state, COUNTER_OFFSET, self.faults)
-                if flags & PagefaultFlag.WP:
-                    uffd.writeprotect(page_address, PAGE_SIZE, False)  # clears WP and wakes the writer
-                else:
-                    uffd.wake(page_address, PAGE_SIZE)
+                try:
+                    if flags & PagefaultFlag.WP:
+                        uffd.writeprotect(page_address, PAGE_SIZE, False)  # clears WP and wakes the writer
+                    else:
+                        uffd.wake(page_address, PAGE_SIZE)
+                except OSError as exc:
+                    # The writer unmapped the range or exited meanwhile: nobody is left to wake there, and
+                    # one bad range must not stop the handling of every other fault.
+                    os.write(2, f"devrep handler: un-protect at {page_address:#x}: {exc}\n".encode())
                 handled += 1
             data = self.uffd.read_raw()
         if handled and not self.bare and self.eventfd is not None and state[NOTIFY_OFFSET] == 0:
