@@ -4,9 +4,12 @@ each ``kernels/*.cl`` on PoCL, and the prebuilt PoCL bitcode is current with ``d
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +135,35 @@ def test_cuda_kernels_compute_the_spec_on_the_host(tmp_path: Path) -> None:
     assert np.array_equal(scattered.reshape(npages, PAGE_SIZE), as_pages[::-1])
     copied = copied.reshape(npages, PAGE_SIZE)
     assert np.array_equal(copied[::2], as_pages[::2]) and not copied[1::2].any()
+
+
+def test_every_pocl_bitcode_variant_this_cpu_runs_is_exact(tmp_path: Path) -> None:
+    """Each prebuilt variant this CPU can execute, forced in a child process (PoCL settings are per process):
+    it builds, and its hashes match xxhash. The variant in use is covered by every other OpenCL test."""
+    from devrep.backends._opencl import _cpu_variant
+
+    native = _cpu_variant()
+    runnable = ["sse2", "avx2", "avx512"][: ["sse2", "avx2", "avx512"].index(native) + 1]
+    child = textwrap.dedent("""
+        import sys, numpy as np, xxhash
+        from devrep.backends import load_backend
+        from devrep.backends._staging import aligned_empty
+        b = load_backend("opencl", platform="portable")
+        d = b._devices[0]
+        # the bitcode path, whether or not this PoCL could build the source
+        d.ctx.program, d.ctx.source = b._build_bitcode(d.ctx, d.ctx.context.devices, "opencl:0", "(test)")
+        host = aligned_empty(13 * 4096)
+        host[:] = np.random.default_rng(2).integers(0, 256, host.size, dtype=np.uint8)
+        buf = b.allocate(0, host.nbytes)
+        b.copy_runs(host, np.array([[0, 2], [5, 8]]), [buf])
+        want = [xxhash.xxh64_intdigest(host[p * 4096:(p + 1) * 4096].tobytes()) if p < 2 or p >= 5
+                else xxhash.xxh64_intdigest(bytes(4096)) for p in range(13)]
+        assert b.hash_pages(buf).tolist() == want
+        assert b.compare(np.array(want, np.uint64), np.zeros(13, np.uint64)).tolist() == list(range(13))
+        print(d.ctx.source)
+    """)
+    for variant in runnable:
+        env = dict(os.environ, DEVREP_POCL_VARIANT=variant, POCL_CACHE_DIR=str(tmp_path / variant))
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, f"{variant}: {out.stdout}{out.stderr}"
+        assert out.stdout.strip() == f"devrep-{variant}.bc"

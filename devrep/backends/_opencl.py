@@ -46,12 +46,39 @@ def _bitcode_digest() -> str:
         return "none"
 
 
+VARIANT_ENV = "DEVREP_POCL_VARIANT"
+_VARIANTS = ("sse2", "avx2", "avx512")
+
+
+def _cpu_variant() -> str:
+    """PoCL's kernel-library name for this CPU's instruction set (which prebuilt bitcode can run here).
+
+    ``$DEVREP_POCL_VARIANT`` may choose a lower one (``sse2``, ``avx2``) than the CPU supports.
+    """
+    forced = os.environ.get(VARIANT_ENV)
+    if forced in _VARIANTS:
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    have = set(flags)
+    if {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"} <= have:  # x86-64-v4
+        return "avx512"
+    if {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= have:  # x86-64-v3
+        return "avx2"
+    return "sse2"
+
+
 # PoCL keys its kernel cache by program hash, but programs created from bitcode get an empty hash, so a
-# changed bitcode would silently reuse the old compiled kernels. One cache directory per bitcode version
-# avoids that; it must be set before PoCL initialises (the first platform query in this process).
+# changed bitcode (or another variant of it) would silently reuse the old compiled kernels. One cache
+# directory per bitcode version and variant avoids that; it must be set before PoCL initialises (the first
+# platform query in this process).
 os.environ.setdefault(
     "POCL_CACHE_DIR",
-    str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devrep" / f"pocl-{_bitcode_digest()}"),
+    str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "devrep"
+        / f"pocl-{_bitcode_digest()}-{_cpu_variant()}"),
 )
 
 import pyopencl as cl  # noqa: E402 - after POCL_CACHE_DIR
@@ -71,21 +98,6 @@ _DEVICE_TYPES = {
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _cpu_variant() -> str:
-    """PoCL's kernel-library name for this CPU's instruction set (which prebuilt bitcode can run here)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    have = set(flags)
-    if {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"} <= have:
-        return "avx512"
-    if {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= have:  # x86-64-v3
-        return "avx2"
-    return "sse2"
 
 
 @dataclass(eq=False)
