@@ -1,0 +1,346 @@
+"""The ``devrep`` command: ``serve``, ``doctor``, ``ls``, ``add``, ``watch``, ``verify``, ``stats``, ``demo``.
+
+Exit codes (also in docs/api.md): 0 ok; 1 failure (including verify mismatches); 2 usage or invalid argument;
+3 cannot connect; 4 not found; 5 unauthenticated / permission denied; 6 resource exhausted; 7 failed
+precondition (e.g. a tracking mode this host lacks); 8 timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import errors
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
+    EXIT_TIMEOUT = range(9)
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def exit_code(exc: BaseException) -> int:
+    from .client import ServiceUnavailableError
+
+    if isinstance(exc, ServiceUnavailableError):
+        return EXIT_CONNECT
+    if isinstance(exc, errors.NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, errors.PermissionDeniedError):  # includes UNAUTHENTICATED
+        return EXIT_DENIED
+    if isinstance(exc, errors.ResourceExhaustedError):
+        return EXIT_EXHAUSTED
+    if isinstance(exc, errors.FailedPreconditionError):
+        return EXIT_PRECONDITION
+    if isinstance(exc, errors.LeaseTimeoutError):
+        return EXIT_TIMEOUT
+    if isinstance(exc, errors.InvalidArgumentError):
+        return EXIT_USAGE
+    return EXIT_FAIL
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(_jsonable(obj), indent=2))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def progress_bar(out: Console | None = None) -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=out or err_console, transient=False)
+
+
+def replicate_with_progress(client: Any, name: str, devices: Sequence[str], show: bool = True,
+                            console: Console | None = None) -> Any:
+    """``client.replicate`` with a rich progress bar (on stderr unless ``console`` is given)."""
+    if not show:
+        return client.replicate(name, devices)
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"replicate {name} -> {', '.join(devices)}", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=max(total, done) or None)
+
+        return client.replicate(name, devices, progress=update)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine import Replicator
+    from .service import Quota, TlsFiles, TokenStore, run
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s devrep %(levelname)s %(message)s")
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise errors.InvalidArgumentError("--tls-cert and --tls-key go together")
+        tls = TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None)
+    else:
+        tls = None
+    address = args.address or (f"unix:{args.socket}" if args.socket else None)
+    replicator = Replicator(cpu_devices=args.cpu_devices)
+    interceptors: list[Any] = []
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics(replicator)
+        interceptors.append(metrics.interceptor())
+        metrics.serve(args.metrics_port)
+    tokens = TokenStore(args.token_dir)
+
+    def ready(server: Any) -> None:
+        # One machine-readable line so scripts (and make demo) know the server is up.
+        print(f"devrep: serving {server.address} fd={server.fd_socket_path}", file=sys.stderr, flush=True)
+
+    try:
+        return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
+                   quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions),
+                   require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
+                   ready=ready)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    try:
+        from .doctor import main_doctor
+    except ImportError:
+        err_console.print("devrep doctor is not available in this build (devrep.doctor missing)")
+        return EXIT_FAIL
+    return main_doctor(args.json)
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from .client import connect
+
+    return connect(args.address, label=f"devrep-cli-{args.command}")
+
+
+def _region_table(regions: Sequence[Any]) -> Table:
+    table = Table(title="devrep regions")
+    for col in ("name", "kind", "size", "tracking", "gen", "replicas (valid pages)", "owner"):
+        table.add_column(col)
+    for r in regions:
+        reps = ", ".join(f"{x.device} ({x.valid_pages}/{r.npages})" for x in r.replicas) or "-"
+        table.add_row(r.name, r.kind, _size(r.nbytes), r.tracking, str(r.generation), reps,
+                      r.owner + (" (shared)" if r.read_only else ""))
+    return table
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        regions = client.list_regions()
+    if args.json:
+        _print_json(regions)
+    else:
+        console.print(_region_table(regions))
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        info = client.stats()
+        regions = [client.describe(args.name)] if args.name else client.list_regions()
+    if args.json:
+        _print_json({"server": info, "regions": regions})
+        return EXIT_OK
+    table = Table(title=f"devrep {info.version}: {info.sessions} sessions, {info.regions} regions, "
+                        f"{info.leases} leases, {_size(info.host_bytes)} host memory")
+    for col in ("region", "invalidations", "pages invalidated", "syncs", "copied", "verifies", "mismatches"):
+        table.add_column(col, justify="right" if col != "region" else "left")
+    for r in regions:
+        s = r.stats
+        table.add_row(r.name, str(s.invalidations), str(s.pages_invalidated), str(s.syncs), _size(s.bytes_copied),
+                      str(s.verifies), str(s.verify_mismatches))
+    console.print(table)
+    console.print(f"devices: {', '.join(info.devices)}; tracking modes: {', '.join(info.tracking_modes)}")
+    return EXIT_OK
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    name = args.name or path.name
+    with _connect(args) as client:
+        client.register_file(name, path, tracking=args.tracking)
+        report = replicate_with_progress(client, name, args.device, show=not args.json)
+        if args.json:
+            _print_json(report)
+        else:
+            console.print(f"replicated [bold]{name}[/] ({_size(report.bytes_copied)} copied in "
+                          f"{report.seconds * 1000:.1f} ms) to {', '.join(report.devices)}")
+        if args.no_wait:
+            return EXIT_OK
+        if not args.json:
+            err_console.print("holding the region (it goes when this command ends, unless DEVREP_TOKEN is a "
+                              "pre-authorized token); Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    seen = 0
+    with _connect(args) as client, client.watch(args.names, coalesce_ms=args.coalesce_ms) as stream:
+        try:
+            for event in stream:
+                if args.json:
+                    print(json.dumps({"kind": event.kind, "region": event.region, "generation": event.generation,
+                                      "device": event.device, "pages": event.pages,
+                                      "runs": event.runs.tolist()}), flush=True)
+                else:
+                    runs = ", ".join(f"{a}+{b}" for a, b in event.runs[:8].tolist())
+                    more = f" (+{len(event.runs) - 8} runs)" if len(event.runs) > 8 else ""
+                    console.print(f"{event.kind:15} {event.region} gen={event.generation} "
+                                  f"{event.device or ''} pages={event.pages} {runs}{more}")
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        reports = client.verify(args.name, args.device or (), resync=not args.no_resync)
+    bad = sum(r.mismatched_pages for r in reports)
+    if args.json:
+        _print_json([{"device": r.device, "pages_checked": r.pages_checked, "mismatched_pages": r.mismatched_pages,
+                      "mismatched_runs": r.mismatched.tolist(), "resynced": r.resynced} for r in reports])
+    else:
+        table = Table(title=f"verify {args.name}")
+        for col in ("device", "pages checked", "mismatched pages", "resynced"):
+            table.add_column(col)
+        for r in reports:
+            table.add_row(r.device, str(r.pages_checked), str(r.mismatched_pages), "yes" if r.resynced else "no")
+        console.print(table)
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(size_mib=args.size_mib)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devrep", description="Never-stale device replicas of host memory.",
+                                     epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 cannot connect, 4 not found, "
+                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--address", help="server address (default: $DEVREP_ADDRESS or the default socket)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = sub.add_parser("serve", help="run the replication service")
+    p.add_argument("--socket", help="Unix socket path (default: /run/devrep/devrep.sock as root, else "
+                                    "$XDG_RUNTIME_DIR/devrep/devrep.sock)")
+    p.add_argument("--address", help="gRPC address instead of --socket, e.g. 0.0.0.0:7443 (needs TLS or --insecure)")
+    p.add_argument("--fd-socket", help="fd side-channel socket (default: <socket stem>.fd.sock beside it)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--insecure", action="store_true", help="allow plain-text TCP")
+    p.add_argument("--token-dir", help="directory of pre-authorized tokens (file name = label, content = token)")
+    p.add_argument("--require-token", action="store_true", help="refuse sessions without a pre-authorized token")
+    p.add_argument("--quota-bytes", type=int, default=0, help="replica bytes per session (0 = unlimited)")
+    p.add_argument("--quota-regions", type=int, default=256, help="regions per session")
+    p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("doctor", help="which tracking modes and devices work on this host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = client_parser("ls", "list regions")
+    p.set_defaults(func=cmd_ls)
+
+    p = client_parser("stats", "server and region counters")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_stats)
+
+    p = client_parser("add", "register a file and replicate it")
+    p.add_argument("file")
+    p.add_argument("--device", action="append", required=True, help="device, e.g. cpu:0 (repeatable)")
+    p.add_argument("--name", help="region name (default: the file name)")
+    p.add_argument("--tracking", choices=["file", "explicit"], default="file")
+    p.add_argument("--no-wait", action="store_true", help="exit at once (the region goes with this session)")
+    p.set_defaults(func=cmd_add)
+
+    p = client_parser("watch", "print invalidation/sync events")
+    p.add_argument("names", nargs="*")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events")
+    p.add_argument("--coalesce-ms", type=int, default=2)
+    p.set_defaults(func=cmd_watch)
+
+    p = client_parser("verify", "hash-compare replicas with the host (and resync mismatches)")
+    p.add_argument("name")
+    p.add_argument("--device", action="append")
+    p.add_argument("--no-resync", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="end-to-end demo against a temporary server")
+    p.add_argument("--size-mib", type=int, default=512)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except errors.DevrepError as exc:
+        err_console.print(f"[red]devrep {args.command}: {exc}[/]", highlight=False)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
