@@ -163,7 +163,11 @@ class FileTracker(Tracker):
         with self._lock:
             if self._host is None or self.closed:
                 return np.empty(0, dtype=np.int64)
-            changed = self._check_locked()
+            try:
+                changed = self._check_locked()
+            except OSError as exc:
+                self._failed = f"cannot stat {self._path}: {exc}"
+                changed = False
             if self._failed is not None:
                 if self._reported_failure:
                     return np.empty(0, dtype=np.int64)
