@@ -21,6 +21,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from devrep.cli import build_parser
 from devrep.errors import InvalidArgumentError
 from devrep.kube import __main__ as plugin_cli
 from devrep.kube import chart
@@ -33,7 +34,7 @@ LINT = YamlLintConfig(file=str(DEPLOY / "yamllint.yaml"))
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "cpu": {"backend": "cpu", "gpuNodesOnly": False, "image": {"tag": "0.1.0-cpu"}, "cpuDevices": 8,
+    "cpu": {"backend": "cpu", "gpuNodesOnly": False, "cpuDevices": 8, "requireToken": False,
             "syncModeAcrossProcesses": False, "nodeSelector": {"kubernetes.io/os": "linux"}},
     "minimal": {"metrics": {"enabled": False}, "serviceAccount": {"create": False, "name": "default"},
                 "extraServerArgs": ["--log-level", "debug"], "slots": 4, "quotas": {"bytesPerClient": 1 << 30}},
@@ -165,15 +166,18 @@ def test_values_reach_the_containers() -> None:
     assert plugin_args.plugin_dir == "/var/lib/kubelet/device-plugins" and plugin_args.socket_dir == "/run/devrep"
     assert plugin_args.token_dir == "/run/devrep-tokens"
     server = c["server"]["args"]
-    assert server[0] == "serve"
-    assert server[server.index("--quota-bytes") + 1] == str(1 << 30)
-    assert "--metrics-port" not in server and "ports" not in c["server"]
     assert server[-2:] == ["--log-level", "debug"]
-    cpu = containers(daemonset(rendered("cpu")))["server"]["args"]
-    assert cpu[cpu.index("--backend") + 1] == "cpu" and cpu[cpu.index("--cpu-devices") + 1] == "8"
+    args = build_parser().parse_args(server[:-2])  # `devrep serve` accepts what the chart passes
+    assert args.command == "serve" and args.quota_bytes == 1 << 30 and args.require_token
+    assert args.metrics_port is None and "ports" not in c["server"]
+    assert (args.socket, args.token_dir) == ("/run/devrep/devrep.sock", "/run/devrep-tokens")
+    cpu = containers(daemonset(rendered("cpu")))["server"]
+    cpu_args = build_parser().parse_args(cpu["args"])
+    assert cpu_args.cpu_devices == 8 and not cpu_args.require_token and cpu["image"] == "devrep:0.1.0-cpu"
     defaults = containers(daemonset(rendered("defaults")))
-    port = defaults["server"]["ports"][0]["containerPort"]
-    assert port == 9464 and defaults["server"]["args"][defaults["server"]["args"].index("--metrics-port") + 1] == "9464"
+    default_args = build_parser().parse_args(defaults["server"]["args"])
+    assert default_args.metrics_port == defaults["server"]["ports"][0]["containerPort"] == 9464
+    assert defaults["server"]["image"] == defaults["device-plugin"]["image"] == "devrep:0.1.0-cuda"
 
 
 def test_example_pod_requests_a_replica() -> None:
