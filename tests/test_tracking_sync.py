@@ -272,3 +272,38 @@ def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
         rep.sync("many")  # rearms ~npages/2 single-page runs
     with region.acquire(DEV) as lease:
         assert np.array_equal(lease.read(), region.array)
+
+
+_BLOCKED_CLIENT = textwrap.dedent("""
+    import os, socket, sys
+    from devrep.memory import memfd_create, map_fd
+    from devrep.tracking._sync import prepare_sync_client
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = memfd_create("client", 8 * 4096)
+    array = map_fd(fd, 8 * 4096, writable=True)
+    uffd = prepare_sync_client(array)
+    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, fd])
+    os.close(uffd)
+    array[4096] = 1  # blocks until the service handles the fault or lets go of the userfaultfd
+    sock.sendall(b"w")
+""")
+
+
+def test_failed_remote_registration_releases_the_client(rep: devrep.Replicator) -> None:
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLIENT, str(theirs.fileno())],
+                             pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
+        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 4 * PAGE_SIZE)  # wrong length
+        with pytest.raises(devrep.InvalidArgumentError, match="registered 16384 bytes"):
+            rep.register_fd("bad", memfd, tracking=tracker)
+        assert ours.recv(1) == b"w", "the client's write stayed blocked"
+        assert child.wait(30) == 0
+    finally:
+        ours.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -78,6 +78,10 @@ class AsyncTracker(Tracker):
         self.epochs = 0
         self.closed = False
 
+    def __del__(self) -> None:
+        if getattr(self, "_remote", None) is not None:
+            self.close()
+
     @classmethod
     def remote(cls, uffd_fd: int, pagemap_fd: int, writer_base: int, length: int, **options: Any) -> AsyncTracker:
         """Track another process's mapping: ``uffd_fd`` and ``pagemap_fd`` (its ``/proc/self/pagemap``) come
@@ -94,6 +98,7 @@ class AsyncTracker(Tracker):
         length = host.npages * PAGE_SIZE
         if self._remote is not None:
             uffd_fd, pagemap_fd, base, remote_length = self._remote
+            self._remote = None
             self._uffd, self._pagemap, self._base = Userfaultfd(uffd_fd), pagemap_fd, base
             if remote_length != length:
                 self.close()
@@ -145,7 +150,12 @@ class AsyncTracker(Tracker):
         reported, atomically with reporting it."""
 
     def close(self) -> None:
+        """Stop tracking; also closes ``remote`` fds that were never attached."""
         self.closed = True
+        if self._remote is not None:
+            os.close(self._remote[0])
+            os.close(self._remote[1])
+            self._remote = None
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)

@@ -127,7 +127,9 @@ class SyncTracker(Tracker):
         self._npages = host.npages
         if self._remote is not None:
             uffd_fd, base, length = self._remote
+            self._remote = None  # from here on the fd belongs to the fault thread (or is closed below)
             if length != host.npages * PAGE_SIZE:
+                os.close(uffd_fd)  # releases the writer, which would otherwise wait for a handler forever
                 raise InvalidArgumentError(
                     f"the writer registered {length} bytes but the region maps {host.npages * PAGE_SIZE}")
             self._shared = _Shared(host.npages)
@@ -307,10 +309,19 @@ class SyncTracker(Tracker):
         raise FailedPreconditionError(f"sync tracking {what} failed: {self._failed}")
 
     def close(self) -> None:
+        """Release every protection; blocked writers resume. Also closes a ``remote`` fd never attached
+        (call it when registering the region failed, or the client's writes would block forever)."""
         if self.closed:
             return
         self.closed = True
+        if self._remote is not None:
+            os.close(self._remote[0])
+            self._remote = None
         self._teardown()
+
+    def __del__(self) -> None:
+        if getattr(self, "_remote", None) is not None:
+            self.close()
 
     def _teardown(self) -> None:
         if self._stop_w >= 0:
