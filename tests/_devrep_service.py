@@ -1,0 +1,82 @@
+"""Helpers shared by the service, client, CLI and safetensors tests: servers on short temporary socket paths
+(Unix socket paths are limited to 107 bytes, pytest's tmp_path can be longer) and client subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from devrep.engine import Replicator
+from devrep.service import DevrepServer, Quota, TokenStore, build_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="drt-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tell(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+@contextmanager
+def server_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``devrep serve`` as a real process on a temporary socket (stopped, or killed, afterwards)."""
+    from devrep.demo import server_process as start
+
+    with short_tmpdir() as tmp, start(tmp) as (address, proc):
+        yield address, proc
+
+
+@contextmanager
+def inproc_server(quota: Quota | None = None, tokens: TokenStore | None = None, **options: object
+                  ) -> Iterator[DevrepServer]:
+    """A real gRPC server + side channel in this process (fast; for status-code and protocol tests)."""
+    with short_tmpdir() as tmp:
+        server = build_server(f"unix:{tmp}/devrep.sock", replicator=Replicator(cpu_devices=4),
+                              quota=quota, tokens=tokens, **options)  # type: ignore[arg-type]
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop(1.0)
+
+
+def client_process(code: str, address: str, *args: str) -> subprocess.Popen[str]:
+    """Run ``code`` in a fresh Python process with ``ADDRESS`` and ``ARGS`` defined; stdout is a pipe."""
+    prelude = f"import sys\nADDRESS = {address!r}\nARGS = {list(args)!r}\n"
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """The next stdout line of ``proc`` within ``timeout`` seconds (fails the test otherwise)."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError(f"client process said nothing within {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(5)
+        raise AssertionError(f"client process exited ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+    return line.strip()

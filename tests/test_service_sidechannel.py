@@ -1,0 +1,160 @@
+"""Malformed side-channel traffic gets a clean error reply, never a crash, and never leaks a descriptor."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, memfd_create
+from devrep.service import DevrepServer, protocol
+
+from _devrep_service import inproc_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def server() -> Iterator[DevrepServer]:
+    with inproc_server() as srv:
+        yield srv
+
+
+def connect_raw(server: DevrepServer) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(5)
+    sock.connect(str(server.fd_socket_path))
+    return sock
+
+
+def call(sock: socket.socket, payload: bytes | dict[str, Any], fds: list[int] | None = None
+         ) -> tuple[dict[str, Any], list[int]]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+    reply, got = protocol.recv(sock)
+    assert reply is not None
+    return reply, got
+
+
+def sealed_memfd(size: int = 1 << 16) -> int:
+    fd = memfd_create("t", size)
+    add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW)
+    return fd
+
+
+def hello(sock: socket.socket) -> str:
+    reply, _ = call(sock, {"op": "hello", "label": "raw"})
+    assert reply["ok"], reply
+    return str(reply["token"])
+
+
+def test_malformed_packets_get_error_replies_and_leak_nothing(server: DevrepServer) -> None:
+    sock = connect_raw(server)
+    baseline = None
+    try:
+        for payload, code in [(b"\xff\xfe not json", "INVALID_ARGUMENT"), (b"[1, 2]", "INVALID_ARGUMENT"),
+                              (b'{"op": "hel', "INVALID_ARGUMENT"),  # truncated
+                              (b"x" * (protocol.MAX_MESSAGE + 10), "INVALID_ARGUMENT"),
+                              ({"op": "put_fds"}, "UNAUTHENTICATED"), ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]:
+            reply, _ = call(sock, payload)
+            assert (reply["ok"], reply["code"]) == (False, code), (payload[:40], reply)
+        hello(sock)
+        baseline = open_fds()
+        tmp = tempfile.NamedTemporaryFile()
+        wronly = os.open(tmp.name, os.O_WRONLY)
+        regular = os.open(tmp.name, os.O_RDWR)
+        os.write(regular, b"x" * 8192)
+        unsealed = memfd_create("u", 4096, sealable=False)
+        a, b = socket.socketpair()
+        good = sealed_memfd()
+        cases: list[tuple[dict[str, Any], list[int], str]] = [
+            ({"op": "put_fds", "kind": "memfd"}, [a.fileno()], "not a regular file"),
+            ({"op": "put_fds", "kind": "memfd"}, [unsealed], "F_SEAL_SHRINK"),
+            ({"op": "put_fds", "kind": "memfd"}, [regular], "not a memfd"),
+            ({"op": "put_fds", "kind": "file"}, [wronly], "write-only"),
+            ({"op": "put_fds", "kind": "memfd"}, [], "needs 1 fds"),
+            ({"op": "put_fds", "kind": "memfd"}, [good, good], "needs 1 fds"),
+            ({"op": "put_fds", "kind": "memfd+uffd"}, [good, regular], "not a userfaultfd"),
+            ({"op": "put_fds", "kind": "memfd+uffd+pagemap"}, [good, good, good], "not a userfaultfd"),
+            ({"op": "put_fds", "kind": "nope"}, [good], "unknown fd kind"),
+            ({"op": "put_fds", "kind": "memfd"}, [good] * 5, "too many file descriptors"),
+            ({"op": "hello"}, [good], "no file descriptors"),
+            ({"op": "lease_fd", "lease": 99}, [], "no lease"),
+            ({"op": "lease_fd", "lease": "1"}, [], "positive integer"),
+            ({"op": "release", "lease": -1}, [], "positive integer"),
+            ({"op": "acquire", "name": 1, "device": "cpu:0"}, [], "acquire needs"),
+            ({"op": "acquire", "name": "x", "device": "cpu:0", "timeout_ms": -1}, [], "timeout_ms"),
+            ({"op": "acquire", "name": "x", "device": "cpu:0"}, [], "no region"),
+            ({"op": "frobnicate"}, [], "unknown side-channel op"),
+            ({"op": "hello"}, [], "already sent"),
+        ]
+        for message, fds, text in cases:
+            reply, got = call(sock, message, fds)
+            assert not got
+            assert not reply["ok"] and text in reply["error"], (message, reply)
+        for fd in (wronly, regular, unsealed, good):
+            os.close(fd)
+        a.close()
+        b.close()
+        tmp.close()
+        # three accepted tickets, never used: they go with the connection
+        for _ in range(3):
+            fd = sealed_memfd()
+            reply, _ = call(sock, {"op": "put_fds", "kind": "memfd"}, [fd])
+            os.close(fd)
+            assert reply["ok"] and reply["ticket"]
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 2
+    while open_fds() > (baseline or 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert baseline is not None and open_fds() <= baseline, "the server leaked descriptors"
+    # and it still serves
+    sock = connect_raw(server)
+    hello(sock)
+    sock.close()
+
+
+def test_ticket_limit_and_connection_end_closes_fds(server: DevrepServer) -> None:
+    sock = connect_raw(server)
+    hello(sock)
+    before = open_fds()
+    limit = server.registry.quota.max_tickets
+    for i in range(limit + 1):
+        fd = sealed_memfd(4096)
+        reply, _ = call(sock, {"op": "put_fds", "kind": "memfd"}, [fd])
+        os.close(fd)
+        assert reply["ok"] == (i < limit), reply
+        if i == limit:
+            assert reply["code"] == "RESOURCE_EXHAUSTED"
+    assert open_fds() >= before + limit
+    sock.close()
+    deadline = time.monotonic() + 2
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert open_fds() <= before
+    assert server.registry.sessions() == []
+
+
+def test_hello_timeout_drops_silent_connections(server: DevrepServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from devrep.service import sidechannel
+
+    monkeypatch.setattr(sidechannel, "HELLO_TIMEOUT", 0.2)
+    sock = connect_raw(server)
+    try:
+        assert sock.recv(100) == b""  # closed by the server
+    finally:
+        sock.close()
