@@ -287,3 +287,18 @@ def test_command_line_plugin_stops_cleanly_on_sigterm(dirs: dict[str, str], kube
             proc.kill()
             proc.wait(timeout=WAIT)
     assert not os.path.exists(os.path.join(dirs["plugins"], "devrep-replica.sock"))
+
+
+def test_reregisters_when_only_kubelet_sock_is_recreated(dirs: dict[str, str], kubelet: FakeKubelet) -> None:
+    # A kubelet that comes back before the plugin polls, leaving our socket alone: the new kubelet.sock may
+    # even get the old inode number back, so the plugin must still see it is a different socket.
+    with DevicePlugin(make_config(dirs, poll_interval=0.5), TokenDirectory(dirs["tokens"])) as plugin:
+        kubelet.requests.get(timeout=WAIT)
+        kubelet.stop()
+        restarted = FakeKubelet(dirs["plugins"])
+        try:
+            assert restarted.requests.get(timeout=WAIT).endpoint == "devrep-replica.sock"
+            assert len(restarted.next_list()) == 4
+            assert plugin.registrations == 2
+        finally:
+            restarted.stop()
