@@ -307,3 +307,31 @@ def test_failed_remote_registration_releases_the_client(rep: devrep.Replicator) 
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+_HUNG_CHILD = textwrap.dedent("""
+    import os, signal, threading, time
+    import devrep
+    from devrep.tracking._sync import SyncTracker
+    with devrep.Replicator() as rep:
+        region = rep.create_region("h", 16 * 4096, tracking=SyncTracker(rearm_timeout=0.5))
+        rep.replicate("h", ["cpu:0"])
+        region.array[4096] = 1  # unprotected now; the next sync re-protects it
+        os.kill(region.tracker.helper_pid, signal.SIGSTOP)
+        try:
+            rep.sync("h")
+        except devrep.LeaseTimeoutError as exc:
+            print("timeout:", exc, flush=True)
+        region.array[2 * 4096] = 1  # a protected page: must not block now that the handler was killed
+        print("wrote", flush=True)
+        print(region.invalid_runs("cpu:0").tolist(), flush=True)
+""")
+
+
+def test_hung_handler_is_killed_on_rearm_timeout() -> None:
+    out = subprocess.run([sys.executable, "-c", _HUNG_CHILD], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("timeout:") and "did not answer" in lines[0]
+    assert lines[1] == "wrote"
+    assert lines[2] == "[[0, 16]]"

@@ -296,6 +296,8 @@ class SyncTracker(Tracker):
             reply = self._sock.recv(h.MAX_MESSAGE)
         except TimeoutError as exc:
             self._failed = f"the sync-mode fault handler did not answer {what} within {timeout}s"
+            if self._proc is not None:
+                self._proc.kill()  # a hung handler must not keep writers blocked: its exit releases them
             raise LeaseTimeoutError(self._failed) from exc
         except OSError as exc:
             reply = b""
