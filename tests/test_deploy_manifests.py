@@ -231,13 +231,17 @@ def test_renderer_semantics(tmp_path: Path) -> None:
         "d: {{ .Values.missing | default \"dflt\" }}\n"
         "r: {{ .Release.Name }}/{{ .Release.Namespace }}\n"
         "b: {{ .Values.flag }}\n"
+        "e: {{ .Values.big }}\n"
+        "i: {{ .Values.big | int64 }}\n"
     )
-    (tmp_path / "values.yaml").write_text((tmp_path / "values.yaml").read_text() + "missing: ''\n")
+    (tmp_path / "values.yaml").write_text((tmp_path / "values.yaml").read_text() + "missing: ''\nbig: 17179869184\n")
     [(name, text)] = chart.render(tmp_path, chart.parse_set("a.b=7"), release="rel", namespace="ns")
     assert name == "t/templates/t.yaml"
     assert yaml.safe_load(text) == {"k": 7, "x": "1.2.3", "q": 'say "hi"', "l": [1, 2], "d": "dflt",
-                                    "r": "rel/ns", "b": False}
+                                    "r": "rel/ns", "b": False, "e": 17179869184.0, "i": 17179869184}
     assert "b: false" in text  # Go prints booleans lower-case
+    # helm holds numbers as float64 and prints large ones in exponent form unless piped through int64.
+    assert "e: 1.7179869184e+10\n" in text and "i: 17179869184\n" in text and "l:\n  - 1\n  - 2\n" in text
 
     for bad, words in [("{{ range .Values.list }}{{ end }}", "range"), ("{{ include \"x\" . }}", "include"),
                        ("{{ $x := 1 }}", "subset"), ("{{ .Values.nope }}", "not in values"),

@@ -6,10 +6,13 @@ that subset by translating it to Jinja2:
 * ``{{ .Values.a.b }}``, ``{{ .Release.Name }}``, ``{{ .Release.Namespace }}``, ``{{ .Chart.Name }}``,
   ``{{ .Chart.Version }}``, ``{{ .Chart.AppVersion }}``;
 * pipelines of the functions in ``FUNCTIONS`` (``toYaml``, ``nindent``, ``indent``, ``quote``, ``default``,
-  ``printf``, ``eq``, ``ne``, ``not``, ``and``, ``or``, ``required``), e.g.
+  ``printf``, ``eq``, ``ne``, ``not``, ``and``, ``or``, ``required``, ``int64``, ``int``), e.g.
   ``{{- toYaml .Values.tolerations | nindent 8 }}``;
 * ``{{- if PIPELINE }}`` / ``{{- else if PIPELINE }}`` / ``{{- else }}`` / ``{{- end }}``; ``{{/* comments */}}``;
 * the ``-`` whitespace trimmers, which Jinja2 has with the same meaning.
+
+Numbers behave as in helm: values are float64, so a large integer prints in exponent form unless piped through
+``int64``; the renderer reproduces that, so the chart test catches a missing ``int64``.
 
 Anything else (``range``, ``with``, ``define``/``include``, variables) is refused with a clear error rather
 than rendered differently from helm. Values missing from ``values.yaml`` are errors too (helm would print
@@ -26,6 +29,7 @@ import copy
 import re
 import sys
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +43,59 @@ _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`|[^\s"`]+')
 _PATH = re.compile(r"\.(Values|Release|Chart)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 
 
+def _as_helm(value: Any) -> Any:
+    """Values as helm holds them: every number is a float64 (its YAML is decoded through JSON)."""
+    if isinstance(value, dict):
+        return {k: _as_helm(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_helm(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _as_json(value: Any) -> Any:
+    """Back to what JSON encoding prints: whole floats as integers (``toYaml`` goes through JSON in helm)."""
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_json(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return int(value)
+    return value
+
+
+def _go_float(value: float) -> str:
+    """A float64 as Go's ``%v`` prints it: shortest digits, exponent form from 1e+06 up (or below 1e-04).
+
+    This is why ``{{ .Values.bytes }}`` renders 17179869184 as ``1.7179869184e+10``: pipe through ``int64``."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}[repr(value)]
+    if value == 0:
+        return "0"
+    sign, digit_tuple, exp = Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    assert isinstance(exp, int)
+    nd, dp = len(digits), len(digits) + exp
+    eprec = nd if 6 > nd >= dp else 6
+    x = dp - 1
+    prefix = "-" if sign else ""
+    if x < -4 or x >= eprec:
+        mantissa = digits[0] + ("." + digits[1:] if nd > 1 else "")
+        return f"{prefix}{mantissa}e{'-' if x < 0 else '+'}{abs(x):02d}"
+    if dp <= 0:
+        return f"{prefix}0.{'0' * -dp}{digits}"
+    if dp >= nd:
+        return prefix + digits + "0" * (dp - nd)
+    return f"{prefix}{digits[:dp]}.{digits[dp:]}"
+
+
 def _to_yaml(value: Any) -> str:
     # Like helm (sigs.k8s.io/yaml): block style, sorted keys, no trailing newline.
     if value is None:
         return "null"
-    return yaml.safe_dump(value, default_flow_style=False, sort_keys=True).rstrip("\n").removesuffix("\n...")
+    text = yaml.safe_dump(_as_json(value), default_flow_style=False, sort_keys=True)
+    return text.rstrip("\n").removesuffix("\n...")
 
 
 def _indent(n: int, text: Any) -> str:
@@ -55,6 +107,8 @@ def _go_str(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        return _go_float(value)
     return str(value)
 
 
@@ -83,6 +137,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "quote": _quote,
     "default": _default,
     "required": _required,
+    "int64": lambda v: int(float(v)),
+    "int": lambda v: int(float(v)),
     "printf": _printf,
     "eq": lambda a, b: a == b,
     "ne": lambda a, b: a != b,
@@ -197,7 +253,7 @@ def render(chart_dir: str | Path, values: dict[str, Any] | None = None, *, relea
     """(template path, rendered text) for every template, in file-name order."""
     chart_dir = Path(chart_dir)
     chart = yaml.safe_load((chart_dir / "Chart.yaml").read_text())
-    merged = merge(yaml.safe_load((chart_dir / "values.yaml").read_text()) or {}, values or {})
+    merged = _as_helm(merge(yaml.safe_load((chart_dir / "values.yaml").read_text()) or {}, values or {}))
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False, finalize=_go_str)
     env.globals.update(FUNCTIONS)
