@@ -108,8 +108,8 @@ class Replicator:
         return self._add(name, lambda: create_shared(name, nbytes), block_size, tracking)
 
     def register_file(self, name: str, path: str | os.PathLike[str], *, block_size: int = PAGE_SIZE,
-                      tracking: str | Tracker = "explicit") -> Region:
-        """An existing regular file, mapped read-only."""
+                      tracking: str | Tracker = "file") -> Region:
+        """An existing regular file, mapped read-only; by default rewrites are found by inotify + page hashes."""
         return self._add(name, lambda: map_file(path), block_size, tracking)
 
     def register_buffer(self, name: str, buffer: Any, *, block_size: int = PAGE_SIZE,

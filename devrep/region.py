@@ -273,6 +273,7 @@ class Region:
         self.stats = RegionStats()
         self.failed: str | None = None
         self.closed = False
+        tracker.on_failure = self.fail
         tracker.attach(host, self.collect)
 
     # ------------------------------------------------------------------ properties

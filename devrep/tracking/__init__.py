@@ -11,6 +11,8 @@ The engine talks to a tracker through four calls only:
 * ``rearm(runs)`` -> called by ``sync()`` under the region lock *before* copying ``runs``, so a write
   during the copy is seen (sync mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN
   re-protects atomically).
+* ``on_failure(reason)`` -> an attribute the region sets before ``attach``: the tracker calls it when it
+  can no longer track (never from inside ``collect``/``rearm``, which run under the region lock).
 * ``close()`` -> stop tracking and release every protection (no writer may stay blocked).
 
 Ordering rule that makes sync mode correct: a fault handler records the page as written (so the next
@@ -35,6 +37,9 @@ Notify = Callable[[], None]
 
 class Tracker(ABC):
     mode: ClassVar[str]
+    on_failure: Callable[[str], None] | None = None
+    """Set by the region before ``attach``: call it with the reason when tracking can no longer work (the
+    tracked file was replaced, the handler died), so readers and syncs get that reason."""
 
     @abstractmethod
     def attach(self, host: HostMemory, notify: Notify) -> None:
@@ -61,6 +66,25 @@ class ExplicitTracker(Tracker):
 
 
 TRACKERS: dict[str, type[Tracker]] = {"explicit": ExplicitTracker}
+
+__all__ = ["TRACKERS", "AsyncTracker", "ExplicitTracker", "FileTracker", "Notify", "SyncTracker", "Tracker",
+           "make_tracker", "prepare_async_client", "prepare_sync_client"]
+
+
+def __getattr__(name: str) -> object:
+    """Lazy re-exports of the kernel-backed trackers (importing them needs nothing until used)."""
+    lazy = {
+        "SyncTracker": "devrep.tracking._sync",
+        "AsyncTracker": "devrep.tracking._async",
+        "FileTracker": "devrep.tracking._file",
+        "prepare_sync_client": "devrep.tracking._sync",
+        "prepare_async_client": "devrep.tracking._async",
+    }
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module 'devrep.tracking' has no attribute {name!r}")
 
 
 def make_tracker(mode: str) -> Tracker:

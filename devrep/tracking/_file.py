@@ -146,17 +146,10 @@ class FileTracker(Tracker):
                     notify()
                 if failed and not told_failure:
                     told_failure = True
-                    self._fail_owner(notify, failed)
+                    if self.on_failure is not None:
+                        self.on_failure(failed)
             except DevrepError as exc:
                 log.debug("file watch notify: %s", exc)
-
-    @staticmethod
-    def _fail_owner(notify: Notify, reason: str) -> None:
-        # The Tracker interface gives only notify(); when it is a Region's bound method, fail that region
-        # so readers and syncs get the reason (syncing a shrunk file's mapping would SIGBUS).
-        fail = getattr(getattr(notify, "__self__", None), "fail", None)
-        if callable(fail):
-            fail(reason)
 
     # ------------------------------------------------------------------ tracker API
     def collect(self) -> PageArray:
