@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import devrep
 from devrep._pages import PAGE_SIZE
+
+SERVE = Path(__file__).with_name("serve.py")
 
 
 def require_tracking(mode: str) -> None:
@@ -28,3 +37,78 @@ def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     faulthandler.dump_traceback_later(timeout + 30, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for helper processes: SIGKILL them when the test process dies (PR_SET_PDEATHSIG), so a
+    test killed by its timeout leaves no server or writer behind holding the runner's pipes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_rss(pid: int) -> int:
+    """Resident set size in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class ServerProcess:
+    """``serve.py`` in a child process; ``kill()`` is kill -9, ``restart()`` starts a fresh one on the same socket."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.socket = directory / "devrep.sock"
+        self.address = f"unix:{self.socket}"
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(SERVE), str(self.socket), *self.args],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                     preexec_fn=die_with_parent)
+        assert self.proc.stdout is not None
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not ready or not ready[0].startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"devrep server did not start within {timeout}s: {ready}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.stop()
