@@ -511,10 +511,15 @@ class Client:
                 for r in reply.reports]
 
     def watch(self, names: Sequence[str] | str = (), *, coalesce_ms: int = 2) -> EventStream:
-        """Events of the named regions (all visible ones when empty) until ``cancel()``."""
+        """Events of the named regions (all visible ones when empty) until ``cancel()``. Every event after this
+        returns is delivered (unless the stream falls ``MAX_QUEUE`` events behind: ``EventStream.dropped``)."""
         if isinstance(names, str):
             names = [names]
         call = self._stub.Watch(pb.WatchRequest(names=list(names), coalesce_ms=coalesce_ms), metadata=self._metadata)
+        try:
+            call.initial_metadata()  # the server sends it once the watcher is registered: no event is missed after
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
         return EventStream(call)
 
     def acquire_safetensors(self, name: str, device: str, *, fresh: bool = True) -> Any:

@@ -257,6 +257,8 @@ class SideChannel:
             self.registry.release(session, _positive_int(message, "lease"))
             return {"ok": True}, []
         if op == "bye":
+            if not session.persistent:
+                self.registry.close(session)  # before the reply: close() returns with everything freed
             return {"ok": True}, []
         raise InvalidArgumentError(
             f"unknown side-channel op {op!r}; known: hello, put_fds, acquire, lease_fd, release, bye")
