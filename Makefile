@@ -21,9 +21,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
-lint: $(STAMP)
+# buf (proto lint) from npm, installed inside the virtualenv so the repository stays clean.
+BUF := $(VENV)/node/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @bufbuild/buf@1.75.0
+
+lint: $(STAMP) $(BUF)
 	$(VENV)/bin/ruff check devrep tests bench
 	$(VENV)/bin/mypy devrep
+	$(BUF) lint
 
 serve: $(STAMP)
 	$(PY) -m devrep.cli serve
