@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _devrep_service import ROOT, server_process
 
 from devrep.client import connect
-
-from _devrep_service import ROOT, server_process
 
 pytestmark = pytest.mark.timeout(120)
 

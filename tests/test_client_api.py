@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _devrep_service import inproc_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,6 @@ from devrep.client import Client, ServiceUnavailableError, connect
 from devrep.region import Event
 from devrep.service import DevrepServer
 from devrep.service.watch import coalesce, merge_runs
-
-from _devrep_service import inproc_server
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from _devrep_service import inproc_server
 
 import devrep
 from devrep.client import Client, connect
 from devrep.safetensors_io import DTYPES, changed_pages, parse_header, tensors_from_buffer
 from devrep.service import DevrepServer
 from devrep.service.watch import merge_runs
-
-from _devrep_service import inproc_server
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,11 +7,10 @@ import time
 
 import numpy as np
 import pytest
+from _devrep_service import client_process, read_line, server_process, tell
 
 from devrep.client import connect
 from devrep.tracking import TRACKERS, _register_kernel_trackers
-
-from _devrep_service import client_process, read_line, server_process, tell
 
 pytestmark = pytest.mark.timeout(90)
 

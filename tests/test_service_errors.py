@@ -7,13 +7,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from _devrep_service import client_process, inproc_server, read_line, tell
 
 from devrep.client import connect
 from devrep.service import Quota, TokenStore
 from devrep.service._gen import devrep_pb2 as pb
 from devrep.service._gen import devrep_pb2_grpc as pb_grpc
-
-from _devrep_service import client_process, inproc_server, read_line, tell
 
 pytestmark = pytest.mark.timeout(60)
 C = grpc.StatusCode

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _devrep_service import inproc_server
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,8 +16,6 @@ from hypothesis import strategies as st
 from devrep.client import connect
 from devrep.service._gen import devrep_pb2 as pb
 from devrep.service._gen import devrep_pb2_grpc as pb_grpc
-
-from _devrep_service import inproc_server
 
 pytestmark = pytest.mark.timeout(120)
 

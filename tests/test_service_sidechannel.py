@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _devrep_service import inproc_server
 
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, memfd_create
 from devrep.service import DevrepServer, protocol
-
-from _devrep_service import inproc_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,12 +67,13 @@ def test_malformed_packets_get_error_replies_and_leak_nothing(server: DevrepServ
         for payload, code in [(b"\xff\xfe not json", "INVALID_ARGUMENT"), (b"[1, 2]", "INVALID_ARGUMENT"),
                               (b'{"op": "hel', "INVALID_ARGUMENT"),  # truncated
                               (b"x" * (protocol.MAX_MESSAGE + 10), "INVALID_ARGUMENT"),
-                              ({"op": "put_fds"}, "UNAUTHENTICATED"), ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]:
+                              ({"op": "put_fds"}, "UNAUTHENTICATED"),
+                              ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]:
             reply, _ = call(sock, payload)
             assert (reply["ok"], reply["code"]) == (False, code), (payload[:40], reply)
         hello(sock)
         baseline = open_fds()
-        tmp = tempfile.NamedTemporaryFile()
+        tmp = tempfile.NamedTemporaryFile()  # noqa: SIM115 - closed after the fd cases below
         wronly = os.open(tmp.name, os.O_WRONLY)
         regular = os.open(tmp.name, os.O_RDWR)
         os.write(regular, b"x" * 8192)

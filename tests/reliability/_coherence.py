@@ -29,8 +29,6 @@ import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.memory import memfd_create
 
-from .conftest import die_with_parent
-
 WORDS_PER_PAGE = PAGE_SIZE // 8
 STAMP_SHIFT = 48
 WRITER = Path(__file__).with_name("stamp_writer.py")
@@ -111,7 +109,7 @@ class WriterProcess:
                 [sys.executable, str(WRITER), "--sock", str(theirs.fileno()), "--memfd", str(memfd),
                  "--npages", str(npages), "--mode", mode, "--writer-id", str(writer_id),
                  "--writes", str(writes), "--seed", str(seed), "--seconds", str(seconds)],
-                pass_fds=[theirs.fileno(), memfd], stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                pass_fds=[theirs.fileno(), memfd], stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self.memfd = memfd

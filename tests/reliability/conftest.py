@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -39,13 +38,6 @@ def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     faulthandler.cancel_dump_traceback_later()
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for helper processes: SIGKILL them when the test process dies (PR_SET_PDEATHSIG), so a
-    test killed by its timeout leaves no server or writer behind holding the runner's pipes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-
-
 def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -70,8 +62,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen([sys.executable, str(SERVE), str(self.socket), *self.args],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                     preexec_fn=die_with_parent)
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()),  # type: ignore[union-attr]

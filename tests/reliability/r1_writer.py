@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+import _child  # noqa: F401  (dies with the test process)
 import numpy as np
 
 import devrep.client

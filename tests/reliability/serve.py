@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+import _child  # noqa: F401  (dies with the test process)
+
 import devrep
 from devrep.backends._cpu import CpuBackend
 from devrep.service.server import run

@@ -19,6 +19,7 @@ import struct
 import sys
 import time
 
+import _child  # noqa: F401  (dies with the test process)
 import numpy as np
 
 from devrep._pages import PAGE_SIZE

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ._coherence import soak_scale
-from .conftest import ServerProcess, die_with_parent, require_tracking
+from .conftest import ServerProcess, require_tracking
 
 WRITER = Path(__file__).with_name("r1_writer.py")
 RESUME_LIMIT = 1.0
@@ -35,8 +35,7 @@ class Writer:
         with path.open("r+b") as f:
             self.status = np.frombuffer(mmap.mmap(f.fileno(), 64), dtype=np.float64)
         self.proc = subprocess.Popen([sys.executable, str(WRITER), address, str(wid), str(path)],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                     preexec_fn=die_with_parent)
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()

@@ -16,7 +16,7 @@ import pytest
 import devrep.client
 
 from ._coherence import soak_scale
-from .conftest import ServerProcess, die_with_parent, proc_fds, proc_rss
+from .conftest import ServerProcess, proc_fds, proc_rss
 
 ZYGOTE = Path(__file__).with_name("r2_zygote.py")
 
@@ -52,7 +52,7 @@ def settled(server: ServerProcess, probe: devrep.client.Client, timeout: float =
 def run_cycles(tmp_path: Path, cycles: int, warmup: int = 10) -> dict[str, int]:
     server = ServerProcess(tmp_path)
     zygote = subprocess.Popen([sys.executable, str(ZYGOTE), server.address], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+                              stdout=subprocess.PIPE, text=True)
     assert zygote.stdin is not None and zygote.stdout is not None
     probe = devrep.client.connect(server.address, timeout=10)
     baseline: dict[str, int] = {}
