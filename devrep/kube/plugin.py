@@ -11,7 +11,7 @@ asks for ``devrep.io/replica: 1`` gets, from ``Allocate``:
 Life cycle: serve on ``<plugin_dir>/<endpoint>`` first, then ``Registration.Register`` with kubelet on
 ``<plugin_dir>/kubelet.sock``. A watcher thread polls (every ``poll_interval`` seconds) for a new
 kubelet socket (kubelet restarted: it wipes the directory and forgets plugins), for our socket being
-deleted (serve again on a new one) and for the service socket's presence (device health); it
+deleted (serve again on a new one) and whether the service accepts connections (device health); it
 re-registers as needed. Polling stat() is enough here: kubelet restarts are rare and a second of
 delay only postpones scheduling, and it needs no inotify binding.
 """
@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -117,6 +118,18 @@ def _inode(path: str) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns) if stat.S_ISSOCK(st.st_mode) else None
 
 
+def listening(path: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``. A server killed with SIGKILL leaves its
+    socket file behind, so the file existing is not enough."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
     """The plugin: ``start()`` serves and registers, ``stop()`` shuts down and removes the socket."""
 
@@ -125,7 +138,7 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         config.check()
         self.config = config
         self.tokens = tokens
-        self._health_check = health_check or (lambda: _inode(config.service_socket) is not None)
+        self._health_check = health_check or (lambda: listening(config.service_socket))
         nodes = list(config.numa_nodes) if config.numa_nodes is not None else numa_nodes()
         self._slot_node: dict[str, int | None] = {
             f"{SLOT_PREFIX}{i}": (nodes[i % len(nodes)] if nodes else None) for i in range(config.slots)
