@@ -45,8 +45,10 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
     """Registration server on ``<dir>/kubelet.sock``; after each Register it dials the plugin's endpoint,
     asks for its options and follows ListAndWatch into ``self.lists``."""
 
-    def __init__(self, plugin_dir: str) -> None:
+    def __init__(self, plugin_dir: str, refuse: str = "") -> None:
         self.dir = plugin_dir
+        self.refuse = refuse
+        self.refused = 0
         self.requests: queue.Queue[api_pb2.RegisterRequest] = queue.Queue()
         self.lists: queue.Queue[list[api_pb2.Device]] = queue.Queue()
         self.options: list[api_pb2.DevicePluginOptions] = []
@@ -60,6 +62,9 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
     def Register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         if request.version != "v1beta1":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported version {request.version}")
+        if self.refuse:
+            self.refused += 1
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, self.refuse)
         self.requests.put(request)
         threading.Thread(target=self._dial, args=(request.endpoint,), daemon=True).start()
         return api_pb2.Empty()
@@ -300,3 +305,19 @@ def test_reregisters_when_only_kubelet_sock_is_recreated(dirs: dict[str, str], k
             assert plugin.registrations == 2
         finally:
             restarted.stop()
+
+
+def test_refused_registration_backs_off_and_retries(dirs: dict[str, str]) -> None:
+    kubelet = FakeKubelet(dirs["plugins"], refuse="resource devrep.io/replica is already registered")
+    try:
+        with DevicePlugin(make_config(dirs, poll_interval=0.05), TokenDirectory(dirs["tokens"])) as plugin:
+            wait_for(lambda: kubelet.refused >= 3, "a few refused attempts")
+            time.sleep(1.0)
+            # Backoff doubles from 0.05 s: about 5 attempts in the first 1.5 s, not 30.
+            assert 3 <= kubelet.refused <= 8 and not plugin.registered
+            assert not probe.check(plugin.config.plugin_socket, HEALTH_SERVICE)[0]
+            kubelet.refuse = ""  # e.g. the other plugin went away
+            wait_for(lambda: plugin.registered, "registration once kubelet accepts", 5.0)
+            assert kubelet.requests.get(timeout=WAIT).resource_name == "devrep.io/replica"
+    finally:
+        kubelet.stop()

@@ -25,6 +25,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ UNHEALTHY = "Unhealthy"
 HEALTH_SERVICE = "devrep.kube.DevicePlugin"
 """Health-service name that reports SERVING only while registered with kubelet (readiness)."""
 SLOT_PREFIX = "replica-"
+MAX_BACKOFF = 30.0
+"""Longest wait between Register attempts that the same kubelet refused."""
 LABEL_PREFIX = "kube-"
 
 _RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
@@ -153,6 +156,11 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         self._own_inode: tuple[int, int, int] | None = None
         self._kubelet_inode: tuple[int, int, int] | None = None
         self._registered = False
+        # After a refused Register, retry the same kubelet with exponential backoff (a resource name that another
+        # plugin holds stays refused; hammering kubelet every poll would only fill its log).
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._refused_by: tuple[int, int, int] | None = None
         self.registrations = 0
         """Successful Register calls so far (a kubelet restart adds one)."""
         self._stopping = threading.Event()
@@ -342,10 +350,15 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                 api_pb2_grpc.RegistrationStub(channel).Register(request, timeout=cfg.register_timeout,
                                                                 wait_for_ready=True)
         except grpc.RpcError as e:
-            log.warning("registering %s with kubelet at %s failed: %s %s", cfg.resource_name, cfg.kubelet_socket,
-                        e.code(), e.details())
+            self._backoff = min(MAX_BACKOFF, max(self._backoff * 2, cfg.poll_interval))
+            self._retry_at = time.monotonic() + self._backoff
+            self._refused_by = inode
+            log.warning("registering %s with kubelet at %s failed: %s %s (retrying in %.1fs)", cfg.resource_name,
+                        cfg.kubelet_socket, e.code(), e.details(), self._backoff)
             self._set_registered(False)
             return False
+        self._backoff = 0.0
+        self._refused_by = None
         self._kubelet_inode = inode
         self.registrations += 1
         self._set_registered(True)
@@ -365,6 +378,8 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         if kubelet is None:
             self._set_registered(False)
         elif not self._registered or kubelet != self._kubelet_inode:
+            if kubelet == self._refused_by and time.monotonic() < self._retry_at:
+                return  # the same kubelet refused us recently
             self.register()
 
     def _watch(self) -> None:
