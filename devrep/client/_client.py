@@ -164,6 +164,7 @@ class ClientLease:
         self.cuda_ipc_handle = bytes(reply.cuda_ipc_handle)
         self._buffer_nbytes = reply.buffer_nbytes or pages_for(reply.nbytes) * PAGE_SIZE
         self._array: npt.NDArray[np.uint8] | None = None
+        self._ipc_opened = False
         self.released = False
         if fd >= 0:
             self._array = map_fd(fd, self._buffer_nbytes, writable=False)[: self.nbytes]
@@ -191,14 +192,20 @@ class ClientLease:
         return self._array
 
     def to_cupy(self) -> Any:
-        """The replica as a read-only-by-contract CuPy uint8 array in this process (CUDA IPC)."""
+        """The replica as a CuPy uint8 array in this process (CUDA IPC, zero-copy). CuPy has no read-only arrays:
+        do not write it (the next sync would overwrite it anyway). Valid until ``release()``."""
         if self.export_kind != "cuda_ipc":
             raise errors.FailedPreconditionError(f"replica on {self.device} is not a CUDA replica")
+        if self.released:
+            raise errors.FailedPreconditionError("lease already released")
         import cupy  # optional dependency: devrep[cuda]
 
-        ptr = cupy.cuda.runtime.ipcOpenMemHandle(self.cuda_ipc_handle)
-        mem = cupy.cuda.UnownedMemory(ptr, self._buffer_nbytes, self)
-        return cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+        index = int(self.device.partition(":")[2])
+        ptr = self._client._ipc_open(self.cuda_ipc_handle, index)
+        self._ipc_opened = True
+        with cupy.cuda.Device(index):
+            mem = cupy.cuda.UnownedMemory(ptr, self._buffer_nbytes, self, device_id=index)
+            return cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         if self.export_kind == "cuda_ipc":
@@ -215,6 +222,8 @@ class ClientLease:
         if not self.released:
             self.released = True
             self._array = None
+            if self._ipc_opened:
+                self._client._ipc_close(self.cuda_ipc_handle)
             if self._via_side_channel and self._client._sc is not None:
                 self._client._sc.call({"op": "release", "lease": self.lease_id})
             else:
@@ -320,6 +329,8 @@ class Client:
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self._ipc: dict[bytes, list[int]] = {}
+        self._ipc_lock = threading.Lock()
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -352,6 +363,35 @@ class Client:
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------------------ CUDA IPC
+    def _ipc_open(self, handle: bytes, index: int) -> int:
+        """Open a CUDA IPC handle once per process (a second cudaIpcOpenMemHandle of the same handle fails);
+        reference-counted across leases of the same replica buffer."""
+        import cupy
+
+        with self._ipc_lock:
+            entry = self._ipc.get(handle)
+            if entry is None:
+                with cupy.cuda.Device(index):
+                    ptr = int(cupy.cuda.runtime.ipcOpenMemHandle(handle))
+                entry = self._ipc[handle] = [ptr, index, 0]
+            entry[2] += 1
+            return entry[0]
+
+    def _ipc_close(self, handle: bytes) -> None:
+        import cupy
+
+        with self._ipc_lock:
+            entry = self._ipc.get(handle)
+            if entry is None:
+                return
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self._ipc[handle]
+                with cupy.cuda.Device(entry[1]):
+                    cupy.cuda.runtime.deviceSynchronize()  # no kernel may still read it
+                    cupy.cuda.runtime.ipcCloseMemHandle(entry[0])
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:

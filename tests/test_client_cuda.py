@@ -1,0 +1,44 @@
+"""CUDA replicas through the service: the client opens them with CUDA IPC (``to_cupy``) and DLPack.
+
+Runs only where CuPy and an NVIDIA GPU exist; the skip says which is missing. The server is its own process
+(a CUDA IPC handle cannot be opened in the process that exported it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    import cupy
+except ImportError:
+    pytest.skip("CUDA client test not run: CuPy is not installed (pip install devrep[cuda])", allow_module_level=True)
+try:
+    _GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError as _exc:
+    pytest.skip(f"CUDA client test not run: the CUDA driver reports no GPU ({_exc})", allow_module_level=True)
+if _GPUS == 0:
+    pytest.skip("CUDA client test not run: no NVIDIA GPU is visible", allow_module_level=True)
+
+from _devrep_service import server_process
+
+from devrep.client import connect
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(180)]
+
+
+def test_cuda_replica_via_ipc_and_dlpack() -> None:
+    with server_process() as (address, _), connect(address) as client:
+        region = client.create_region("g", 4 << 20)
+        region.array[:] = np.arange(region.array.size, dtype=np.uint64).astype(np.uint8)
+        region.invalidate()
+        client.replicate("g", ["cuda:0"])
+        with client.acquire("g", "cuda:0") as lease:
+            assert lease.export_kind == "cuda_ipc" and len(lease.cuda_ipc_handle) == 64
+            gpu = lease.to_cupy()
+            assert gpu.size == region.array.size
+            assert np.array_equal(cupy.asnumpy(gpu), region.array)
+            assert np.array_equal(cupy.asnumpy(cupy.from_dlpack(lease)), region.array)
+        region.array[4096:8192] = 3
+        region.invalidate(4096, 4096)
+        with client.acquire("g", "cuda:0") as lease:  # fresh: the stale page was copied first
+            assert int(cupy.asnumpy(lease.to_cupy()[4096])) == 3
