@@ -158,3 +158,22 @@ def test_hello_timeout_drops_silent_connections(server: DevrepServer, monkeypatc
         assert sock.recv(100) == b""  # closed by the server
     finally:
         sock.close()
+
+
+def test_hello_accepts_only_pre_authorized_tokens(server: DevrepServer) -> None:
+    first = connect_raw(server)
+    token = hello(first)
+    second = connect_raw(server)
+    try:
+        reply, _ = call(second, {"op": "hello", "token": token})
+        assert (reply["ok"], reply["code"]) == (False, "UNAUTHENTICATED")
+        server.tokens.add("operator-token-0123456789", "job")
+        reply, _ = call(second, {"op": "hello", "token": "operator-token-0123456789"})
+        assert reply["ok"] and reply["label"] == "job"
+    finally:
+        second.close()
+    # the pre-authorized session outlives its connection; the first one is untouched
+    time.sleep(0.2)
+    labels = sorted(s.label for s in server.registry.sessions())
+    assert labels == ["job", "raw"]
+    first.close()

@@ -86,7 +86,9 @@ class DevrepServer:
         self.registry = SessionRegistry(self.replicator, self.tokens, quota or Quota())
         self.hub = WatchHub()
         self.replicator.add_listener(self.hub)
-        self.servicer = DevrepServicer(self.replicator, self.registry, self.hub)
+        if max_workers < 8:
+            raise InvalidArgumentError(f"max_workers must be >= 8, got {max_workers}")
+        self.servicer = DevrepServicer(self.replicator, self.registry, self.hub, max_streams=max_workers // 2)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._socket_mode = socket_mode
         sock = unix_path(address)

@@ -143,11 +143,15 @@ def remote_tracker(mode: str, fds: list[int], writer_base: int, length: int) -> 
 
 
 class DevrepServicer(pb_grpc.DevrepServiceServicer):
-    def __init__(self, replicator: Replicator, registry: SessionRegistry, hub: WatchHub) -> None:
+    def __init__(self, replicator: Replicator, registry: SessionRegistry, hub: WatchHub, *,
+                 max_streams: int = 16) -> None:
         self.rep = replicator
         self.reg = registry
         self.hub = hub
         self.stopping = threading.Event()
+        # Watch streams hold a server thread each: cap them so unary calls always find a free thread.
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self.max_streams = max_streams
 
     # ------------------------------------------------------------------ helpers
     def _session(self, context: grpc.ServicerContext) -> Session:
@@ -427,6 +431,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             if session.watchers >= self.reg.quota.max_watchers:
                 raise ResourceExhaustedError(f"session already has {session.watchers} watch streams "
                                              f"(limit {self.reg.quota.max_watchers})")
+            if not self._streams.acquire(blocking=False):
+                raise ResourceExhaustedError(f"the server already serves {self.max_streams} watch streams")
             session.watchers += 1
 
         def accept(event: Event) -> bool:
@@ -443,6 +449,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                     yield from _watch_messages(events, dropped)
         finally:
             self.hub.remove(watcher)
+            self._streams.release()
             with session.lock:
                 session.watchers -= 1
 

@@ -202,6 +202,10 @@ class SideChannel:
             if token:
                 if not isinstance(token, str):
                     raise InvalidArgumentError("token must be a string")
+                # Only operator-issued tokens: joining another connection's session would let this connection's
+                # end tear that session down.
+                if self.registry.tokens.lookup(token) is None:
+                    raise UnauthenticatedError("unknown token: hello accepts only pre-authorized tokens")
                 new = self.registry.authenticate(token)  # a pre-authorized session: survives this connection
             elif self.require_token:
                 raise UnauthenticatedError("this server only accepts pre-authorized tokens (set DEVREP_TOKEN)")
