@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from _devrep_service import inproc_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, memfd_create
 from devrep.service import DevrepServer, protocol
@@ -177,3 +179,43 @@ def test_hello_accepts_only_pre_authorized_tokens(server: DevrepServer) -> None:
     labels = sorted(s.label for s in server.registry.sessions())
     assert labels == ["job", "raw"]
     first.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(message=st.dictionaries(
+    st.sampled_from(["op", "kind", "lease", "name", "device", "fresh", "timeout_ms", "token", "label"]),
+    st.one_of(st.sampled_from(["hello", "put_fds", "acquire", "lease_fd", "release", "bye", "memfd", "file",
+                               "cpu:0", "r"]),
+              st.integers(-(2**70), 2**70), st.booleans(), st.none(), st.text(max_size=8),
+              st.lists(st.integers(), max_size=3)), max_size=6),
+    nfds=st.integers(0, 5))
+def test_fuzz_side_channel(message: dict[str, Any], nfds: int) -> None:
+    server = _FUZZ_SERVER[0]
+    sock = connect_raw(server)
+    try:
+        if message.get("op") != "hello":
+            hello(sock)
+        fds = [sealed_memfd(4096) for _ in range(nfds)]
+        try:
+            reply, got = call(sock, message, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for fd in got:
+            os.close(fd)
+        assert reply["ok"] or reply["code"] in {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED",
+                                                "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "PERMISSION_DENIED",
+                                                "DEADLINE_EXCEEDED"}, reply
+    finally:
+        sock.close()
+
+
+_FUZZ_SERVER: list[DevrepServer] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_server() -> Iterator[None]:
+    with inproc_server() as srv:
+        _FUZZ_SERVER.append(srv)
+        yield
+        _FUZZ_SERVER.clear()
