@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,13 @@ SERVE = Path(__file__).with_name("serve.py")
 def require_tracking(mode: str) -> None:
     """Skip, saying exactly what is missing, when this kernel cannot do ``mode`` tracking."""
     try:
-        with devrep.Replicator(cpu_devices=1) as rep:
-            rep.create_region("probe", PAGE_SIZE, tracking=mode)
+        with devrep.Replicator(cpu_devices=1) as rep, tempfile.NamedTemporaryFile() as f:
+            if mode == "file":
+                f.write(bytes(PAGE_SIZE))
+                f.flush()
+                rep.register_file("probe", f.name, tracking=mode)
+            else:
+                rep.create_region("probe", PAGE_SIZE, tracking=mode)
     except devrep.UnsupportedModeError as exc:
         pytest.skip(f"tracking={mode!r} unavailable on this machine: {exc}")
 

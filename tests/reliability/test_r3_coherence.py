@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from devrep._pages import PAGE_SIZE, PageArray
 from devrep.memory import HostMemory
 from devrep.tracking import Notify
 
-from ._coherence import Tally, WriterProcess, local_writer, run_checker, soak_scale, summary
+from ._coherence import STAMP_SHIFT, Tally, WriterProcess, local_writer, run_checker, soak_scale, summary
 from .conftest import require_tracking
 
 DEVICES = ["cpu:0", "cpu:1", "cpu:2"]
@@ -170,3 +171,41 @@ def test_r3_checker_catches_lost_writes(tracking: str) -> None:
         run_checker(rep, [(region, 1)], DEVICES, done, acquirers=2, seed=2, tally=tally,
                     deadline=time.monotonic() + 60)
     assert tally.violations, "the checker missed writes that were never reported"
+
+
+def test_r3_file_mode_pwrite_writer(tmp_path: Path) -> None:
+    """file mode with a writer using pwrite(2) (inotify sees each write before it returns): the same check."""
+    require_tracking("file")
+    npages, writes = 256, 5_000
+    path = tmp_path / "stamps.bin"
+    path.write_bytes(bytes(npages * PAGE_SIZE))
+    tally = Tally()
+    began = time.monotonic()
+    with devrep.Replicator(cpu_devices=len(DEVICES)) as rep:
+        region = rep.register_file("file", path, tracking="file")
+        rep.replicate("file", DEVICES)
+        done = threading.Event()
+
+        def write() -> None:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                rng = np.random.default_rng(5)
+                start = time.monotonic()
+                for seq in range(1, writes + 1):
+                    if seq % 64 == 0:  # bursts and pauses, as in the other modes
+                        ahead = start + 4.0 * seq / writes - time.monotonic()
+                        if ahead > 0:
+                            time.sleep(ahead)
+                    stamp = np.uint64((1 << STAMP_SHIFT) | seq).tobytes()
+                    os.pwrite(fd, stamp, int(rng.integers(npages)) * PAGE_SIZE)
+                with tally.lock:
+                    tally.writes += writes
+            finally:
+                os.close(fd)
+                done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        run_checker(rep, [(region, 1)], DEVICES, done, acquirers=2, seed=4, tally=tally,
+                    deadline=time.monotonic() + 90)
+    print(json.dumps(summary("file", "pwrite", tally, time.monotonic() - began)))
+    assert_clean(tally, writes)
