@@ -18,6 +18,7 @@ from .._pages import PAGE_SIZE, RunArray, pages_for, pages_from_runs
 from ..backends import ExportHandle
 from ..engine import Replicator
 from ..errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -30,7 +31,7 @@ from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import close_fds
 from .sessions import Session, SessionRegistry, readable_by
-from .sidechannel import check_fd
+from .sidechannel import check_fd, check_writer_mapping
 from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
 
@@ -212,7 +213,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             raise InvalidArgumentError(f"nbytes must be >= 0, got {src.nbytes}")
         if not src.fd_ticket:
             raise InvalidArgumentError("memfd.fd_ticket is required (hand the memfd over with put_fds first)")
-        fds = self.reg.take_ticket(session, src.fd_ticket)
+        fds, pid = self.reg.take_ticket_with_pid(session, src.fd_ticket)
         try:
             if mode == "file":
                 raise InvalidArgumentError("file tracking needs a file source, not a memfd")
@@ -231,6 +232,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         tracking: str | Tracker = "explicit"
         if mode != "explicit":
             try:
+                if pid is None:
+                    raise FailedPreconditionError("sync/async tracking needs fds sent on the side channel")
+                check_writer_mapping(pid, src.writer_base, pages_for(nbytes) * PAGE_SIZE, fds[0])
                 tracking = remote_tracker(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
             except BaseException:
                 close_fds(fds)
@@ -263,6 +267,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             raise NotFoundError(f"no such file: {src.path}") from None
         except OSError as exc:
             raise InvalidArgumentError(f"cannot stat {src.path}: {exc.strerror}") from None
+        tracking = mode if mode == "file" else make_tracker("explicit")
         if src.fd_ticket:
             fds = self.reg.take_ticket(session, src.fd_ticket)
             try:
@@ -270,13 +275,16 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 proof = os.fstat(fds[0])
                 if (proof.st_dev, proof.st_ino) != (st.st_dev, st.st_ino):
                     raise PermissionDeniedError(f"the fd in ticket {src.fd_ticket} is not {src.path}")
+                # Open the very file the client proved it can read (not whatever the path names by now).
+                region = self.rep.register_file(name, f"/proc/self/fd/{fds[0]}", block_size=block_size,
+                                                tracking=tracking)
             finally:
                 close_fds(fds)
-        elif not readable_by(st, session.uid):
+        elif readable_by(st, session.uid):
+            region = self.rep.register_file(name, src.path, block_size=block_size, tracking=tracking)
+        else:
             raise PermissionDeniedError(f"{src.path} is not readable by this session ({session.describe()}); "
                                         "send an open fd of it with put_fds(kind='file') to prove access")
-        region = self.rep.register_file(name, src.path, block_size=block_size,
-                                        tracking=mode if mode == "file" else make_tracker("explicit"))
         self.reg.adopt(session, name)
         return region
 

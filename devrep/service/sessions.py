@@ -63,6 +63,8 @@ class Session:
     regions: set[str] = field(default_factory=set)
     leases: dict[int, Lease] = field(default_factory=dict)
     tickets: dict[str, list[int]] = field(default_factory=dict)
+    ticket_pids: dict[str, int] = field(default_factory=dict)
+    """The pid that sent each ticket's fds (SO_PEERCRED): whose address space ``writer_base`` refers to."""
     watchers: int = 0
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -200,7 +202,7 @@ class SessionRegistry:
             self.close(session)
 
     # ------------------------------------------------------------------ tickets (fds from the side channel)
-    def add_ticket(self, session: Session, fds: list[int]) -> str:
+    def add_ticket(self, session: Session, fds: list[int], pid: int | None = None) -> str:
         with session.lock:
             if session.closed:
                 raise UnauthenticatedError("session ended")
@@ -211,14 +213,20 @@ class SessionRegistry:
                 )
             ticket = secrets.token_hex(8)
             session.tickets[ticket] = fds
+            if pid is not None:
+                session.ticket_pids[ticket] = pid
             return ticket
 
     def take_ticket(self, session: Session, ticket: str) -> list[int]:
+        return self.take_ticket_with_pid(session, ticket)[0]
+
+    def take_ticket_with_pid(self, session: Session, ticket: str) -> tuple[list[int], int | None]:
         with session.lock:
             fds = session.tickets.pop(ticket, None)
+            pid = session.ticket_pids.pop(ticket, None)
         if fds is None:
             raise NotFoundError(f"no fd ticket {ticket!r} in this session (tickets are single-use)")
-        return fds
+        return fds, pid
 
     # ------------------------------------------------------------------ regions
     def claim(self, session: Session, name: str) -> None:

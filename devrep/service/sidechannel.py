@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import ExportHandle
-from ..errors import DevrepError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ..errors import (
+    DevrepError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
 from . import protocol
@@ -45,6 +51,32 @@ def _fd_target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+def check_writer_mapping(pid: int, writer_base: int, length: int, memfd: int) -> None:
+    """Raise ``InvalidArgumentError`` unless ``[writer_base, writer_base+length)`` in process ``pid`` maps ``memfd``
+    from offset 0, shared: a sync/async tracker trusts that address for every fault and scan."""
+    st = os.fstat(memfd)
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError as exc:
+        raise FailedPreconditionError(f"cannot check the writer's mapping in pid {pid}: {exc.strerror}") from None
+    cursor, end = writer_base, writer_base + length
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if hi <= cursor or lo > cursor or int(parts[4]) != st.st_ino or "s" not in parts[1]:
+            continue
+        if int(parts[2], 16) + (cursor - lo) != cursor - writer_base:
+            continue
+        cursor = hi
+        if cursor >= end:
+            return
+    raise InvalidArgumentError(
+        f"memfd.writer_base {writer_base:#x}: pid {pid} has no shared mapping of this memfd from offset 0 covering "
+        f"{length} bytes there; send the address of the mapping the userfaultfd was registered on")
 
 
 def check_fd(fd: int, role: str) -> None:
@@ -224,7 +256,7 @@ class SideChannel:
                                            f"got {len(fds)}")
             for fd, role in zip(fds, roles, strict=True):
                 check_fd(fd, role)
-            return {"ok": True, "ticket": self.registry.add_ticket(session, fds)}, []
+            return {"ok": True, "ticket": self.registry.add_ticket(session, fds, pid)}, []
         if fds:
             raise InvalidArgumentError(f"op {op!r} carries no file descriptors, got {len(fds)}")
         if op == "lease_fd":
