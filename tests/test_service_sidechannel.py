@@ -15,6 +15,7 @@ from _devrep_service import inproc_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import devrep
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, memfd_create
 from devrep.service import DevrepServer, protocol
 
@@ -219,3 +220,21 @@ def _fuzz_server() -> Iterator[None]:
         _FUZZ_SERVER.append(srv)
         yield
         _FUZZ_SERVER.clear()
+
+
+def test_writer_mapping_check_matches_proc_maps() -> None:
+    from devrep.memory import buffer_address, map_fd
+    from devrep.service.sidechannel import check_writer_mapping
+
+    fd, other = sealed_memfd(8 * 4096), sealed_memfd(8 * 4096)
+    try:
+        array = map_fd(fd, 8 * 4096, writable=True)
+        base = buffer_address(array)
+        check_writer_mapping(os.getpid(), base, 8 * 4096, fd)
+        for bad_base, length, memfd in [(base + 4096, 8 * 4096, fd), (base - 4096, 8 * 4096, fd), (0, 4096, fd),
+                                        (base, 9 * 4096, fd), (base, 8 * 4096, other)]:
+            with pytest.raises(devrep.InvalidArgumentError, match="writer_base"):
+                check_writer_mapping(os.getpid(), bad_base, length, memfd)
+    finally:
+        os.close(fd)
+        os.close(other)
