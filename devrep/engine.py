@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Sequence
@@ -9,7 +10,13 @@ from typing import Any
 
 from ._pages import PAGE_SIZE, check_block_size
 from .backends import Backend, Progress, load_backend, parse_device
-from .errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, UnknownDeviceError
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnknownDeviceError,
+)
 from .memory import HostMemory, adopt_fd, create_shared, map_file, wrap_buffer
 from .region import DEFAULT_TIMEOUT, Event, Listener, Region, SyncReport, check_region_name
 from .tracking import Tracker, make_tracker
@@ -80,6 +87,14 @@ class Replicator:
         check_region_name(name)
         check_block_size(block_size)
         tracker = make_tracker(tracking) if isinstance(tracking, str) else tracking
+        try:
+            return self._add_tracked(name, make_host, block_size, tracker)
+        except BaseException:
+            with contextlib.suppress(Exception):  # releases any fds (a handed-over uffd) the tracker holds
+                tracker.close()
+            raise
+
+    def _add_tracked(self, name: str, make_host: Any, block_size: int, tracker: Tracker) -> Region:
         with self._lock:
             if self.closed:
                 raise InvalidArgumentError("replicator is closed")
@@ -99,8 +114,12 @@ class Replicator:
                 del self._regions[name]
             raise
         with self._lock:
-            self._regions[name] = region
-        return region
+            if not self.closed:
+                self._regions[name] = region
+                return region
+            del self._regions[name]
+        region.close()  # close() ran meanwhile and could not see this region
+        raise FailedPreconditionError("replicator was closed while the region was being registered")
 
     def create_region(self, name: str, nbytes: int, *, block_size: int = PAGE_SIZE,
                       tracking: str | Tracker = "explicit") -> Region:
@@ -119,8 +138,20 @@ class Replicator:
 
     def register_fd(self, name: str, fd: int, nbytes: int | None = None, *, block_size: int = PAGE_SIZE,
                     tracking: str | Tracker = "explicit") -> Region:
-        """A memfd (or other mappable fd) handed over by another process; devrep takes ownership of ``fd``."""
-        return self._add(name, lambda: adopt_fd(fd, nbytes), block_size, tracking)
+        """A memfd handed over by another process; devrep takes ownership of ``fd`` (closed on failure too) and
+        seals it against shrinking."""
+        adopted: list[HostMemory] = []
+
+        def adopt() -> HostMemory:
+            adopted.append(adopt_fd(fd, nbytes))
+            return adopted[0]
+
+        try:
+            return self._add(name, adopt, block_size, tracking)
+        except BaseException:
+            if not adopted:  # once adopted, the failed registration closed it with the host memory
+                os.close(fd)
+            raise
 
     def region(self, name: str) -> Region:
         with self._lock:

@@ -138,8 +138,28 @@ def create_shared(name: str, nbytes: int) -> HostMemory:
     return HostMemory("memfd", array, nbytes, fd=fd)
 
 
+def seal_against_shrinking(fd: int) -> None:
+    """Make sure nobody can truncate ``fd`` under its replicas (a SIGBUS for every reader of the mapping)."""
+    try:
+        add_seals(fd, F_SEAL_SHRINK)
+        return
+    except OSError:
+        pass
+    try:
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & F_SEAL_SHRINK:
+        raise InvalidArgumentError(
+            "the memory object cannot be sealed against shrinking (F_SEAL_SHRINK), so it could be truncated under "
+            "its replicas; pass a memfd created with MFD_ALLOW_SEALING (or use register_file for files)"
+        )
+
+
 def adopt_fd(fd: int, nbytes: int | None = None, *, writable: bool = False) -> HostMemory:
-    """Map an fd someone handed over (a client's memfd). devrep takes ownership of ``fd``."""
+    """Map a memfd someone handed over (a client's); it gets sealed against shrinking. The caller keeps
+    ownership of ``fd`` until this returns (``Replicator.register_fd`` closes it on failure)."""
+    seal_against_shrinking(fd)
     size = os.fstat(fd).st_size
     if nbytes is None:
         nbytes = size

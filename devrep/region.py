@@ -18,6 +18,7 @@ the spare's readers, bounded by its timeout.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,8 @@ from .tracking import Tracker
 
 if TYPE_CHECKING:
     from .backends import Progress
+
+log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 16
 DEFAULT_TIMEOUT = 30.0
@@ -149,6 +152,17 @@ class VerifyReport:
         return int(self.mismatched[:, 1].sum()) if len(self.mismatched) else 0
 
 
+@dataclass(eq=False)
+class _Plan:
+    """What one sync writes for one replica: ``pages`` into buffer ``target``."""
+
+    replica: Replica
+    target: int
+    pages: PageArray
+    stale_in_front: npt.NDArray[np.bool_]
+    """Per entry of ``pages``: stale in the readable buffer when the sync started."""
+
+
 class Replica:
     """A region's read-only copy on one device (one or two device buffers, see the module doc)."""
 
@@ -201,7 +215,8 @@ class Lease:
         if self.released:
             raise FailedPreconditionError("lease already released")
         buf = self.replica.buffers[self._buffer_index]
-        assert buf is not None
+        if buf is None:
+            raise FailedPreconditionError(f"the replica on {self.device} has no buffer any more")
         return buf
 
     @property
@@ -298,7 +313,10 @@ class Region:
     def _emit(self, events: Iterable[Event]) -> None:
         for event in events:
             for listener in self._listeners:
-                listener(event)
+                try:
+                    listener(event)
+                except Exception:  # a broken watcher must not break syncs or writers
+                    log.exception("listener failed on %s event of region %r", event.kind, self.name)
 
     def _replica(self, device: str) -> Replica:
         try:
@@ -365,24 +383,32 @@ class Region:
         self._check_open()
         backend, index = self._resolve(device)
         with self._cond:
-            if device in self._replicas:
-                raise AlreadyExistsError(f"region {self.name!r} already has a replica on {device}")
-            used = {r.slot for r in self._replicas.values()}
-            free = [s for s in range(MAX_REPLICAS) if s not in used]
-            if not free:
-                raise ResourceExhaustedError(f"region {self.name!r} already has {MAX_REPLICAS} replicas")
-            replica = Replica(self, device, backend, index, free[0])
-            self._valid &= ~replica.bit
-            self._lag &= ~replica.bit
-            self._replicas[device] = replica
+            self._check_new_replica(device)
+        # Allocate before publishing: a sync or acquire never sees a replica without memory.
+        buffer = backend.allocate(index, self.npages * PAGE_SIZE)
         try:
-            replica.buffers[0] = backend.allocate(index, self.npages * PAGE_SIZE)
-        except BaseException:
             with self._cond:
-                del self._replicas[device]
+                slot = self._check_new_replica(device)
+                replica = Replica(self, device, backend, index, slot)
+                replica.buffers[0] = buffer
+                self._valid &= ~replica.bit
+                self._lag &= ~replica.bit
+                self._replicas[device] = replica
+        except BaseException:
+            backend.free(buffer)
             raise
         self._emit([Event("replica_added", self.name, self.generation, device=device)])
         return replica
+
+    def _check_new_replica(self, device: str) -> int:
+        """The free slot a new replica on ``device`` would take."""
+        if device in self._replicas:
+            raise AlreadyExistsError(f"region {self.name!r} already has a replica on {device}")
+        used = {r.slot for r in self._replicas.values()}
+        free = [s for s in range(MAX_REPLICAS) if s not in used]
+        if not free:
+            raise ResourceExhaustedError(f"region {self.name!r} already has {MAX_REPLICAS} replicas")
+        return free[0]
 
     def remove_replica(self, device: str) -> None:
         """Drop a replica. Device memory is freed now, or when its last reader releases."""
@@ -390,6 +416,7 @@ class Region:
             replica = self._replica(device)
             del self._replicas[device]
             replica.closed = True
+            replica.valid_pages = 0
             self._valid &= ~replica.bit
             self._lag &= ~replica.bit
             replica._free_unleased()
@@ -424,6 +451,8 @@ class Region:
         ``timeout`` seconds for readers holding both buffers of a replica (``LeaseTimeoutError``).
         """
         self._check_open()
+        if timeout is not None and timeout < 0:
+            raise InvalidArgumentError(f"timeout must be >= 0 or None, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
         start = time.perf_counter()
         if not self._sync_lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -433,96 +462,128 @@ class Region:
         finally:
             self._sync_lock.release()
 
+    def _prepare_spares(self, devices: Sequence[str] | None) -> None:
+        """Allocate a spare buffer, outside the region lock, for each replica whose readable buffer is leased.
+
+        A device too full for a spare is fine: the sync then waits for the readers instead.
+        """
+        with self._cond:
+            targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
+            wanted = [r for r in targets if r.leases[r.front] and r.buffers[1 - r.front] is None and not r.closed]
+        for rep in wanted:
+            spare: DeviceBuffer | None
+            try:
+                spare = rep.backend.allocate(rep.index, self.npages * PAGE_SIZE)
+            except ResourceExhaustedError:
+                continue
+            with self._cond:
+                if rep.buffers[1 - rep.front] is None and not rep.closed:
+                    rep.buffers[1 - rep.front] = spare
+                    self._lag |= rep.bit  # a new spare holds nothing
+                    spare = None
+            if spare is not None:
+                rep.backend.free(spare)
+
     def _sync(
         self, devices: Sequence[str] | None, deadline: float | None, progress: Progress | None, start: float
     ) -> SyncReport:
+        self._prepare_spares(devices)
         events: list[Event] = []
-        plans: list[tuple[Replica, int, PageArray]] = []
-        with self._cond:
-            events += self._collect_locked()
-            targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
-            try:
+        plans: list[_Plan] = []
+        try:
+            with self._cond:
+                events += self._collect_locked()
+                targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
                 for rep in targets:
                     plans.append(self._plan_locked(rep, deadline))
-            except BaseException:
-                for rep, target, _ in plans:
-                    rep.busy[target] = False
-                raise
-            union = self._union([p for _, _, p in plans])
-            snapshot = self._gen[union].copy()
-            generation = self.generation
-            union_runs = runs_from_pages(union)
-            if union.size:
-                self.tracker.rearm(union_runs)
-        self._emit(events)
-
-        try:
+                union = self._union([p.pages for p in plans])
+                snapshot = self._gen[union].copy()
+                generation = self.generation
+                union_runs = runs_from_pages(union)
+                if union.size:
+                    self.tracker.rearm(union_runs)
+            self._emit(events)
             host_read = self._copy(plans, progress)
-        except BaseException:
+            events = []
             with self._cond:
-                for rep, target, _ in plans:
-                    rep.busy[target] = False
+                events += self._collect_locked()
+                if union.size:
+                    self.tracker.settle()
+                unchanged = self._gen[union] == snapshot
+                seconds = time.perf_counter() - start
+                copied = 0
+                for plan in plans:
+                    rep, pages = plan.replica, plan.pages
+                    rep.busy[plan.target] = False
+                    if rep.closed:
+                        rep._free_unleased()
+                        continue
+                    kept = unchanged if pages is union else unchanged[np.searchsorted(union, pages)]
+                    fresh = pages[kept]
+                    if plan.target != rep.front:
+                        # Flip to the spare. The old buffer now differs from the new one exactly where it was stale
+                        # when the copy started, and where the host changed during the copy.
+                        self._lag &= ~rep.bit
+                        self._lag[pages[plan.stale_in_front | ~kept]] |= rep.bit
+                        rep.front = plan.target
+                    elif rep.buffers[1 - plan.target] is not None:
+                        self._lag[pages] |= rep.bit
+                    newly = fresh[(self._valid[fresh] & rep.bit) == 0]
+                    rep.valid_pages += int(newly.size)
+                    self._valid[fresh] |= rep.bit
+                    rep.generation = generation
+                    copied += int(pages.size)
+                    if fresh.size:
+                        events.append(Event("sync", self.name, generation, runs_from_pages(fresh), device=rep.device,
+                                            nbytes=int(pages.size) * PAGE_SIZE, seconds=seconds))
+                plans = []
+                self.stats.syncs += 1
+                self.stats.pages_copied += copied
+                self.stats.bytes_copied += copied * PAGE_SIZE
+                self.stats.host_bytes_read += host_read
+                self.stats.sync_seconds += seconds
                 self._cond.notify_all()
-            raise
-
-        events = []
-        with self._cond:
-            events += self._collect_locked()
-            unchanged = self._gen[union] == snapshot
-            seconds = time.perf_counter() - start
-            copied = 0
-            for rep, target, pages in plans:
-                rep.busy[target] = False
-                if rep.closed:
-                    rep._free_unleased()
-                    continue
-                fresh = pages[unchanged if pages is union else unchanged[np.searchsorted(union, pages)]]
-                newly = fresh[(self._valid[fresh] & rep.bit) == 0]
-                rep.valid_pages += int(newly.size)
-                self._valid[fresh] |= rep.bit
-                if target != rep.front:  # the new pages went to the spare: flip
-                    self._lag &= ~rep.bit
-                    rep.front = target
-                    self._lag[pages] |= rep.bit
-                elif rep.buffers[1 - target] is not None:
-                    self._lag[pages] |= rep.bit
-                rep.generation = generation
-                copied += int(pages.size)
-                if fresh.size:
-                    events.append(Event("sync", self.name, generation, runs_from_pages(fresh), device=rep.device,
-                                        nbytes=int(pages.size) * PAGE_SIZE, seconds=seconds))
-            self.stats.syncs += 1
-            self.stats.pages_copied += copied
-            self.stats.bytes_copied += copied * PAGE_SIZE
-            self.stats.host_bytes_read += host_read
-            self.stats.sync_seconds += seconds
-            self._cond.notify_all()
+        finally:
+            if plans:  # failed midway: no page was marked valid; let readers and the next sync in
+                with self._cond:
+                    for plan in plans:
+                        plan.replica.busy[plan.target] = False
+                        if plan.replica.closed:
+                            plan.replica._free_unleased()
+                    self._cond.notify_all()
         self._emit(events)
         return SyncReport(self.name, generation, copied, copied * PAGE_SIZE, host_read, len(union_runs), seconds,
-                          [rep.device for rep, _, _ in plans])
+                          [r.device for r in targets])
 
-    def _plan_locked(self, rep: Replica, deadline: float | None) -> tuple[Replica, int, PageArray]:
+    def _wait_locked(self, deadline: float | None, what: str) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise LeaseTimeoutError(f"region {self.name!r}: {what}")
+        self._cond.wait(remaining)
+
+    def _plan_locked(self, rep: Replica, deadline: float | None) -> _Plan:
         """Pick the buffer a sync writes for ``rep`` and the pages it needs. Marks that buffer busy."""
-        if rep.leases[rep.front] == 0:
-            target = rep.front
-            pages = np.flatnonzero((self._valid & rep.bit) == 0)
-        else:
+        while True:
+            if rep.leases[rep.front] == 0:
+                target = rep.front
+                break
             target = 1 - rep.front
-            if rep.buffers[target] is None:
-                rep.buffers[target] = rep.backend.allocate(rep.index, self.npages * PAGE_SIZE)
-                self._lag |= rep.bit  # a new spare holds nothing
-            while rep.leases[target] > 0:
-                self.stats.lease_waits += 1
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise LeaseTimeoutError(
-                        f"region {self.name!r} on {rep.device}: both replica buffers are held by readers; "
-                        "release leases or raise the sync timeout"
-                    )
-                self._cond.wait(remaining)
-            pages = np.flatnonzero(((self._valid & rep.bit) == 0) | ((self._lag & rep.bit) != 0))
+            if rep.buffers[target] is not None and rep.leases[target] == 0:
+                break
+            self.stats.lease_waits += 1
+            self._wait_locked(deadline, f"on {rep.device}: every replica buffer is held by readers (and the device "
+                              "has no room for another); release leases or raise the sync timeout")
+            if rep.closed:
+                raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
+        stale = (self._valid & rep.bit) == 0
+        if target == rep.front:
+            pages = np.flatnonzero(stale)
+            stale_in_front = np.ones(pages.size, dtype=bool)
+        else:
+            pages = np.flatnonzero(stale | ((self._lag & rep.bit) != 0))
+            stale_in_front = stale[pages]
         rep.busy[target] = True
-        return rep, target, pages.astype(np.int64)
+        return _Plan(rep, target, pages.astype(np.int64), stale_in_front)
 
     def _union(self, page_sets: list[PageArray]) -> PageArray:
         if not page_sets:
@@ -534,23 +595,38 @@ class Region:
             mask[pages] = True
         return np.flatnonzero(mask)
 
-    def _copy(self, plans: list[tuple[Replica, int, PageArray]], progress: Progress | None) -> int:
+    def _copy(self, plans: list[_Plan], progress: Progress | None) -> int:
         """Run the copies, one backend call per group of replicas that need the same pages (fan-out)."""
-        groups: dict[tuple[int, bytes], list[tuple[Replica, int, PageArray]]] = {}
+        groups: dict[tuple[int, bytes], list[_Plan]] = {}
         for plan in plans:
-            rep, _, pages = plan
-            if pages.size:
-                groups.setdefault((id(rep.backend), pages.tobytes()), []).append(plan)
+            if plan.pages.size:
+                groups.setdefault((id(plan.replica.backend), plan.pages.tobytes()), []).append(plan)
         host_read = 0
         for members in groups.values():
-            rep0, _, pages = members[0]
-            buffers = [rep.buffers[target] for rep, target, _ in members]
-            rep0.backend.copy_runs(self.host.array, runs_from_pages(pages),
-                                   [b for b in buffers if b is not None], progress)
-            host_read += int(pages.size) * PAGE_SIZE
+            first = members[0]
+            buffers = [plan.replica.buffers[plan.target] for plan in members]
+            if any(b is None for b in buffers):
+                raise FailedPreconditionError(f"region {self.name!r}: a replica buffer vanished during sync")
+            first.replica.backend.copy_runs(self.host.array, runs_from_pages(first.pages),
+                                            [b for b in buffers if b is not None], progress)
+            host_read += int(first.pages.size) * PAGE_SIZE
         return host_read
 
     # ------------------------------------------------------------------ acquire
+    def _lease_locked(self, rep: Replica, deadline: float | None, fresh: bool) -> Lease | None:
+        """Lease ``rep``'s readable buffer once no copy into it is in flight; ``None`` if ``fresh`` and stale."""
+        while rep.busy[rep.front]:
+            self._wait_locked(deadline, f"on {rep.device}: a sync is still copying")
+        if rep.closed:
+            raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
+        self._check_open()
+        if fresh and rep.valid_pages != self.npages:
+            return None
+        invalid = (runs_from_mask((self._valid & rep.bit) == 0) if rep.valid_pages < self.npages
+                   else np.empty((0, 2), np.int64))
+        rep.leases[rep.front] += 1
+        return Lease(rep, rep.front, rep.generation if invalid.size else self.generation, invalid)
+
     def acquire(self, device: str, *, fresh: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> Lease:
         """Lease the replica on ``device`` for reading.
 
@@ -559,22 +635,13 @@ class Region:
         the readable buffer in flight) with ``Lease.invalid_runs`` listing the stale pages.
         """
         self._check_open()
+        if timeout is not None and timeout < 0:
+            raise InvalidArgumentError(f"timeout must be >= 0 or None, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
                 events = self._collect_locked()
-                rep = self._replica(device)
-                while rep.busy[rep.front]:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise LeaseTimeoutError(f"region {self.name!r} on {device}: a sync is still copying")
-                    self._cond.wait(remaining)
-                lease = None
-                if not fresh or rep.valid_pages == self.npages:
-                    invalid = (runs_from_mask((self._valid & rep.bit) == 0) if rep.valid_pages < self.npages
-                               else np.empty((0, 2), np.int64))
-                    rep.leases[rep.front] += 1
-                    lease = Lease(rep, rep.front, rep.generation if invalid.size else self.generation, invalid)
+                lease = self._lease_locked(self._replica(device), deadline, fresh)
             self._emit(events)
             if lease is not None:
                 return lease
@@ -586,32 +653,39 @@ class Region:
             self.sync([device], timeout=remaining)
 
     # ------------------------------------------------------------------ verify
-    def verify(self, devices: Sequence[str] | None = None, *, resync: bool = True) -> list[VerifyReport]:
-        """Hash host and replica pages; pages valid throughout whose hashes differ are marked stale (counted)
-        and, with ``resync``, copied again."""
+    def verify(self, devices: Sequence[str] | None = None, *, resync: bool = True,
+               timeout: float | None = DEFAULT_TIMEOUT) -> list[VerifyReport]:
+        """Hash host and replica pages; pages valid in the leased buffer and not written since whose hashes differ
+        are marked stale (counted) and, with ``resync``, copied again."""
         self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
         targets = list(devices) if devices is not None else self.devices
-        leases = [self.acquire(d, fresh=False) for d in targets]
+        held: list[tuple[Lease, npt.NDArray[np.uint32], npt.NDArray[np.bool_]]] = []
+        reports: list[tuple[Replica, RunArray, int]] = []
         try:
-            with self._cond:
-                events = self._collect_locked()
-                gen_before = self._gen.copy()
-                valid_before = self._valid.copy()
-            self._emit(events)
+            for device in targets:
+                with self._cond:
+                    events = self._collect_locked()
+                    lease = self._lease_locked(self._replica(device), deadline, fresh=False)
+                    assert lease is not None
+                    # Snapshot in the same lock hold as the lease: these bits describe the leased buffer.
+                    held.append((lease, self._gen.copy(), (self._valid & lease.replica.bit) != 0))
+                self._emit(events)
             host_hashes = hash_pages(self.host.array)
-            device_hashes = [lease.replica.backend.hash_pages(lease.buffer) for lease in leases]
-            reports: list[tuple[Replica, RunArray, int]] = []
+            device_hashes = [lease.replica.backend.hash_pages(lease.buffer) for lease, _, _ in held]
             events = []
             with self._cond:
                 events += self._collect_locked()
-                stable = self._gen == gen_before
-                for lease, dev_hashes in zip(leases, device_hashes, strict=True):
+                for (lease, gen_at_lease, valid_at_lease), dev_hashes in zip(held, device_hashes, strict=True):
                     rep = lease.replica
-                    checked = stable & ((valid_before & rep.bit) != 0) & ((self._valid & rep.bit) != 0)
+                    checked = valid_at_lease & (self._gen == gen_at_lease)
                     bad = rep.backend.compare(host_hashes, dev_hashes)
                     bad = bad[checked[bad]]
-                    rep.valid_pages -= int(bad.size)
+                    still_valid = bad[(self._valid[bad] & rep.bit) != 0]
+                    rep.valid_pages -= int(still_valid.size)
                     self._valid[bad] &= ~rep.bit
+                    if rep.buffers[1 - rep.front] is not None:
+                        self._lag[bad] |= rep.bit  # the spare may hold the same bad copy
                     runs = runs_from_pages(bad)
                     self.stats.verifies += 1
                     self.stats.pages_verified += int(np.count_nonzero(checked))
@@ -621,11 +695,11 @@ class Region:
                         events.append(Event("verify", self.name, self.generation, runs, device=rep.device))
             self._emit(events)
         finally:
-            for lease in leases:
+            for lease, _, _ in held:
                 lease.release()
-        mismatched = [rep.device for rep, runs, _ in reports if len(runs)]
+        mismatched = [rep.device for rep, runs, _ in reports if len(runs) and not rep.closed]
         if resync and mismatched:
-            self.sync(mismatched)
+            self.sync(mismatched, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             with self._cond:
                 self.stats.resyncs += 1
         return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)))

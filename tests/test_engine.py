@@ -135,7 +135,7 @@ def test_sync_waits_for_readers_of_both_buffers_with_timeout(replicator: devrep.
     region.sync()                                         # goes to the spare
     second = region.acquire(devices[0])
     _write_page(region, 2, 2)
-    with pytest.raises(devrep.LeaseTimeoutError, match="both replica buffers"):
+    with pytest.raises(devrep.LeaseTimeoutError, match="every replica buffer is held by readers"):
         region.sync(timeout=0.2)
     threading.Timer(0.2, first.release).start()
     region.sync(timeout=5)                                # proceeds once the old reader is gone

@@ -18,6 +18,7 @@ from ..errors import ResourceExhaustedError, UnknownDeviceError
 from ..hashing import hash_pages
 from ..memory import F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
+from ._staging import check_range
 
 # Copies at least this long go through one numpy copy (glibc memcpy with non-temporal stores past its
 # threshold); shorter runs are batched through a compiled loop so thousands of scattered pages cost one call.
@@ -136,9 +137,8 @@ class CpuBackend(Backend):
         return hash_pages(self._array(buffer), pages)
 
     def read(self, buffer: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> npt.NDArray[np.uint8]:
-        array = self._array(buffer)
-        end = array.nbytes if nbytes is None else offset + nbytes
-        return array[offset:end].copy()
+        nbytes = check_range(buffer, offset, nbytes)
+        return self._array(buffer)[offset:offset + nbytes].copy()
 
     def export(self, buffer: DeviceBuffer) -> ExportHandle:
         fd, _ = buffer.handle

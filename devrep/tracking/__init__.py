@@ -52,6 +52,10 @@ class Tracker(ABC):
     def rearm(self, runs: RunArray) -> None:  # noqa: B027 - optional hook
         """Re-arm write detection for pages about to be copied."""
 
+    def settle(self) -> None:  # noqa: B027 - optional hook
+        """Called by ``sync()`` under the region lock after its post-copy ``collect()``: the copy of the runs
+        last passed to ``rearm`` is complete and judged."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop tracking; release every protection."""
 

@@ -25,7 +25,7 @@ import numpy as np
 from inotify_simple import INotify
 from inotify_simple import flags as IN
 
-from .._pages import PageArray, RunArray
+from .._pages import PageArray, RunArray, pages_from_runs
 from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, UnsupportedModeError
 from ..hashing import hash_pages
 from ..memory import HostMemory
@@ -57,6 +57,7 @@ class FileTracker(Tracker):
         self._sig: tuple[int, int, int, int, int] | None = None
         self._inotify: INotify | None = None
         self._pending = False
+        self._armed: PageArray | None = None  # pages a sync is copying; any change meanwhile makes them suspect
         self._failed: str | None = None
         self._reported_failure = False
         self._stop_r, self._stop_w = -1, -1
@@ -66,6 +67,8 @@ class FileTracker(Tracker):
         self.closed = False
 
     def attach(self, host: HostMemory, notify: Notify) -> None:
+        if self._host is not None:
+            raise FailedPreconditionError("a FileTracker tracks one region; make a new one")
         if host.kind != "file" or host.fd is None or host.path is None:
             raise UnsupportedModeError(
                 f"tracking='file' watches regular files registered with register_file; this region is "
@@ -177,11 +180,22 @@ class FileTracker(Tracker):
             self.rehashes += 1
             pages = np.flatnonzero(hashes != self._hashes).astype(np.int64)
             self._hashes = hashes
+            if self._armed is not None:
+                # The file changed while a sync copied these pages: a page may have been copied mid-change and
+                # then changed back (same hash as before), so every page in flight is suspect.
+                pages = np.union1d(pages, self._armed)
+                self._armed = None
             return pages
 
     def rearm(self, runs: RunArray) -> None:
         if self._failed is not None:
             raise FailedPreconditionError(f"file tracking stopped: {self._failed}")
+        with self._lock:
+            self._armed = pages_from_runs(runs)
+
+    def settle(self) -> None:
+        with self._lock:
+            self._armed = None
 
     def close(self) -> None:
         with self._lock:
