@@ -131,6 +131,10 @@ _KILL_CHILD = textwrap.dedent("""
             rep.sync("k")
         except devrep.FailedPreconditionError as exc:
             print("refused:", exc, flush=True)
+        deadline = time.monotonic() + 5
+        while region.failed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("failed:", region.failed, flush=True)
 """)
 
 
@@ -154,6 +158,7 @@ def test_killed_handler_releases_blocked_writer_within_1s() -> None:
     lines = rest.splitlines()
     assert lines[0] == "[[0, 64]]", "with the handler gone every page must be reported stale"
     assert lines[1].startswith("refused:") and "exited" in lines[1]
+    assert lines[2].startswith("failed:") and "exited" in lines[2], "the region is marked failed with the reason"
 
 
 def test_unsupported_memory_names_modes_that_work(rep: devrep.Replicator, tmp_path: Path) -> None:

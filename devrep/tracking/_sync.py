@@ -253,6 +253,9 @@ class SyncTracker(Tracker):
             # Writes may now land unseen: report every page stale once; rearm() refuses from now on.
             self._reported_failure = True
             shared.take()
+            if self.on_failure is not None:  # not from here: collect() runs under the region lock
+                threading.Thread(target=self.on_failure, args=(self._failed,), name="devrep-sync-failed",
+                                 daemon=True).start()
             return np.arange(self._npages, dtype=np.int64)
         return shared.take()
 
