@@ -163,23 +163,51 @@ def test_hello_timeout_drops_silent_connections(server: DevrepServer, monkeypatc
         sock.close()
 
 
-def test_hello_accepts_only_pre_authorized_tokens(server: DevrepServer) -> None:
+def test_hello_with_a_token_joins_without_owning_the_session(server: DevrepServer) -> None:
     first = connect_raw(server)
     token = hello(first)
     second = connect_raw(server)
     try:
-        reply, _ = call(second, {"op": "hello", "token": token})
+        reply, _ = call(second, {"op": "hello", "token": "not-a-token"})
         assert (reply["ok"], reply["code"]) == (False, "UNAUTHENTICATED")
-        server.tokens.add("operator-token-0123456789", "job")
-        reply, _ = call(second, {"op": "hello", "token": "operator-token-0123456789"})
-        assert reply["ok"] and reply["label"] == "job"
+        reply, _ = call(second, {"op": "hello", "token": token})
+        assert reply["ok"] and reply["token"] == token  # joined: may pass fds for that session
+        fd = sealed_memfd()
+        reply, _ = call(second, {"op": "put_fds", "kind": "memfd"}, [fd])
+        os.close(fd)
+        assert reply["ok"]
+        reply, _ = call(second, {"op": "bye"})
+        assert reply["ok"]
     finally:
         second.close()
-    # the pre-authorized session outlives its connection; the first one is untouched
     time.sleep(0.2)
-    labels = sorted(s.label for s in server.registry.sessions())
-    assert labels == ["job", "raw"]
+    assert [s.label for s in server.registry.sessions()] == ["raw"]  # the joiner leaving ended nothing
+    server.tokens.add("operator-token-0123456789", "job")
+    third = connect_raw(server)
+    reply, _ = call(third, {"op": "hello", "token": "operator-token-0123456789"})
+    assert reply["ok"] and reply["label"] == "job"
+    third.close()
     first.close()
+    time.sleep(0.2)
+    assert [s.label for s in server.registry.sessions()] == ["job"]  # pre-authorized: outlives connections
+
+
+def test_writer_mapping_check_matches_proc_maps() -> None:
+    from devrep.memory import buffer_address, map_fd
+    from devrep.service.sidechannel import check_writer_mapping
+
+    fd, other = sealed_memfd(8 * 4096), sealed_memfd(8 * 4096)
+    try:
+        array = map_fd(fd, 8 * 4096, writable=True)
+        base = buffer_address(array)
+        check_writer_mapping(os.getpid(), base, 8 * 4096, fd)
+        for bad_base, length, memfd in [(base + 4096, 8 * 4096, fd), (base - 4096, 8 * 4096, fd), (0, 4096, fd),
+                                        (base, 9 * 4096, fd), (base, 8 * 4096, other)]:
+            with pytest.raises(devrep.InvalidArgumentError, match="writer_base"):
+                check_writer_mapping(os.getpid(), bad_base, length, memfd)
+    finally:
+        os.close(fd)
+        os.close(other)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -220,21 +248,3 @@ def _fuzz_server() -> Iterator[None]:
         _FUZZ_SERVER.append(srv)
         yield
         _FUZZ_SERVER.clear()
-
-
-def test_writer_mapping_check_matches_proc_maps() -> None:
-    from devrep.memory import buffer_address, map_fd
-    from devrep.service.sidechannel import check_writer_mapping
-
-    fd, other = sealed_memfd(8 * 4096), sealed_memfd(8 * 4096)
-    try:
-        array = map_fd(fd, 8 * 4096, writable=True)
-        base = buffer_address(array)
-        check_writer_mapping(os.getpid(), base, 8 * 4096, fd)
-        for bad_base, length, memfd in [(base + 4096, 8 * 4096, fd), (base - 4096, 8 * 4096, fd), (0, 4096, fd),
-                                        (base, 9 * 4096, fd), (base, 8 * 4096, other)]:
-            with pytest.raises(devrep.InvalidArgumentError, match="writer_base"):
-                check_writer_mapping(os.getpid(), bad_base, length, memfd)
-    finally:
-        os.close(fd)
-        os.close(other)

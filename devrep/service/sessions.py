@@ -318,6 +318,9 @@ class SessionRegistry:
 
     # ------------------------------------------------------------------ leases
     def add_lease(self, session: Session, lease: Lease) -> int:
+        with self._lock:  # lock order: registry, then session (as in drop_region)
+            self._lease_ids += 1
+            lease_id = self._lease_ids
         with session.lock:
             if session.closed:
                 lease.release()
@@ -326,9 +329,6 @@ class SessionRegistry:
                 lease.release()
                 raise ResourceExhaustedError(f"session holds {len(session.leases)} leases "
                                              f"(limit {self.quota.max_leases}); release some")
-            with self._lock:
-                self._lease_ids += 1
-                lease_id = self._lease_ids
             session.leases[lease_id] = lease
             return lease_id
 

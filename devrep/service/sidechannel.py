@@ -178,6 +178,7 @@ class SideChannel:
 
     def _serve(self, conn: socket.socket) -> None:
         session: Session | None = None
+        owns_session = False
         try:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, _gid = struct.unpack("3i", creds)
@@ -191,7 +192,7 @@ class SideChannel:
                 if message is None:
                     return
                 try:
-                    reply, out_fds = self._handle(conn, message, fds, session, uid, pid)
+                    reply, out_fds = self._handle(message, fds, session, uid, pid, owns_session)
                 except DevrepError as exc:
                     protocol.close_fds(fds)
                     protocol.send(conn, protocol.error_reply(exc))
@@ -203,6 +204,7 @@ class SideChannel:
                     continue
                 if isinstance(reply.get("_session"), Session):
                     session = reply.pop("_session")
+                    owns_session = bool(reply.pop("_owns"))
                     conn.settimeout(None)  # from now on the connection lives as long as the client
                 try:
                     protocol.send(conn, reply, out_fds)
@@ -216,11 +218,11 @@ class SideChannel:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
-            if session is not None and not session.persistent:
+            if session is not None and owns_session:
                 self.registry.close(session)
 
-    def _handle(self, conn: socket.socket, message: dict[str, Any], fds: list[int], session: Session | None,
-                uid: int, pid: int) -> tuple[dict[str, Any], list[int]]:
+    def _handle(self, message: dict[str, Any], fds: list[int], session: Session | None, uid: int, pid: int,
+                owns_session: bool) -> tuple[dict[str, Any], list[int]]:
         op = message.get("op")
         if op == "hello":
             if fds:
@@ -234,16 +236,15 @@ class SideChannel:
             if token:
                 if not isinstance(token, str):
                     raise InvalidArgumentError("token must be a string")
-                # Only operator-issued tokens: joining another connection's session would let this connection's
-                # end tear that session down.
-                if self.registry.tokens.lookup(token) is None:
-                    raise UnauthenticatedError("unknown token: hello accepts only pre-authorized tokens")
-                new = self.registry.authenticate(token)  # a pre-authorized session: survives this connection
+                # Join an existing session (pre-authorized, or another connection's): this connection passes fds
+                # for it but does not own its lifetime.
+                new, owns = self.registry.authenticate(token), False
             elif self.require_token:
                 raise UnauthenticatedError("this server only accepts pre-authorized tokens (set DEVREP_TOKEN)")
             else:
-                new = self.registry.open(label, uid, pid)
-            return {"ok": True, "token": new.token, "session": new.id, "label": new.label, "_session": new}, []
+                new, owns = self.registry.open(label, uid, pid), True
+            return {"ok": True, "token": new.token, "session": new.id, "label": new.label, "_session": new,
+                    "_owns": owns}, []
         if session is None:
             raise UnauthenticatedError("send hello first")
         if op == "put_fds":
@@ -293,7 +294,7 @@ class SideChannel:
             self.registry.release(session, _positive_int(message, "lease"))
             return {"ok": True}, []
         if op == "bye":
-            if not session.persistent:
+            if owns_session:
                 self.registry.close(session)  # before the reply: close() returns with everything freed
             return {"ok": True}, []
         raise InvalidArgumentError(
