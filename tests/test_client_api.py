@@ -162,3 +162,22 @@ def test_coalesce_merges_consecutive_events_only() -> None:
     assert [(e.kind, e.region, e.generation) for e in out] == [("invalidate", "a", 2), ("sync", "a", 2),
                                                                 ("invalidate", "a", 3), ("invalidate", "b", 3)]
     assert out[0].runs.tolist() == [[0, 2]]
+
+
+def test_truncated_file_fails_the_region_before_anything_reads_it(client: Client, tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"q" * (64 * 4096))
+    client.register_file("t", path)
+    client.replicate("t", ["cpu:0"])
+    with client.watch("t") as stream:
+        events = iter(stream)
+        os.truncate(path, 4096)  # reading the lost pages would SIGBUS the service
+        client.invalidate("t")
+        with pytest.raises(devrep.FailedPreconditionError, match="shrank"):
+            client.sync("t")
+        assert "shrank" in (client.describe("t").failed or "")
+        assert next(e for e in events if e.kind == "region_failed").region == "t"
+    with pytest.raises(devrep.FailedPreconditionError):
+        client.acquire("t", "cpu:0")
+    client.unregister("t")
+    assert client.ping()

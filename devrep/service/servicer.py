@@ -163,7 +163,24 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         owned = self.reg.check(session, name, write=write)
         return self.rep.region(name), owned
 
+    @staticmethod
+    def _guard_file(region: Region, *, check_only: bool = False) -> None:
+        """A file truncated under its mapping makes every read of the lost pages SIGBUS, which would kill the whole
+        service: check the size before anything reads the pages, and fail the region instead. (A truncation racing
+        with a copy already under way is not caught here; see docs/api.md.)"""
+        host = region.host
+        if host.kind != "file" or host.fd is None or region.failed:
+            return
+        size = os.fstat(host.fd).st_size
+        if size < region.nbytes:
+            region.fail(f"{host.path} shrank from {region.nbytes} to {size} bytes under its replicas; "
+                        "re-register the file")
+            if check_only:
+                return
+            raise FailedPreconditionError(f"region {region.name!r} failed: {region.failed}")
+
     def _describe(self, session: Session, region: Region) -> pb.Region:
+        self._guard_file(region, check_only=True)
         owned = self.reg.owners.get(region.name) is session
         return region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
 
@@ -326,6 +343,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                   ) -> Iterator[pb.ReplicateResponse]:
         session = self._session(context)
         region, _ = self._region(session, request.name, write=True)
+        self._guard_file(region)
         devices = check_devices(request.devices, required=True)
         timeout = timeout_of(request.timeout_ms, context)
         for device in devices:
@@ -362,6 +380,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
     def Sync(self, request: pb.SyncRequest, context: grpc.ServicerContext) -> pb.SyncResponse:
         session = self._session(context)
         region, _ = self._region(session, request.name, write=True)
+        self._guard_file(region)
         devices = check_devices(request.devices, required=False)
         report = region.sync(devices or None, timeout=timeout_of(request.timeout_ms, context))
         return pb.SyncResponse(report=report_pb(report))
@@ -370,6 +389,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                       ) -> tuple[int, Lease, ExportHandle]:
         """Acquire for the gRPC call and the side channel's one-round-trip ``acquire`` alike."""
         region, _ = self._region(session, name, write=False)
+        self._guard_file(region)
         if not device:
             raise InvalidArgumentError("device is required (e.g. 'cpu:0')")
         if len(session.leases) >= self.reg.quota.max_leases:
@@ -419,6 +439,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
         session = self._session(context)
         region, _ = self._region(session, request.name, write=request.resync)
+        self._guard_file(region)
         devices = check_devices(request.devices, required=False)
         reports = region.verify(devices or None, resync=request.resync)
         return pb.VerifyResponse(reports=[
