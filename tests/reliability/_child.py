@@ -14,7 +14,10 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies, so a test killed by its timeout leaves nothing behind."""
+    """SIGKILL this process when its parent dies, so a test killed by its timeout leaves nothing behind.
+
+    The signal really fires when the parent *thread* that started us exits: the suite starts helpers from
+    the test's main thread only."""
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the prctl took effect

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -80,7 +81,9 @@ def test_r8_unsealed_memfd_is_refused(server: ServerProcess) -> None:
 # ``file``: file tracking notices the size change and fails the region. ``explicit``: the owner reports the
 # change and the service syncs. ``file-busy``: file tracking while Verify keeps reading every page; a Verify is
 # in flight at the truncation only most of the time, so this variant tries up to 4 times.
-@pytest.mark.parametrize("variant", ["file", "explicit", "file-busy"])
+@pytest.mark.parametrize("variant", ["file", "explicit", pytest.param("file-busy", marks=pytest.mark.xfail(
+    strict=True, reason="SIGBUS: the service reads a file region while it is truncated (size check then read is "
+    "racy; needs a read lease or pread-based copies; see docs/reliability.md, Findings)"))])
 def test_r8_truncated_file_fails_the_region_not_the_service(server: ServerProcess, tmp_path: Path,
                                                             variant: str) -> None:
     with devrep.client.connect(server.address) as owner, devrep.client.connect(server.address) as other:
@@ -136,7 +139,11 @@ def truncate_under_the_service(server: ServerProcess, owner: devrep.client.Clien
             failed = owner.describe(name).failed
             if not failed and tracking == "explicit":
                 owner.sync(name)
-        except (devrep.FailedPreconditionError, devrep.client.ServiceUnavailableError):
+        except devrep.FailedPreconditionError:
+            break
+        except devrep.client.ServiceUnavailableError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.proc.wait(5)  # type: ignore[union-attr]  # let a dying server finish dying
             break
         time.sleep(0.05)
     stop.set()
