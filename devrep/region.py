@@ -159,8 +159,8 @@ class _Plan:
     replica: Replica
     target: int
     pages: PageArray
-    stale_in_front: npt.NDArray[np.bool_]
-    """Per entry of ``pages``: stale in the readable buffer when the sync started."""
+    stale_in_front: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, bool))
+    """Per entry of ``pages``: stale in the readable buffer when the generations were snapshot."""
 
 
 class Replica:
@@ -496,6 +496,9 @@ class Region:
                 targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
                 for rep in targets:
                     plans.append(self._plan_locked(rep, deadline))
+                # Planning may have waited (lock released): take every snapshot now, in one lock hold.
+                for plan in plans:
+                    plan.stale_in_front = (self._valid[plan.pages] & plan.replica.bit) == 0
                 union = self._union([p.pages for p in plans])
                 snapshot = self._gen[union].copy()
                 generation = self.generation
@@ -522,7 +525,7 @@ class Region:
                     fresh = pages[kept]
                     if plan.target != rep.front:
                         # Flip to the spare. The old buffer now differs from the new one exactly where it was stale
-                        # when the copy started, and where the host changed during the copy.
+                        # at the snapshot, and where the host changed during the copy.
                         self._lag &= ~rep.bit
                         self._lag[pages[plan.stale_in_front | ~kept]] |= rep.bit
                         rep.front = plan.target
@@ -576,14 +579,10 @@ class Region:
             if rep.closed:
                 raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
         stale = (self._valid & rep.bit) == 0
-        if target == rep.front:
-            pages = np.flatnonzero(stale)
-            stale_in_front = np.ones(pages.size, dtype=bool)
-        else:
-            pages = np.flatnonzero(stale | ((self._lag & rep.bit) != 0))
-            stale_in_front = stale[pages]
+        if target != rep.front:
+            stale |= (self._lag & rep.bit) != 0
         rep.busy[target] = True
-        return _Plan(rep, target, pages.astype(np.int64), stale_in_front)
+        return _Plan(rep, target, np.flatnonzero(stale).astype(np.int64))
 
     def _union(self, page_sets: list[PageArray]) -> PageArray:
         if not page_sets:
