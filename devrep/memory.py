@@ -22,7 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ._pages import PAGE_SIZE, check_page_multiple, pages_for
-from .errors import AlignmentError, DevrepError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from .errors import (
+    AlignmentError,
+    DevrepError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -120,6 +127,52 @@ class HostMemory:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    # A regular file can be truncated by anyone who may write it, and touching a mapped page past the new end
+    # of file is a SIGBUS that kills the process. So devrep never reads a file region through its mapping:
+    # it reads with pread, where a shrunk file is a short read and a clear error.
+    @property
+    def guarded(self) -> bool:
+        return self.kind == "file"
+
+    def _pread_into(self, out: npt.NDArray[np.uint8], offset: int) -> None:
+        """Fill ``out`` with the file's bytes at ``offset`` (zeros past the logical end, as the mapping reads)."""
+        assert self.fd is not None
+        want = max(0, min(out.nbytes, self.nbytes - offset))
+        got = os.preadv(self.fd, [out[:want].data], offset) if want else 0
+        if got < want:
+            raise FailedPreconditionError(
+                f"{self.path} shrank to {os.fstat(self.fd).st_size} bytes under its replicas "
+                f"(registered with {self.nbytes}); re-register the file"
+            )
+        out[want:] = 0
+
+    def read_runs(self, runs: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]) -> None:
+        """pread the page runs into ``staging`` (page-aligned, region-sized) at the same offsets."""
+        for first, count in np.asarray(runs, dtype=np.int64).reshape(-1, 2).tolist():
+            a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+            self._pread_into(staging[a:b], a)
+
+    def hash_pages(self) -> npt.NDArray[np.uint64]:
+        """XXH64 of every page; file regions are read with pread in chunks (see ``guarded``)."""
+        from .hashing import hash_pages
+
+        if not self.guarded:
+            return hash_pages(self.array)
+        chunk_pages = 8192
+        bounce = anonymous(min(self.npages, chunk_pages) * PAGE_SIZE)
+        out = np.empty(self.npages, dtype=np.uint64)
+        for first in range(0, self.npages, chunk_pages):
+            count = min(chunk_pages, self.npages - first)
+            view = bounce[: count * PAGE_SIZE]
+            self._pread_into(view, first * PAGE_SIZE)
+            out[first:first + count] = hash_pages(view)
+        return out
+
+
+def anonymous(nbytes: int) -> npt.NDArray[np.uint8]:
+    """Page-aligned private anonymous memory (pages are allocated on first touch)."""
+    return np.frombuffer(mmap.mmap(-1, pages_for(nbytes) * PAGE_SIZE), dtype=np.uint8)
 
 
 def create_shared(name: str, nbytes: int) -> HostMemory:

@@ -46,8 +46,7 @@ from .errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from .hashing import hash_pages
-from .memory import HostMemory
+from .memory import HostMemory, anonymous
 from .tracking import Tracker
 
 if TYPE_CHECKING:
@@ -584,6 +583,19 @@ class Region:
         rep.busy[target] = True
         return _Plan(rep, target, np.flatnonzero(stale).astype(np.int64))
 
+    def _source(self, runs: RunArray) -> npt.NDArray[np.uint8]:
+        """The host pages to copy ``runs`` from: the mapping, or for a file region a staging copy read with
+        pread (see ``HostMemory.guarded``)."""
+        if not self.host.guarded:
+            return self.host.array
+        staging = anonymous(self.host.array.nbytes)  # only the runs' pages get touched; freed after the copy
+        try:
+            self.host.read_runs(runs, staging)
+        except FailedPreconditionError as exc:
+            self.fail(str(exc))
+            raise
+        return staging
+
     def _union(self, page_sets: list[PageArray]) -> PageArray:
         if not page_sets:
             return np.empty(0, np.int64)
@@ -606,8 +618,9 @@ class Region:
             buffers = [plan.replica.buffers[plan.target] for plan in members]
             if any(b is None for b in buffers):
                 raise FailedPreconditionError(f"region {self.name!r}: a replica buffer vanished during sync")
-            first.replica.backend.copy_runs(self.host.array, runs_from_pages(first.pages),
-                                            [b for b in buffers if b is not None], progress)
+            runs = runs_from_pages(first.pages)
+            first.replica.backend.copy_runs(self._source(runs), runs, [b for b in buffers if b is not None],
+                                            progress)
             host_read += int(first.pages.size) * PAGE_SIZE
         return host_read
 
@@ -670,7 +683,11 @@ class Region:
                     # Snapshot in the same lock hold as the lease: these bits describe the leased buffer.
                     held.append((lease, self._gen.copy(), (self._valid & lease.replica.bit) != 0))
                 self._emit(events)
-            host_hashes = hash_pages(self.host.array)
+            try:
+                host_hashes = self.host.hash_pages()
+            except FailedPreconditionError as exc:
+                self.fail(str(exc))
+                raise
             device_hashes = [lease.replica.backend.hash_pages(lease.buffer) for lease, _, _ in held]
             events = []
             with self._cond:

@@ -27,7 +27,6 @@ from inotify_simple import flags as IN
 
 from .._pages import PageArray, RunArray, pages_from_runs
 from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, UnsupportedModeError
-from ..hashing import hash_pages
 from ..memory import HostMemory
 from . import TRACKERS, Notify, Tracker
 
@@ -75,7 +74,7 @@ class FileTracker(Tracker):
                 f"{host.kind!r} memory: use 'sync', 'async' or 'explicit'")
         self._host, self._path = host, host.path
         self._sig = _signature(os.fstat(host.fd))
-        self._hashes = hash_pages(host.array)
+        self._hashes = host.hash_pages()
         inotify = INotify(nonblocking=True)
         try:
             inotify.add_watch(self._path, _FILE_MASK)
@@ -176,7 +175,13 @@ class FileTracker(Tracker):
             self._pending = False
             assert self._host.fd is not None
             self._sig = _signature(os.fstat(self._host.fd))
-            hashes = hash_pages(self._host.array)
+            try:
+                hashes = self._host.hash_pages()
+            except FailedPreconditionError as exc:  # shrank between the size check and the read
+                self._failed = str(exc)
+                self._reported_failure = True
+                os.eventfd_write(self._wake, 1)
+                return np.arange(self._host.npages, dtype=np.int64)
             self.rehashes += 1
             pages = np.flatnonzero(hashes != self._hashes).astype(np.int64)
             self._hashes = hashes

@@ -81,9 +81,7 @@ def test_r8_unsealed_memfd_is_refused(server: ServerProcess) -> None:
 # ``file``: file tracking notices the size change and fails the region. ``explicit``: the owner reports the
 # change and the service syncs. ``file-busy``: file tracking while Verify keeps reading every page; a Verify is
 # in flight at the truncation only most of the time, so this variant tries up to 4 times.
-@pytest.mark.parametrize("variant", ["file", "explicit", pytest.param("file-busy", marks=pytest.mark.xfail(
-    strict=True, reason="SIGBUS: the service reads a file region while it is truncated (size check then read is "
-    "racy; needs a read lease or pread-based copies; see docs/reliability.md, Findings)"))])
+@pytest.mark.parametrize("variant", ["file", "explicit", "file-busy"])
 def test_r8_truncated_file_fails_the_region_not_the_service(server: ServerProcess, tmp_path: Path,
                                                             variant: str) -> None:
     with devrep.client.connect(server.address) as owner, devrep.client.connect(server.address) as other:
