@@ -461,11 +461,12 @@ class Region:
         finally:
             self._sync_lock.release()
 
-    def _prepare_spares(self, devices: Sequence[str] | None) -> None:
+    def _prepare_spares(self, devices: Sequence[str] | None) -> set[str]:
         """Allocate a spare buffer, outside the region lock, for each replica whose readable buffer is leased.
 
-        A device too full for a spare is fine: the sync then waits for the readers instead.
+        A device too full for a spare is fine: the sync then waits for the readers instead. Returns those devices.
         """
+        no_room: set[str] = set()
         with self._cond:
             targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
             wanted = [r for r in targets if r.leases[r.front] and r.buffers[1 - r.front] is None and not r.closed]
@@ -474,6 +475,7 @@ class Region:
             try:
                 spare = rep.backend.allocate(rep.index, self.npages * PAGE_SIZE)
             except ResourceExhaustedError:
+                no_room.add(rep.device)
                 continue
             with self._cond:
                 if rep.buffers[1 - rep.front] is None and not rep.closed:
@@ -482,11 +484,12 @@ class Region:
                     spare = None
             if spare is not None:
                 rep.backend.free(spare)
+        return no_room
 
     def _sync(
         self, devices: Sequence[str] | None, deadline: float | None, progress: Progress | None, start: float
     ) -> SyncReport:
-        self._prepare_spares(devices)
+        no_room = self._prepare_spares(devices)
         events: list[Event] = []
         plans: list[_Plan] = []
         try:
@@ -494,7 +497,7 @@ class Region:
                 events += self._collect_locked()
                 targets = [self._replica(d) for d in devices] if devices is not None else list(self._replicas.values())
                 for rep in targets:
-                    plans.append(self._plan_locked(rep, deadline))
+                    plans.append(self._plan_locked(rep, deadline, rep.device in no_room))
                 # Planning may have waited (lock released): take every snapshot now, in one lock hold.
                 for plan in plans:
                     plan.stale_in_front = (self._valid[plan.pages] & plan.replica.bit) == 0
@@ -563,7 +566,7 @@ class Region:
             raise LeaseTimeoutError(f"region {self.name!r}: {what}")
         self._cond.wait(remaining)
 
-    def _plan_locked(self, rep: Replica, deadline: float | None) -> _Plan:
+    def _plan_locked(self, rep: Replica, deadline: float | None, no_room: bool = False) -> _Plan:
         """Pick the buffer a sync writes for ``rep`` and the pages it needs. Marks that buffer busy."""
         while True:
             if rep.leases[rep.front] == 0:
@@ -573,8 +576,16 @@ class Region:
             if rep.buffers[target] is not None and rep.leases[target] == 0:
                 break
             self.stats.lease_waits += 1
-            self._wait_locked(deadline, f"on {rep.device}: every replica buffer is held by readers (and the device "
-                              "has no room for another); release leases or raise the sync timeout")
+            try:
+                self._wait_locked(deadline, f"on {rep.device}: every replica buffer is held by readers; release "
+                                  "leases or raise the sync timeout")
+            except LeaseTimeoutError as exc:
+                if no_room:  # the wait was only needed because the device is full
+                    raise ResourceExhaustedError(
+                        f"region {self.name!r}: {rep.device} has no room for a second buffer while readers hold "
+                        "the first, and they did not release it in time"
+                    ) from exc
+                raise
             if rep.closed:
                 raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
         stale = (self._valid & rep.bit) == 0

@@ -386,3 +386,21 @@ def test_concurrent_writers_readers_never_see_stale_or_changing_pages() -> None:
         assert not any(t.is_alive() for t in threads)
         assert region.stats.syncs > 10
     assert errors == []
+
+
+def test_no_room_for_a_spare_waits_for_readers_then_is_resource_exhausted() -> None:
+    backend = devrep.backends.CpuBackend(devices=1, capacity=8 * PAGE_SIZE)
+    with devrep.Replicator(backends={"cpu": backend}) as rep:
+        region = rep.create_region("r", 8 * PAGE_SIZE)
+        region.array[:] = 1
+        rep.replicate("r", ["cpu:0"])
+        lease = region.acquire("cpu:0")
+        _write_page(region, 0, 2)
+        with pytest.raises(devrep.ResourceExhaustedError, match="no room for a second buffer"):
+            region.sync(timeout=0.2)
+        assert int(lease.read(0, 1)[0]) == 1              # the leased buffer was not touched
+        threading.Timer(0.2, lease.release).start()
+        region.sync(timeout=5)                            # waits for the reader, then updates in place
+        with region.acquire("cpu:0") as fresh:
+            assert int(fresh.read(0, 1)[0]) == 2
+        assert backend.bytes_in_use(0) == 8 * PAGE_SIZE

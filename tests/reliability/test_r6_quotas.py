@@ -82,12 +82,12 @@ def test_r6_exhaustion_is_resource_exhausted_and_isolated(small_server: ServerPr
             assert [r.device for r in hog.describe("more").replicas] == []  # nothing half-made
 
             # A sync that needs a second buffer (the first is leased) on the full device: no room for a spare,
-            # so it waits for the reader, bounded by its timeout (DEADLINE_EXCEEDED), and never writes the
+            # so it waits for the reader, bounded by its timeout, then RESOURCE_EXHAUSTED; it never writes the
             # leased buffer.
             with hog.acquire("big", "cpu:0") as lease:
                 big.array[0] = 8
                 hog.invalidate("big", 0, PAGE_SIZE)
-                with pytest.raises(devrep.LeaseTimeoutError, match="no room"):
+                with pytest.raises(devrep.ResourceExhaustedError, match="no room"):
                     hog.sync("big", timeout=0.5)
                 assert int(lease.array[0]) == 7
             with hog.acquire("big", "cpu:0") as lease:  # once released, the one buffer is brought up to date
