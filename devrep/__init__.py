@@ -7,6 +7,10 @@ In-process use::
         region = rep.create_region("table", 64 << 20)
         rep.replicate("table", ["cpu:0", "cpu:1"])
         ...
+
+As a client of the ``devrep serve`` daemon::
+
+    client = devrep.connect()          # DEVREP_ADDRESS, or the default socket
 """
 
 from ._pages import PAGE_SIZE
@@ -30,12 +34,23 @@ from .region import Event, Lease, Region, RegionInfo, RegionStats, Replica, Sync
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The client pulls in grpc and the generated stubs; in-process users should not pay for that.
+    if name in ("connect", "Client"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'devrep' has no attribute {name!r}")
+
+
 __all__ = [
     "PAGE_SIZE",
     "AlignmentError",
     "AlreadyExistsError",
     "Backend",
     "BackendError",
+    "Client",
     "DeviceBuffer",
     "DevrepError",
     "Event",
@@ -57,4 +72,5 @@ __all__ = [
     "UnsupportedModeError",
     "VerifyReport",
     "__version__",
+    "connect",
 ]
