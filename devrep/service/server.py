@@ -131,6 +131,7 @@ class DevrepServer:
                                          acquire=self.servicer.acquire_lease)
                              if fd_path else None)
         self._stopped = threading.Event()
+        self._token_watch = False
 
     def start(self) -> DevrepServer:
         self._server.start()
@@ -138,6 +139,9 @@ class DevrepServer:
             os.chmod(self.socket_path, self._socket_mode)
         if self.side_channel is not None:
             self.side_channel.start()
+        self._token_watch = not self.tokens.watching
+        if self._token_watch:
+            self.tokens.start()  # removed token files end their sessions without waiting for a call
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -153,6 +157,9 @@ class DevrepServer:
         if self.side_channel is not None:
             self.side_channel.close()
         self._server.stop(grace).wait(grace + 1)
+        self.registry.detach()
+        if self._token_watch:
+            self.tokens.close()
         self.registry.close_all()
         self.replicator.close()  # releases every write protection, frees device memory
         if self.socket_path is not None:

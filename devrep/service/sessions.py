@@ -10,12 +10,13 @@ only its own regions, plus regions their owners shared with it (read-only).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,13 @@ from .protocol import close_fds
 if TYPE_CHECKING:
     from ..engine import Replicator
     from ..region import Lease
+
+log = logging.getLogger("devrep.service")
+
+_POLL = 0.5
+"""Seconds between backstop stats of the token directory in the watch thread."""
+_RACY_NS = 100_000_000
+"""A directory modified this recently (ns) may change again without its mtime moving: re-read it."""
 
 
 class UnauthenticatedError(PermissionDeniedError):
@@ -76,8 +84,14 @@ class Session:
 
 class TokenStore:
     """Pre-authorized tokens: added in process (``add``) or read from ``token_dir`` (one file per token: the file
-    name is the label, the content the token). The directory is re-read, at most once a second, when an unknown
-    token shows up, so tokens written by a device plugin work without a restart."""
+    name is the label, the content the token).
+
+    The directory is re-read whenever it changes: every lookup stats it (one ``stat``; a changed mtime/ctime or
+    inode means a file was created, renamed or removed), and ``start()`` runs an inotify watch that re-reads it
+    as soon as it changes, so a removed token file revokes the token at once even if no call uses it. Files are
+    expected to be replaced atomically (write + rename, as the device plugin does); a token rewritten in place
+    is still found when an unknown token shows up (at most one such re-read a second). Listeners added with
+    ``on_revoke`` are told which tokens went away (the server ends their sessions)."""
 
     def __init__(self, token_dir: str | os.PathLike[str] | None = None) -> None:
         self._tokens: dict[str, str] = {}
@@ -85,8 +99,14 @@ class TokenStore:
         self._dir = Path(token_dir) if token_dir else None
         self._lock = threading.Lock()
         self._last_scan = 0.0
+        self._signature: tuple[int, int, int] | None = None
+        self._racy = False
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self._watch: threading.Thread | None = None
+        self._stop = threading.Event()
         if self._dir is not None:
-            self._scan()
+            with self._lock:
+                self._scan(self._stat())
 
     def add(self, token: str, label: str) -> None:
         if not token or len(token) < 16:
@@ -96,9 +116,37 @@ class TokenStore:
 
     def remove(self, token: str) -> None:
         with self._lock:
+            gone = token in self._tokens and token not in self._from_dir
             self._tokens.pop(token, None)
+        if gone:
+            self._notify({token})
 
-    def _scan(self) -> None:
+    def on_revoke(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener(tokens)`` (on the thread that noticed) when tokens are removed."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[set[str]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self, tokens: set[str]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(tokens)
+            except Exception:  # one broken listener must not keep revoked sessions alive in the others
+                log.exception("token revocation listener failed")
+
+    # ------------------------------------------------------------------ the directory
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self._dir is not None
+        try:
+            st = os.stat(self._dir)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _scan(self, signature: tuple[int, int, int] | None) -> set[str]:
+        """Re-read the directory (lock held); returns the tokens that disappeared."""
         assert self._dir is not None
         found: dict[str, str] = {}
         try:
@@ -113,19 +161,94 @@ class TokenStore:
                         found[token] = entry.name
             except OSError:
                 continue
+        gone = {t for t in self._from_dir if t not in found and t not in self._tokens}
         self._from_dir = found
         self._last_scan = time.monotonic()
+        self._signature = signature
+        # A change within the file system's timestamp granularity of this scan could leave the mtime as it is:
+        # until the directory's mtime is safely in the past, the next check re-reads it anyway.
+        self._racy = signature is not None and abs(time.time_ns() - signature[1]) < _RACY_NS
+        return gone
+
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the directory if it changed (one stat when it did not); tell listeners about removed tokens."""
+        if self._dir is None:
+            return
+        signature = self._stat()
+        with self._lock:
+            if not force and not self._racy and signature == self._signature:
+                return
+            gone = self._scan(signature)
+        if gone:
+            self._notify(gone)
 
     def lookup(self, token: str) -> str | None:
+        self.refresh()
         with self._lock:
             label = self._tokens.get(token) or self._from_dir.get(token)
-            if label is None and self._dir is not None and time.monotonic() - self._last_scan > 1.0:
-                self._scan()
-                label = self._from_dir.get(token)
-            return label
+            stale = label is None and self._dir is not None and time.monotonic() - self._last_scan > 1.0
+        if stale:  # perhaps a file rewritten in place, which the stat cannot see
+            self.refresh(force=True)
+            with self._lock:
+                label = self._tokens.get(token) or self._from_dir.get(token)
+        return label
+
+    def known(self, token: str) -> str | None:
+        """The label of ``token`` as of the last read of the directory (no stat)."""
+        with self._lock:
+            return self._tokens.get(token) or self._from_dir.get(token)
 
     def __contains__(self, token: str) -> bool:
         return self.lookup(token) is not None
+
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    # ------------------------------------------------------------------ the watch
+    def start(self) -> TokenStore:
+        """Watch the directory in a daemon thread (inotify, plus a stat every ``_POLL`` seconds as a backstop, e.g.
+        while the directory does not exist yet). Idempotent; a no-op without a directory."""
+        if self._dir is None or self._watch is not None:
+            return self
+        self._stop.clear()
+        self._watch = threading.Thread(target=self._watch_loop, name="devrep-token-watch", daemon=True)
+        self._watch.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the watch (the store still answers lookups)."""
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join(timeout=2 * _POLL + 1)
+            self._watch = None
+
+    def _watch_loop(self) -> None:
+        from inotify_simple import INotify
+        from inotify_simple import flags as IN
+
+        assert self._dir is not None
+        mask = (IN.CREATE | IN.DELETE | IN.MOVED_FROM | IN.MOVED_TO | IN.CLOSE_WRITE | IN.ATTRIB
+                | IN.DELETE_SELF | IN.MOVE_SELF)
+        with INotify() as inotify:
+            watching = False
+            while not self._stop.is_set():
+                if not watching:
+                    try:
+                        inotify.add_watch(self._dir, mask)
+                        watching = True
+                    except OSError:  # not there yet: poll until it is
+                        pass
+                try:
+                    events = inotify.read(timeout=int(_POLL * 1000)) if watching else []
+                    if not watching:
+                        self._stop.wait(_POLL)
+                    if any(e.mask & (IN.IGNORED | IN.DELETE_SELF | IN.MOVE_SELF) for e in events):
+                        watching = False  # the directory itself went: watch its replacement
+                    self.refresh(force=bool(events))
+                except Exception:  # never let the watch die: lookups still stat the directory
+                    log.exception("token directory watch")
+                    self._stop.wait(_POLL)
 
 
 class SessionRegistry:
@@ -135,6 +258,7 @@ class SessionRegistry:
         self.replicator = replicator
         self.tokens = tokens
         self.quota = quota
+        tokens.on_revoke(self._revoked)
         self._sessions: dict[str, Session] = {}
         self.owners: dict[str, Session] = {}
         self.shares: dict[str, set[str]] = {}
@@ -161,17 +285,35 @@ class SessionRegistry:
             )
         with self._lock:
             session = self._sessions.get(token)
-            if session is not None and not session.closed:
-                return session
+        if session is not None and not session.closed and not session.persistent:
+            return session
+        # Pre-authorized: ask the token store every time (one stat of its directory), so a revoked token stops
+        # working at once; the store's revocation listener (below) ends the session.
         label = self.tokens.lookup(token)
         if label is None:
+            if session is not None:
+                self.close(session)
             raise UnauthenticatedError("unknown or expired session token")
         with self._lock:
             session = self._sessions.get(token)
             if session is None or session.closed:
+                if self.tokens.known(token) is None:  # revoked since the lookup: its listener found no session
+                    raise UnauthenticatedError("unknown or expired session token")
                 session = Session(self._new_id(), token, label, persistent=True)
                 self._sessions[token] = session
             return session
+
+    def _revoked(self, tokens: set[str]) -> None:
+        """Token store listener: end the sessions of removed pre-authorized tokens, as if their client left."""
+        with self._lock:
+            doomed = [s for t in tokens if (s := self._sessions.get(t)) is not None and s.persistent]
+        for session in doomed:
+            log.info("token of session %s revoked: closing it", session.describe())
+            self.close(session)
+
+    def detach(self) -> None:
+        """Stop listening to the token store (the server is stopping)."""
+        self.tokens.remove_listener(self._revoked)
 
     def sessions(self) -> list[Session]:
         with self._lock:

@@ -247,6 +247,8 @@ class SideChannel:
                     "_owns": owns}, []
         if session is None:
             raise UnauthenticatedError("send hello first")
+        if session.closed and op != "bye":
+            raise UnauthenticatedError("session ended (its token was revoked, or the server is stopping)")
         if op == "put_fds":
             kind = message.get("kind", "memfd")
             roles = FD_KINDS.get(kind) if isinstance(kind, str) else None
