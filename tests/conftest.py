@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 from collections.abc import Iterator
 
 import pytest
@@ -45,3 +46,18 @@ def devices(backend_kind: str, replicator: devrep.Replicator) -> list[str]:
     if count >= 2:
         return [f"{backend_kind}:0", f"{backend_kind}:1"]
     return [f"{backend_kind}:0", "cpu:1"]
+
+
+@pytest.fixture
+def hang_guard() -> Iterator[None]:
+    """A C-level watchdog: a store blocked on a userfaultfd fault holds the GIL, so no Python timeout fires."""
+    faulthandler.dump_traceback_later(90, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def rep() -> Iterator[devrep.Replicator]:
+    """A plain two-device CPU replicator."""
+    with devrep.Replicator(cpu_devices=2) as r:
+        yield r

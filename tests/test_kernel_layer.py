@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import faulthandler
 import mmap
 import os
 import select
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +21,8 @@ from devrep.kernel import (
 from devrep.kernel.uffd import Event
 from devrep.memory import create_shared
 
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
 PAGE = mmap.PAGESIZE
 
 
@@ -31,14 +31,6 @@ def _uffd_or_skip() -> Userfaultfd:
         return Userfaultfd()
     except OSError as exc:
         pytest.skip(f"userfaultfd unavailable on this machine: {exc} (needs root/CAP_SYS_PTRACE)")
-
-
-@pytest.fixture(autouse=True)
-def hang_guard() -> Iterator[None]:
-    # A blocked fault can hold the GIL; faulthandler's watchdog is a C thread that needs none.
-    faulthandler.dump_traceback_later(60, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def test_api_reports_wp_features() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faulthandler
 import mmap
 import os
 import socket
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,20 +18,9 @@ from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.region import Event
 from devrep.tracking._async import AsyncTracker, ranges_to_pages
 
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
 DEV = "cpu:0"
-
-
-@pytest.fixture(autouse=True)
-def hang_guard() -> Iterator[None]:
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture
-def rep() -> Iterator[devrep.Replicator]:
-    with devrep.Replicator(cpu_devices=2) as r:
-        yield r
 
 
 def test_finds_exactly_the_written_pages(rep: devrep.Replicator) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import faulthandler
 import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,10 @@ from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.region import Event
 from devrep.tracking._file import FileTracker
 
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
 DEV = "cpu:0"
 NPAGES = 1000
-
-
-@pytest.fixture(autouse=True)
-def hang_guard() -> Iterator[None]:
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture
-def rep() -> Iterator[devrep.Replicator]:
-    with devrep.Replicator(cpu_devices=2) as r:
-        yield r
 
 
 @pytest.fixture

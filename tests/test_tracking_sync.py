@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
 import socket
@@ -11,7 +10,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +21,9 @@ from devrep.errors import UnsupportedModeError
 from devrep.memory import memfd_create
 from devrep.tracking._sync import SyncTracker, prepare_sync_client
 
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
 DEV = "cpu:0"
-
-
-@pytest.fixture(autouse=True)
-def hang_guard() -> Iterator[None]:
-    # A write blocked on a fault holds the GIL, so only a C watchdog can end a hung test.
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture
-def rep() -> Iterator[devrep.Replicator]:
-    with devrep.Replicator(cpu_devices=2) as r:
-        yield r
 
 
 def test_store_is_invalid_when_it_returns(rep: devrep.Replicator) -> None:

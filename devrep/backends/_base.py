@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._pages import RunArray
+from ..errors import UnknownDeviceError
 
 
 @dataclass(eq=False)
@@ -57,6 +58,13 @@ class Backend(ABC):
     def describe(self, index: int) -> str:
         """Human-readable name of a device (model, memory)."""
         return f"{self.name}:{index}"
+
+    def _check_index(self, index: int) -> None:
+        """``UnknownDeviceError`` naming the device and the ones that exist."""
+        count = self.device_count()
+        if not 0 <= index < count:
+            have = f"{self.name}:0..{self.name}:{count - 1}" if count else f"no {self.name} devices"
+            raise UnknownDeviceError(f"no device {self.name}:{index}: this host has {have}")
 
     @abstractmethod
     def allocate(self, index: int, nbytes: int) -> DeviceBuffer:

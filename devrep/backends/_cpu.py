@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, RunArray, split_runs
-from ..errors import ResourceExhaustedError, UnknownDeviceError
+from ..errors import ResourceExhaustedError
 from ..hashing import hash_pages
 from ..memory import F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
@@ -71,12 +71,9 @@ class CpuBackend(Backend):
     def describe(self, index: int) -> str:
         return f"cpu:{index} (host RAM, sealed memfd)"
 
-    def _check(self, index: int) -> None:
-        if not 0 <= index < self._devices:
-            raise UnknownDeviceError(f"no device cpu:{index}: this CPU backend has cpu:0..cpu:{self._devices - 1}")
 
     def allocate(self, index: int, nbytes: int) -> DeviceBuffer:
-        self._check(index)
+        self._check_index(index)
         with self._lock:
             if self._capacity is not None and self._in_use[index] + nbytes > self._capacity:
                 raise ResourceExhaustedError(
@@ -150,5 +147,5 @@ class CpuBackend(Backend):
         return view
 
     def bytes_in_use(self, index: int) -> int:
-        self._check(index)
+        self._check_index(index)
         return self._in_use[index]

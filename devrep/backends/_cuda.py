@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
-from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
 from ._kernels import kernels_dir
 from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
@@ -107,9 +107,7 @@ class CudaBackend(Backend):
     def _dev(self, index: int) -> _Device:
         if self._closed:
             raise BackendError("the CUDA backend was closed")
-        if not 0 <= index < len(self._devices):
-            have = f"cuda:0..cuda:{len(self._devices) - 1}" if self._devices else "no CUDA devices"
-            raise UnknownDeviceError(f"no device cuda:{index}: this host has {have}")
+        self._check_index(index)
         return self._devices[index]
 
     def describe(self, index: int) -> str:

@@ -205,9 +205,7 @@ class OpenCLBackend(Backend):
     def _dev(self, index: int) -> _Device:
         if self._closed:
             raise BackendError("the OpenCL backend was closed")
-        if not 0 <= index < len(self._devices):
-            have = f"opencl:0..opencl:{len(self._devices) - 1}" if self._devices else "no OpenCL devices"
-            raise UnknownDeviceError(f"no device opencl:{index}: this host has {have}")
+        self._check_index(index)
         return self._devices[index]
 
     def describe(self, index: int) -> str:
