@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
                    quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
-                   ready=ready)
+                   metrics=metrics, ready=ready)
     finally:
         if metrics is not None:
             metrics.close()

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _devrep_service import ROOT, server_process
+from _devrep_service import ROOT, server_process, short_tmpdir
+from prometheus_client.parser import text_string_to_metric_families
 
 from devrep.client import connect
+from devrep.demo import server_process as start_server
+from devrep.errors import ResourceExhaustedError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,3 +111,20 @@ def test_demo_runs_end_to_end() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "devrep demo summary" in r.stdout and "FAILED" not in r.stdout
     assert "exit status 0" in r.stdout
+
+
+def test_serve_metrics_count_quota_rejections() -> None:
+    with socket.socket() as s:  # a free port for --metrics-port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with short_tmpdir() as tmp, \
+            start_server(tmp, "--metrics-port", str(port), "--quota-regions", "1") as (addr, _proc), \
+            connect(addr) as client:
+        client.create_region("one", 4096)
+        with pytest.raises(ResourceExhaustedError):
+            client.create_region("two", 4096)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("devrep_quota_rejections_total", (("resource", "regions"),))] == 1.0

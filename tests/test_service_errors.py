@@ -10,6 +10,7 @@ import pytest
 from _devrep_service import client_process, inproc_server, read_line, tell
 
 from devrep.client import connect
+from devrep.metrics import Metrics
 from devrep.service import Quota, TokenStore
 from devrep.service._gen import devrep_pb2 as pb
 from devrep.service._gen import devrep_pb2_grpc as pb_grpc
@@ -152,7 +153,8 @@ def test_sharing_is_read_only(env: tuple[object, object, pb_grpc.DevrepServiceSt
 
 
 def test_quotas_give_resource_exhausted() -> None:
-    with inproc_server(quota=Quota(max_bytes=2 << 20, max_regions=2, max_leases=2)) as server, \
+    metrics = Metrics()
+    with inproc_server(quota=Quota(max_bytes=2 << 20, max_regions=2, max_leases=2), metrics=metrics) as server, \
             connect(server.address) as client:
         client.create_region("a", 1 << 20)
         client.create_region("b", 1 << 20)
@@ -169,6 +171,10 @@ def test_quotas_give_resource_exhausted() -> None:
         for lease in leases:
             lease.release()
         assert client.ping()
+    # each refusal counted once, by resource (devrep serve --metrics-port wires the same Metrics)
+    for resource in ("regions", "bytes", "leases"):
+        assert metrics.registry.get_sample_value("devrep_quota_rejections_total", {"resource": resource}) == 1.0
+    metrics.close()
 
 
 def test_acquire_fresh_honours_the_deadline() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +32,9 @@ from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel
 from .watch import WatchHub
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("devrep.service")
 
@@ -79,11 +82,13 @@ class DevrepServer:
                  quota: Quota | None = None, fd_socket: str | os.PathLike[str] | None = None,
                  require_token: bool = False, interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: TlsFiles | None = None, insecure: bool = False, max_workers: int = 32,
-                 socket_mode: int = 0o660) -> None:
+                 socket_mode: int = 0o660, metrics: Metrics | None = None) -> None:
         self.address = address if unix_path(address) is None else f"unix:{unix_path(address)}"
         self.replicator = replicator if replicator is not None else Replicator()
         self.tokens = tokens if tokens is not None else TokenStore()
         self.registry = SessionRegistry(self.replicator, self.tokens, quota or Quota())
+        if metrics is not None:  # requests and region events are fed by its interceptor and listener
+            self.registry.on_quota = metrics.quota_rejected
         self.hub = WatchHub()
         self.replicator.add_listener(self.hub)
         if max_workers < 8:

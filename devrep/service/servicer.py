@@ -22,7 +22,6 @@ from ..errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
-    ResourceExhaustedError,
     UnsupportedModeError,
 )
 from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncReport, check_region_name
@@ -393,8 +392,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         if not device:
             raise InvalidArgumentError("device is required (e.g. 'cpu:0')")
         if len(session.leases) >= self.reg.quota.max_leases:
-            raise ResourceExhaustedError(f"session holds {len(session.leases)} leases "
-                                         f"(limit {self.reg.quota.max_leases}); release some")
+            raise self.reg.quota_error("leases", f"session holds {len(session.leases)} leases "
+                                                 f"(limit {self.reg.quota.max_leases}); release some")
         lease = region.acquire(device, fresh=fresh, timeout=timeout)
         try:
             handle = lease.export()
@@ -458,10 +457,10 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             self._region(session, name, write=False)
         with session.lock:
             if session.watchers >= self.reg.quota.max_watchers:
-                raise ResourceExhaustedError(f"session already has {session.watchers} watch streams "
-                                             f"(limit {self.reg.quota.max_watchers})")
+                raise self.reg.quota_error("watchers", f"session already has {session.watchers} watch streams "
+                                                       f"(limit {self.reg.quota.max_watchers})")
             if not self._streams.acquire(blocking=False):
-                raise ResourceExhaustedError(f"the server already serves {self.max_streams} watch streams")
+                raise self.reg.quota_error("streams", f"the server already serves {self.max_streams} watch streams")
             session.watchers += 1
 
         def accept(event: Event) -> bool:

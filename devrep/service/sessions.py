@@ -258,6 +258,8 @@ class SessionRegistry:
         self.replicator = replicator
         self.tokens = tokens
         self.quota = quota
+        self.on_quota: Callable[[str], None] | None = None
+        """Told the resource of every request a quota refuses (the server wires ``Metrics.quota_rejected``)."""
         tokens.on_revoke(self._revoked)
         self._sessions: dict[str, Session] = {}
         self.owners: dict[str, Session] = {}
@@ -265,6 +267,16 @@ class SessionRegistry:
         self._lock = threading.RLock()
         self._ids = 0
         self._lease_ids = 0
+
+    def quota_error(self, resource: str, message: str) -> ResourceExhaustedError:
+        """The error for a request refused by the quota on ``resource``, counted through ``on_quota``."""
+        hook = self.on_quota
+        if hook is not None:
+            try:
+                hook(resource)
+            except Exception:  # counting must never change the answer
+                log.exception("quota hook failed")
+        return ResourceExhaustedError(message)
 
     # ------------------------------------------------------------------ sessions
     def _new_id(self) -> str:
@@ -349,7 +361,8 @@ class SessionRegistry:
             if session.closed:
                 raise UnauthenticatedError("session ended")
             if len(session.tickets) >= self.quota.max_tickets:
-                raise ResourceExhaustedError(
+                raise self.quota_error(
+                    "tickets",
                     f"session holds {len(session.tickets)} unused fd tickets (limit {self.quota.max_tickets}); "
                     "register regions with them first"
                 )
@@ -375,7 +388,8 @@ class SessionRegistry:
         """Reserve a region slot for ``session`` (quota) before registering it."""
         with session.lock:
             if len(session.regions) >= self.quota.max_regions:
-                raise ResourceExhaustedError(
+                raise self.quota_error(
+                    "regions",
                     f"session {session.label} already has {len(session.regions)} regions "
                     f"(limit {self.quota.max_regions})"
                 )
@@ -453,7 +467,8 @@ class SessionRegistry:
 
     def check_bytes(self, session: Session, extra: int) -> None:
         if self.quota.max_bytes and self.device_bytes(session) + extra > self.quota.max_bytes:
-            raise ResourceExhaustedError(
+            raise self.quota_error(
+                "bytes",
                 f"session {session.label}: {extra} more bytes of replicas would exceed its quota of "
                 f"{self.quota.max_bytes} bytes ({self.device_bytes(session)} in use)"
             )
@@ -469,8 +484,8 @@ class SessionRegistry:
                 raise UnauthenticatedError("session ended")
             if len(session.leases) >= self.quota.max_leases:
                 lease.release()
-                raise ResourceExhaustedError(f"session holds {len(session.leases)} leases "
-                                             f"(limit {self.quota.max_leases}); release some")
+                raise self.quota_error("leases", f"session holds {len(session.leases)} leases "
+                                                 f"(limit {self.quota.max_leases}); release some")
             session.leases[lease_id] = lease
             return lease_id
 

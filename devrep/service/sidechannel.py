@@ -25,7 +25,6 @@ from ..errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
 )
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
@@ -170,7 +169,8 @@ class SideChannel:
                 if len(self._conns) >= MAX_CONNECTIONS:
                     with contextlib.suppress(OSError):
                         protocol.send(conn, protocol.error_reply(
-                            ResourceExhaustedError(f"too many side-channel connections ({MAX_CONNECTIONS})")))
+                            self.registry.quota_error(
+                                "connections", f"too many side-channel connections ({MAX_CONNECTIONS})")))
                     conn.close()
                     continue
                 self._conns.add(conn)
