@@ -98,6 +98,30 @@ def replicate_with_progress(client: Any, name: str, devices: Sequence[str], show
         return client.replicate(name, devices, progress=update)
 
 
+# ---------------------------------------------------------------------- argument types
+def socket_mode(text: str) -> int:
+    """``--socket-mode``: octal permission bits, e.g. ``0660``, ``660`` or ``0o660``."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 0000..0777")
+    return mode
+
+
+def socket_group(text: str) -> int:
+    """``--socket-group``: a group name or a numeric gid."""
+    import grp
+
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r} on this host") from None
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> int:
     from .engine import Replicator
@@ -131,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
                    quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
-                   metrics=metrics, ready=ready)
+                   metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready)
     finally:
         if metrics is not None:
             metrics.close()
@@ -279,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "$XDG_RUNTIME_DIR/devrep/devrep.sock)")
     p.add_argument("--address", help="gRPC address instead of --socket, e.g. 0.0.0.0:7443 (needs TLS or --insecure)")
     p.add_argument("--fd-socket", help="fd side-channel socket (default: <socket stem>.fd.sock beside it)")
+    p.add_argument("--socket-mode", type=socket_mode, default=0o660,
+                   help="permission bits of both Unix sockets, octal (default 0660: owner and group connect)")
+    p.add_argument("--socket-group", type=socket_group,
+                   help="group (name or gid) given both Unix sockets, e.g. a group your non-root clients are in")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")

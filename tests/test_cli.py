@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -128,3 +129,50 @@ def test_serve_metrics_count_quota_rejections() -> None:
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("devrep_quota_rejections_total", (("resource", "regions"),))] == 1.0
+
+
+PEER = """
+import socket, sys
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+grpc_sock, fd_sock = sys.argv[1:3]
+with grpc.insecure_channel("unix:" + grpc_sock) as ch:
+    try:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        print("grpc ok")
+    except grpc.RpcError as exc:
+        print("grpc", exc.code().name)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    s.connect(fd_sock)
+    print("fd ok")
+except OSError as exc:
+    print("fd", type(exc).__name__)
+"""
+
+
+def as_nobody(*args: str) -> list[str]:
+    """Run the peer script as uid/gid 65534 (nobody/nogroup) with no other groups: a non-root client."""
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", PEER, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")[:2]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a socket's group and running as nobody needs root")
+def test_serve_socket_mode_and_group_let_a_non_root_client_in() -> None:
+    with short_tmpdir() as tmp:
+        # mkdtemp made the directory 0700 root:root: the server opens it to the sockets' group
+        with start_server(tmp, "--socket-mode", "0660", "--socket-group", "nogroup"):
+            for name in ("devrep.sock", "devrep.fd.sock"):
+                st = os.stat(tmp / name)
+                assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 65534), name
+            st = os.stat(tmp)
+            assert st.st_gid == 65534 and st.st_mode & stat.S_IXGRP and not st.st_mode & stat.S_IXOTH
+            assert as_nobody(str(tmp / "devrep.sock"), str(tmp / "devrep.fd.sock")) == ["grpc ok", "fd ok"]
+        with start_server(tmp, "--socket-mode", "0600"):  # same directory, owner only: nobody is refused
+            assert stat.S_IMODE(os.stat(tmp / "devrep.sock").st_mode) == 0o600
+            assert as_nobody(str(tmp / "devrep.sock"), str(tmp / "devrep.fd.sock")) == [
+                "grpc UNAVAILABLE", "fd PermissionError"]
+    r = devrep_cli("serve", "--socket-group", "no-such-group-here")
+    assert r.returncode == 2 and "no group named" in r.stderr
+    r = devrep_cli("serve", "--socket-mode", "0999")
+    assert r.returncode == 2 and "octal" in r.stderr

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -30,7 +31,7 @@ from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import side_channel_path
 from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
-from .sidechannel import SideChannel
+from .sidechannel import SideChannel, set_group
 from .watch import WatchHub
 
 if TYPE_CHECKING:
@@ -67,6 +68,36 @@ def unix_path(address: str) -> Path | None:
     return None
 
 
+def _open_directory(path: Path, socket_mode: int, group: int | None) -> None:
+    """Let whoever ``socket_mode`` lets connect reach the sockets in ``path``: connecting needs search (x)
+    permission on the directory. A directory others can already search is left alone (e.g. /tmp); otherwise the
+    group bit is added (and ``group`` given to the directory) where the socket is group-writable, and the other
+    bit where it is world-writable."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InvalidArgumentError(f"socket directory {path}: {exc.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IXOTH:
+        return
+    new_mode, new_gid = mode, -1
+    if socket_mode & stat.S_IWGRP:
+        new_mode |= stat.S_IXGRP
+        if group is not None and st.st_gid != group:
+            new_gid = group
+    if socket_mode & stat.S_IWOTH:
+        new_mode |= stat.S_IXOTH
+    try:
+        if new_gid != -1:
+            os.chown(path, -1, new_gid)
+            log.info("socket directory %s: group %d", path, new_gid)
+        if new_mode != mode:
+            os.chmod(path, new_mode)
+            log.info("socket directory %s: mode %#o", path, new_mode)
+    except OSError as exc:  # not ours to change: serve anyway, but say why clients may be refused
+        log.warning("cannot open socket directory %s to the socket's group/others: %s", path, exc.strerror)
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     cert: Path
@@ -82,7 +113,8 @@ class DevrepServer:
                  quota: Quota | None = None, fd_socket: str | os.PathLike[str] | None = None,
                  require_token: bool = False, interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: TlsFiles | None = None, insecure: bool = False, max_workers: int = 32,
-                 socket_mode: int = 0o660, metrics: Metrics | None = None) -> None:
+                 socket_mode: int = 0o660, socket_group: int | None = None, metrics: Metrics | None = None
+                 ) -> None:
         self.address = address if unix_path(address) is None else f"unix:{unix_path(address)}"
         self.replicator = replicator if replicator is not None else Replicator()
         self.tokens = tokens if tokens is not None else TokenStore()
@@ -95,7 +127,12 @@ class DevrepServer:
             raise InvalidArgumentError(f"max_workers must be >= 8, got {max_workers}")
         self.servicer = DevrepServicer(self.replicator, self.registry, self.hub, max_streams=max_workers // 2)
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        if not 0 <= socket_mode <= 0o777:
+            raise InvalidArgumentError(f"socket mode must be within 0o000..0o777, got {socket_mode:#o}")
+        if socket_group is not None and socket_group < 0:
+            raise InvalidArgumentError(f"socket group must be a gid >= 0, got {socket_group}")
         self._socket_mode = socket_mode
+        self._socket_group = socket_group
         sock = unix_path(address)
         if sock is None and tls is None and not insecure:
             raise InvalidArgumentError(
@@ -104,6 +141,7 @@ class DevrepServer:
             )
         if sock is not None:
             sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            _open_directory(sock.parent, socket_mode, socket_group)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
         self.socket_path = sock
@@ -132,8 +170,11 @@ class DevrepServer:
             self.port = self._server.add_insecure_port(self.address)
         if self.port == 0:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
+        if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
+            fd_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            _open_directory(fd_path.parent, socket_mode, socket_group)
         self.side_channel = (SideChannel(fd_path, self.registry, require_token=require_token, mode=socket_mode,
-                                         acquire=self.servicer.acquire_lease)
+                                         group=socket_group, acquire=self.servicer.acquire_lease)
                              if fd_path else None)
         self._stopped = threading.Event()
         self._token_watch = False
@@ -142,6 +183,8 @@ class DevrepServer:
         self._server.start()
         if self.socket_path is not None:
             os.chmod(self.socket_path, self._socket_mode)
+            if self._socket_group is not None:
+                set_group(self.socket_path, self._socket_group)
         if self.side_channel is not None:
             self.side_channel.start()
         self._token_watch = not self.tokens.watching

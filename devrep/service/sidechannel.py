@@ -119,11 +119,19 @@ def _positive_int(message: dict[str, Any], key: str) -> int:
     return value
 
 
+def set_group(path: Path, gid: int) -> None:
+    """Give ``path`` to group ``gid`` (``devrep serve --socket-group``), with a clear error when not allowed."""
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot give {path} to group {gid}: {exc.strerror}") from None
+
+
 class SideChannel:
     """Listens on ``path``; ``registry`` owns sessions."""
 
     def __init__(self, path: str | os.PathLike[str], registry: SessionRegistry, *, require_token: bool = False,
-                 mode: int = 0o660, acquire: AcquireFn | None = None) -> None:
+                 mode: int = 0o660, group: int | None = None, acquire: AcquireFn | None = None) -> None:
         self.path = Path(path)
         self.acquire = acquire
         self.registry = registry
@@ -133,6 +141,12 @@ class SideChannel:
             self.path.unlink()
         self._sock.bind(str(self.path))
         os.chmod(self.path, mode)
+        if group is not None:
+            try:
+                set_group(self.path, group)
+            except BaseException:
+                self._sock.close()
+                raise
         self._sock.listen(64)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
