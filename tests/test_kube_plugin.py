@@ -78,8 +78,8 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             self.options.append(stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=WAIT))
             for reply in stub.ListAndWatch(api_pb2.Empty()):
                 self.lists.put(list(reply.devices))
-        except grpc.RpcError:
-            pass  # the plugin or this kubelet went away
+        except (grpc.RpcError, ValueError):
+            pass  # the plugin or this kubelet went away (ValueError: our channel was closed by stop())
 
     def plugin(self, endpoint: str) -> Iterator[api_pb2_grpc.DevicePluginStub]:
         channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, endpoint))
