@@ -42,3 +42,33 @@ def test_cuda_replica_via_ipc_and_dlpack() -> None:
         region.invalidate(4096, 4096)
         with client.acquire("g", "cuda:0") as lease:  # fresh: the stale page was copied first
             assert int(cupy.asnumpy(lease.to_cupy()[4096])) == 3
+
+
+SPIN = r"""
+extern "C" __global__ void spin(const unsigned char* p, long long cycles, unsigned int* out) {
+    long long start = clock64();
+    unsigned int acc = 0;
+    while (clock64() - start < cycles) acc += p[threadIdx.x];
+    out[threadIdx.x] = acc;
+}
+"""
+
+
+def test_release_waits_for_kernels_still_reading_the_replica() -> None:
+    with server_process() as (address, _), connect(address) as client:
+        region = client.create_region("k", 1 << 20)
+        region.array[:] = 1
+        region.invalidate()
+        client.replicate("k", ["cuda:0"])
+        keep = client.acquire("k", "cuda:0")  # a second lease on the same buffer keeps the IPC mapping open
+        lease = client.acquire("k", "cuda:0")
+        spin = cupy.RawKernel(SPIN, "spin")
+        out = cupy.zeros(32, dtype=cupy.uint32)
+        stream = cupy.cuda.Stream(non_blocking=True)  # not the stream release() would sync if it synced only one
+        with stream:
+            spin((1,), (32,), (lease.to_cupy(), cupy.int64(2_000_000_000), out))  # about a second of reading
+        assert not stream.done
+        lease.release()
+        assert stream.done, "release() returned while a kernel still read the replica"
+        assert int(out[0]) > 0
+        keep.release()

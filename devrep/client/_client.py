@@ -193,7 +193,13 @@ class ClientLease:
 
     def to_cupy(self) -> Any:
         """The replica as a CuPy uint8 array in this process (CUDA IPC, zero-copy). CuPy has no read-only arrays:
-        do not write it (the next sync would overwrite it anyway). Valid until ``release()``."""
+        do not write it (the next sync would overwrite it anyway). Valid until ``release()``.
+
+        Kernels run asynchronously: when ``release()`` is called, kernels already queued on this process's streams
+        (CuPy's, or a DLPack consumer's such as torch's) may still be reading the buffer, and once the server hears
+        of the release its next sync may overwrite it. So ``release()`` first waits for all work this process has
+        queued on the replica's GPU (``cudaDeviceSynchronize``), then tells the server: release costs as much as
+        finishing that work. Do not queue work on the array after releasing."""
         if self.export_kind != "cuda_ipc":
             raise errors.FailedPreconditionError(f"replica on {self.device} is not a CUDA replica")
         if self.released:
@@ -219,15 +225,27 @@ class ClientLease:
         return self.array.__dlpack_device__()
 
     def release(self) -> None:
+        """End the lease: the server may then sync (overwrite) this buffer. For a CUDA replica opened in this
+        process, first wait until the GPU has finished every kernel queued here (see ``to_cupy``)."""
         if not self.released:
             self.released = True
             self._array = None
-            if self._ipc_opened:
-                self._client._ipc_close(self.cuda_ipc_handle)
-            if self._via_side_channel and self._client._sc is not None:
-                self._client._sc.call({"op": "release", "lease": self.lease_id})
-            else:
-                self._client._call(self._client._stub.Release, pb.ReleaseRequest(lease_id=self.lease_id))
+            try:
+                if self._ipc_opened:
+                    self._wait_for_gpu_readers()
+                    self._client._ipc_close(self.cuda_ipc_handle)
+            finally:  # a failed wait means the context is dead: no kernel of ours reads the buffer any more
+                if self._via_side_channel and self._client._sc is not None:
+                    self._client._sc.call({"op": "release", "lease": self.lease_id})
+                else:
+                    self._client._call(self._client._stub.Release, pb.ReleaseRequest(lease_id=self.lease_id))
+
+    def _wait_for_gpu_readers(self) -> None:
+        # The whole device, not only CuPy's current stream: DLPack consumers (torch) read on their own streams.
+        import cupy
+
+        with cupy.cuda.Device(int(self.device.partition(":")[2])):
+            cupy.cuda.runtime.deviceSynchronize()
 
     def __enter__(self) -> ClientLease:
         return self
