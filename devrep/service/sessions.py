@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import stat
 import threading
 import time
@@ -104,6 +105,7 @@ class TokenStore:
         self._listeners: list[Callable[[set[str]], None]] = []
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = -1
         if self._dir is not None:
             with self._lock:
                 self._scan(self._stat())
@@ -212,7 +214,9 @@ class TokenStore:
         if self._dir is None or self._watch is not None:
             return self
         self._stop.clear()
-        self._watch = threading.Thread(target=self._watch_loop, name="devrep-token-watch", daemon=True)
+        wake_r, self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._watch = threading.Thread(target=self._watch_loop, args=(wake_r,), name="devrep-token-watch",
+                                       daemon=True)
         self._watch.start()
         return self
 
@@ -220,35 +224,45 @@ class TokenStore:
         """Stop the watch (the store still answers lookups)."""
         self._stop.set()
         if self._watch is not None:
-            self._watch.join(timeout=2 * _POLL + 1)
+            with contextlib.suppress(OSError):
+                os.write(self._wake, b"x")  # wakes the watch's poll at once
+            self._watch.join(timeout=_POLL + 2)
             self._watch = None
+            os.close(self._wake)
 
-    def _watch_loop(self) -> None:
+    def _watch_loop(self, wake: int) -> None:
         from inotify_simple import INotify
         from inotify_simple import flags as IN
 
         assert self._dir is not None
         mask = (IN.CREATE | IN.DELETE | IN.MOVED_FROM | IN.MOVED_TO | IN.CLOSE_WRITE | IN.ATTRIB
                 | IN.DELETE_SELF | IN.MOVE_SELF)
-        with INotify() as inotify:
-            watching = False
-            while not self._stop.is_set():
-                if not watching:
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        try:
+            with INotify() as inotify:
+                poller.register(inotify.fileno(), select.POLLIN)
+                watching = False
+                while not self._stop.is_set():
                     try:
-                        inotify.add_watch(self._dir, mask)
-                        watching = True
-                    except OSError:  # not there yet: poll until it is
-                        pass
-                try:
-                    events = inotify.read(timeout=int(_POLL * 1000)) if watching else []
-                    if not watching:
+                        if not watching:
+                            try:
+                                inotify.add_watch(self._dir, mask)
+                                watching = True
+                            except OSError:  # not there yet: the backstop stat below finds it
+                                pass
+                        ready = {fd for fd, _ in poller.poll(int(_POLL * 1000))}
+                        if self._stop.is_set():
+                            return
+                        events = inotify.read(timeout=0) if inotify.fileno() in ready else []
+                        if any(e.mask & (IN.IGNORED | IN.DELETE_SELF | IN.MOVE_SELF) for e in events):
+                            watching = False  # the directory itself went: watch its replacement
+                        self.refresh(force=bool(events))
+                    except Exception:  # never let the watch die: lookups still stat the directory
+                        log.exception("token directory watch")
                         self._stop.wait(_POLL)
-                    if any(e.mask & (IN.IGNORED | IN.DELETE_SELF | IN.MOVE_SELF) for e in events):
-                        watching = False  # the directory itself went: watch its replacement
-                    self.refresh(force=bool(events))
-                except Exception:  # never let the watch die: lookups still stat the directory
-                    log.exception("token directory watch")
-                    self._stop.wait(_POLL)
+        finally:
+            os.close(wake)
 
 
 class SessionRegistry:
