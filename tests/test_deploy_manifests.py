@@ -35,7 +35,7 @@ LINT = YamlLintConfig(file=str(DEPLOY / "yamllint.yaml"))
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "cpu": {"backend": "cpu", "gpuNodesOnly": False, "cpuDevices": 8, "requireToken": False,
-            "syncModeAcrossProcesses": False, "nodeSelector": {"kubernetes.io/os": "linux"}},
+            "syncModeAcrossProcesses": False, "nodeSelector": {"kubernetes.io/os": "linux"}, "socketGroup": "2000"},
     "minimal": {"metrics": {"enabled": False}, "serviceAccount": {"create": False, "name": "default"},
                 "extraServerArgs": ["--log-level", "debug"], "slots": 4, "quotas": {"bytesPerClient": 1 << 30}},
 }
@@ -174,9 +174,11 @@ def test_values_reach_the_containers() -> None:
     cpu = containers(daemonset(rendered("cpu")))["server"]
     cpu_args = build_parser().parse_args(cpu["args"])
     assert cpu_args.cpu_devices == 8 and not cpu_args.require_token and cpu["image"] == "devrep:0.1.0-cpu"
+    assert cpu_args.socket_group == 2000                   # socketGroup -> --socket-group
     defaults = containers(daemonset(rendered("defaults")))
     default_args = build_parser().parse_args(defaults["server"]["args"])
     assert default_args.metrics_port == defaults["server"]["ports"][0]["containerPort"] == 9464
+    assert default_args.socket_group is None
     assert defaults["server"]["image"] == defaults["device-plugin"]["image"] == "devrep:0.1.0-cuda"
 
 
