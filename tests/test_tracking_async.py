@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.region import Event
-from devrep.tracking._async import AsyncTracker, ranges_to_pages
+from devrep.tracking._async import _LOOP, IDLE_INTERVAL_MAX, AsyncTracker, ranges_to_pages
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -126,3 +127,39 @@ def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
             child.kill()
             child.wait()
     assert os.path.exists("/proc/self/pagemap")
+
+
+def test_async_regions_share_one_epoch_thread_and_idle_ones_still_report(rep: devrep.Replicator) -> None:
+    """A1: one epoch loop for every async region; a region idle long enough to back off fully still gets its
+    write reported by an epoch (eventually: within the idle interval, bounded here generously)."""
+    got = threading.Event()
+    rep.add_listener(lambda event: got.set() if event.region == "idle37" and event.kind == "invalidate" else None)
+    regions = [rep.create_region(f"idle{i}", 4 * PAGE_SIZE, tracking="async") for i in range(50)]
+    rep.replicate("idle37", [DEV])
+    epoch_threads = [t for t in threading.enumerate() if t.name.startswith("devrep-async-epoch")]
+    assert len(epoch_threads) == 1, [t.name for t in epoch_threads]
+    time.sleep(2 * IDLE_INTERVAL_MAX)  # every region backs off to the idle interval
+    got.clear()
+    regions[37].array[PAGE_SIZE] = 7
+    assert got.wait(30), "no epoch reported a write to an idle region"
+
+
+def test_epoch_pages_wait_for_collect_and_idle_epochs_back_off(rep: devrep.Replicator) -> None:
+    tracker = AsyncTracker(interval=0.02)
+    region = rep.create_region("bo", 8 * PAGE_SIZE, tracking=tracker)
+    _LOOP.remove(tracker)  # drive its epochs by hand from here on
+    region.collect()
+    region.array[3 * PAGE_SIZE] = 1
+    with tracker._lock:  # an epoch that finds the write but whose notify has not run yet
+        tracker._pending.append(tracker._scan_locked())
+    assert tracker.collect().tolist() == [3], "pages found by an epoch must reach the next collect()"
+    assert tracker.collect().tolist() == []
+    delays = [tracker._epoch() for _ in range(8)]
+    assert delays[:3] == [0.04, 0.08, 0.16] and delays[-1] == IDLE_INTERVAL_MAX, delays
+    generation = region.generation
+    region.array[5 * PAGE_SIZE] = 1
+    assert tracker._epoch() == 0.02, "a written region goes back to the short interval"
+    assert region.generation == generation + 1, "the epoch's notify must invalidate the written page"
+    assert tracker.collect().tolist() == [], "the region already collected what the epoch found"
+    tracker.close()
+    assert tracker._epoch() is None
