@@ -288,6 +288,7 @@ class Region:
         self.failed: str | None = None
         self.closed = False
         tracker.on_failure = self.fail
+        tracker.block_pages = self._pages_per_block
         tracker.attach(host, self.collect)
 
     # ------------------------------------------------------------------ properties

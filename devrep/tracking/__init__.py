@@ -40,6 +40,9 @@ class Tracker(ABC):
     on_failure: Callable[[str], None] | None = None
     """Set by the region before ``attach``: call it with the reason when tracking can no longer work (the
     tracked file was replaced, the handler died), so readers and syncs get that reason."""
+    block_pages: int = 1
+    """Set by the region before ``attach``: pages per invalidation block. The region invalidates whole blocks,
+    so a tracker may report (and, in sync mode, un-protect) a whole block for a write to one of its pages."""
 
     @abstractmethod
     def attach(self, host: HostMemory, notify: Notify) -> None:

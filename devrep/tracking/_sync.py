@@ -76,13 +76,19 @@ class SyncTracker(Tracker):
     ``register_buffer``); ``SyncTracker.remote(...)`` for a client's memory in the service.
 
     ``notify_delay`` coalesces bursts of faults into one ``notify()``; ``start_timeout``/``rearm_timeout``
-    bound the waits on the helper process.
+    bound the waits on the helper process. ``fault_around`` (bytes) caps the window a sequential writer's
+    fault un-protects (see ``_handler``); ``PAGE_SIZE`` turns widening off (a fault still un-protects its
+    whole invalidation block).
     """
 
     mode = "sync"
 
     def __init__(self, *, notify_delay: float = 0.002, start_timeout: float = 30.0, rearm_timeout: float = 10.0,
-                 _bare: bool = False) -> None:
+                 fault_around: int = h.DEFAULT_MAX_WINDOW_PAGES * PAGE_SIZE, _bare: bool = False) -> None:
+        if fault_around < PAGE_SIZE or fault_around % PAGE_SIZE:
+            raise InvalidArgumentError(f"fault_around must be a positive multiple of {PAGE_SIZE} bytes, "
+                                       f"got {fault_around}")
+        self.max_window_pages = fault_around // PAGE_SIZE
         self.notify_delay = notify_delay
         self.start_timeout = start_timeout
         self.rearm_timeout = rearm_timeout
@@ -161,14 +167,16 @@ class SyncTracker(Tracker):
         finally:
             theirs.close()
         self._stat_fd = os.open(f"/proc/{self._proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        init = h.OP_INIT + h.INIT.pack(base, self._npages, int(self._bare))
+        init = h.OP_INIT + h.INIT.pack(base, self._npages, int(self._bare), self.block_pages,
+                                       self.max_window_pages)
         socket.send_fds(ours, [init], [uffd.fileno(), self._shared.fd, self._eventfd])
         self._expect_ack(self.start_timeout, "start")
 
     def _start_thread(self, uffd: Userfaultfd, base: int) -> None:
         assert self._shared is not None
         self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._handler = h.FaultHandler(uffd, base, self._npages, self._shared.map, self._eventfd, bare=self._bare)
+        self._handler = h.FaultHandler(uffd, base, self._npages, self._shared.map, self._eventfd, bare=self._bare,
+                                       block_pages=self.block_pages, max_window_pages=self.max_window_pages)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._handler_thread = threading.Thread(target=self._fault_loop, name="devrep-sync-faults", daemon=True)
         self._handler_thread.start()
