@@ -384,3 +384,20 @@ def test_opencl_fan_out_across_two_devices_of_one_context() -> None:
     env = dict(os.environ, POCL_DEVICES="pthread pthread")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+def test_cpu_copy_refuses_runs_outside_the_host() -> None:
+    """The CPU copy loop is compiled memcpy: a run past the end must be refused before it runs (it would
+    otherwise read and write outside both mappings)."""
+    backend = load_backend("cpu", devices=1)
+    host = np.zeros(8 * PAGE_SIZE, dtype=np.uint8)
+    buffer = backend.allocate(0, 8 * PAGE_SIZE)
+    try:
+        for runs in ([[6, 5]], [[-1, 1]], [[0, 0]]):
+            with pytest.raises(InvalidArgumentError):
+                backend.copy_runs(host, np.array(runs, dtype=np.int64), [buffer])
+        host[3 * PAGE_SIZE:5 * PAGE_SIZE] = 7
+        backend.copy_runs(host, np.array([[3, 2]], dtype=np.int64), [buffer])
+        assert np.array_equal(backend.read(buffer), host)
+    finally:
+        backend.free(buffer)

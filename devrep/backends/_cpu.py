@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._pages import PAGE_SIZE, RunArray, split_runs
-from ..errors import ResourceExhaustedError
+from ..errors import InvalidArgumentError, ResourceExhaustedError
 from ..hashing import hash_pages
 from ..memory import F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
@@ -27,11 +31,28 @@ _LARGE_RUN_BYTES = 1 << 20
 _PROGRESS_BATCH_PAGES = (256 << 20) // PAGE_SIZE
 
 
+@intrinsic
+def _copy_at(typingctx: Any, dst: Any, src: Any, offset: Any, nbytes: Any) -> tuple[Any, Any]:
+    """``memcpy(dst.data + offset, src.data + offset, nbytes)`` inside compiled code (LLVM's memcpy intrinsic,
+    which calls glibc's for sizes like these). numba's own ``dst[a:b] = src[a:b]`` copies byte-wise with
+    overlap checks: 2.7 us per 4 KiB page here against 0.7 us for memcpy, and the copy loop is most of a
+    1 % sync (benchmark P3o)."""
+    sig = types.void(dst, src, types.intp, types.intp)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        dst_value, src_value, off, count = args
+        d = context.make_array(signature.args[0])(context, builder, dst_value)
+        s = context.make_array(signature.args[1])(context, builder, src_value)
+        cgutils.raw_memcpy(builder, builder.gep(d.data, [off]), builder.gep(s.data, [off]), count, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+    # Callers pass page-aligned arrays of equal length and runs inside them (copy_page_runs checks).
     for k in numba.prange(runs.shape[0]):
-        start = runs[k, 0] * PAGE_SIZE
-        stop = start + runs[k, 1] * PAGE_SIZE
-        dst[start:stop] = src[start:stop]
+        _copy_at(dst, src, runs[k, 0] * PAGE_SIZE, runs[k, 1] * PAGE_SIZE)  # type: ignore[call-arg]  # numba intrinsic
 
 
 _scatter_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_scatter)
@@ -43,6 +64,10 @@ _PARALLEL_MIN_PAGES = 8192
 def copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: RunArray) -> None:
     """Copy page runs between two page-aligned byte arrays at equal offsets."""
     runs = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
+    if len(runs) and (src.size != dst.size or runs[:, 0].min() < 0 or runs[:, 1].min() <= 0
+                      or int((runs[:, 0] + runs[:, 1]).max()) * PAGE_SIZE > dst.size):
+        # The compiled loop copies raw memory: a run outside the arrays must never reach it.
+        raise InvalidArgumentError(f"page runs outside the {dst.size}-byte arrays (or arrays of different sizes)")
     large = runs[:, 1] * PAGE_SIZE >= _LARGE_RUN_BYTES
     for first, count in runs[large].tolist():
         a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
