@@ -1,0 +1,66 @@
+"""NUMA backend: one device per NUMA node with memory; a replica is a CPU-backend replica bound to its node.
+
+Every buffer is the CPU backend's sealed memfd (same copy, hash and fd export code, inherited), with one step
+added between mapping it and allocating its pages: ``mbind(MPOL_BIND, {node})`` on the writable mapping. On a
+shared memfd mapping that sets the file's shared policy, so the ``fallocate`` that follows allocates every page
+on the node, and any later page (none: the memfd is sealed against growing) would land there too. Readers in
+other processes map the same pages through the exported fd, wherever they run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import BackendError, ResourceExhaustedError
+from ..kernel.numa import MPOL_BIND, mbind
+from ..memory import buffer_address
+from ..numa import SYSFS_NODE_ROOT, Topology, read_topology
+from ._cpu import CpuBackend
+
+
+class NumaBackend(CpuBackend):
+    """``numa:0`` .. ``numa:{N-1}``: the host's online NUMA nodes that have memory, in node order.
+
+    ``capacity`` caps the bytes per device (``None``: the node's memory is the limit). ``sysfs_root`` (or a ready
+    ``topology``) is where the nodes are read from: tests point it at a fake tree.
+    """
+
+    name = "numa"
+
+    def __init__(self, capacity: int | None = None, *, sysfs_root: str | os.PathLike[str] = SYSFS_NODE_ROOT,
+                 topology: Topology | None = None) -> None:
+        self.topology = topology if topology is not None else read_topology(Path(sysfs_root))
+        super().__init__(devices=len(self.topology.nodes), capacity=capacity)
+
+    def node(self, index: int) -> int:
+        """The NUMA node id behind ``numa:index``."""
+        self._check_index(index)
+        return self.topology.nodes[index]
+
+    def describe(self, index: int) -> str:
+        node = self.node(index)
+        return (f"numa:{index} (NUMA node {node}, {self.topology.memory.get(node, 0) / 2**30:.1f} GiB, "
+                "sealed memfd bound with mbind)")
+
+    def nearest(self, node: int, indices: Iterable[int]) -> int:
+        """Of the devices ``indices``, the one on ``node`` or else on the node nearest to it."""
+        by_node = {self.node(i): i for i in indices}
+        return by_node[self.topology.nearest(node, by_node)]
+
+    def _place(self, index: int, array: npt.NDArray[np.uint8]) -> None:
+        node = self.node(index)
+        try:
+            mbind(buffer_address(array), array.nbytes, MPOL_BIND, [node])
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                raise ResourceExhaustedError(f"numa:{index}: mbind to node {node} failed: {exc.strerror}") from exc
+            why = {errno.EINVAL: " (is the node outside this process's cpuset, Mems_allowed?)",
+                   errno.ENOSYS: " (the kernel lacks CONFIG_NUMA)",
+                   errno.EPERM: " (not permitted here)"}.get(exc.errno or 0, "")
+            raise BackendError(f"numa:{index}: mbind(MPOL_BIND) to node {node} failed: {exc.strerror}{why}") from exc
