@@ -146,10 +146,11 @@ def is_alias(device: str) -> bool:
     return device == LOCAL or device.startswith(NEAR_PREFIX)
 
 
-def alias_node(device: str) -> int:
-    """The node an alias asks to be near: the caller's for ``numa:local``, ``N`` for ``numa:near:N``."""
+def alias_node(device: str, *, here: int | None = None) -> int:
+    """The node an alias asks to be near: ``N`` for ``numa:near:N``; for ``numa:local`` the calling thread's node
+    (``here`` when given, else ``getcpu``)."""
     if device == LOCAL:
-        return current_node()
+        return current_node() if here is None else here
     tail = device[len(NEAR_PREFIX):] if device.startswith(NEAR_PREFIX) else ""
     if not tail.isdigit() or len(tail) > 4:
         raise UnknownDeviceError(f"bad NUMA device alias {device!r}: expected numa:local or numa:near:NODE "
@@ -160,3 +161,12 @@ def alias_node(device: str) -> int:
 def client_device(device: str) -> str:
     """What a client sends for ``device``: ``numa:local`` becomes ``numa:near:<this thread's node>``."""
     return f"{NEAR_PREFIX}{current_node()}" if device == LOCAL else device
+
+
+def pick_replica(topology: Topology, alias: str, replica_nodes: Iterable[int], *, here: int | None = None) -> int:
+    """The node whose replica serves ``alias``: the aliased node if it holds one of ``replica_nodes``, else the
+    nearest by that node's distance row. ``here`` stands for the calling thread's node (``getcpu`` when ``None``)."""
+    pool = list(replica_nodes)
+    if not pool:
+        raise ValueError("no NUMA replicas to choose from")
+    return topology.nearest(alias_node(alias, here=here), pool)

@@ -685,14 +685,14 @@ class Region:
         """The device of the NUMA replica nearest to the node ``alias`` names (see ``devrep.numa``)."""
         from .backends._numa import NumaBackend
 
-        node = numa.alias_node(alias)
+        numa.alias_node(alias)  # a malformed alias is an error even when the region has no NUMA replica
         with self._cond:
             candidates = [r for r in self._replicas.values() if isinstance(r.backend, NumaBackend)]
         if not candidates:
             raise NotFoundError(f"region {self.name!r} has no NUMA replica to serve {alias!r} (has: {self.devices})")
         backend = candidates[0].backend  # a replicator has one NumaBackend
         assert isinstance(backend, NumaBackend)
-        return f"numa:{backend.nearest(node, [r.index for r in candidates])}"
+        return f"numa:{backend.pick(alias, [r.index for r in candidates])}"
 
     # ------------------------------------------------------------------ verify
     def verify(self, devices: Sequence[str] | None = None, *, resync: bool = True,

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from ..errors import BackendError, ResourceExhaustedError
 from ..kernel.numa import MPOL_BIND, mbind
 from ..memory import buffer_address
-from ..numa import SYSFS_NODE_ROOT, Topology, read_topology
+from ..numa import SYSFS_NODE_ROOT, Topology, pick_replica, read_topology
 from ._cpu import CpuBackend
 
 
@@ -48,10 +48,11 @@ class NumaBackend(CpuBackend):
         return (f"numa:{index} (NUMA node {node}, {self.topology.memory.get(node, 0) / 2**30:.1f} GiB, "
                 "sealed memfd bound with mbind)")
 
-    def nearest(self, node: int, indices: Iterable[int]) -> int:
-        """Of the devices ``indices``, the one on ``node`` or else on the node nearest to it."""
+    def pick(self, alias: str, indices: Iterable[int], *, here: int | None = None) -> int:
+        """Of the devices ``indices``, the one serving ``alias`` (``numa:local``, ``numa:near:N``): on the aliased
+        node, else on the node nearest to it (see ``devrep.numa.pick_replica``)."""
         by_node = {self.node(i): i for i in indices}
-        return by_node[self.topology.nearest(node, by_node)]
+        return by_node[pick_replica(self.topology, alias, by_node, here=here)]
 
     def _place(self, index: int, array: npt.NDArray[np.uint8]) -> None:
         node = self.node(index)
