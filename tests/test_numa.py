@@ -254,6 +254,12 @@ def test_numa_local_through_the_service() -> None:
                              "timeout_ms": 0})
         with client.acquire("svc/t", "numa:near:999") as lease:
             assert lease.device == "numa:0"
+        with pytest.raises(NotFoundError, match="numa:near:NODE"):  # NOT_FOUND over the wire
+            client.acquire("svc/t", "numa:near:x")
+        client.create_region("svc/cpu-only", 4 * PAGE)
+        client.replicate("svc/cpu-only", ["cpu:0"])
+        with pytest.raises(NotFoundError, match="no NUMA replica"):
+            client.acquire("svc/cpu-only", "numa:local")
 
 
 # ---------------------------------------------------------------------------- doctor and metrics
