@@ -283,7 +283,10 @@ def _check_mbind(node: int) -> str:
 def _probe_numa() -> NumaStatus:
     from .numa import read_topology
 
-    topology = read_topology()
+    try:
+        topology = read_topology()
+    except (OSError, ValueError) as exc:
+        return NumaStatus(mbind_error=f"cannot read /sys/devices/system/node: {exc}")
     status = NumaStatus([NumaNode(n, topology.memory.get(n, 0), topology.device(n) if n in topology.nodes else "")
                          for n in topology.online])
     if not topology.nodes:

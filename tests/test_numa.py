@@ -21,7 +21,7 @@ from devrep.backends import load_backend
 from devrep.backends._numa import NumaBackend
 from devrep.client import connect
 from devrep.doctor import probe
-from devrep.errors import InvalidArgumentError, NotFoundError, UnknownDeviceError
+from devrep.errors import BackendError, InvalidArgumentError, NotFoundError, UnknownDeviceError
 from devrep.kernel.numa import MPOL_BIND, get_mempolicy, getcpu, page_nodes
 from devrep.memory import buffer_address
 from devrep.metrics import Metrics
@@ -141,6 +141,11 @@ def test_malformed_sysfs_is_an_error_not_a_guess(tmp_path: Path) -> None:
     root = fake_sysfs(tmp_path / "bad", "0-1", {0: [10, 21], 1: [21]}, {0: 1, 1: 1}, "0-1")
     with pytest.raises(ValueError, match="1 entries for 2 online nodes"):
         read_topology(root)
+    with pytest.raises(BackendError, match="cannot read the NUMA topology"):
+        NumaBackend(sysfs_root=root)
+    (root / "online").write_text("0-x\n")
+    with pytest.raises(BackendError, match="cannot read the NUMA topology"):
+        NumaBackend(sysfs_root=root)
 
 
 def test_no_numa_tree_means_no_devices(tmp_path: Path) -> None:

@@ -35,7 +35,12 @@ class NumaBackend(CpuBackend):
 
     def __init__(self, capacity: int | None = None, *, sysfs_root: str | os.PathLike[str] = SYSFS_NODE_ROOT,
                  topology: Topology | None = None) -> None:
-        self.topology = topology if topology is not None else read_topology(Path(sysfs_root))
+        if topology is None:
+            try:
+                topology = read_topology(Path(sysfs_root))
+            except (OSError, ValueError) as exc:  # a sysfs this code cannot read: say so, do not guess nodes
+                raise BackendError(f"cannot read the NUMA topology under {sysfs_root}: {exc}") from exc
+        self.topology = topology
         super().__init__(devices=len(self.topology.nodes), capacity=capacity)
 
     def node(self, index: int) -> int:
