@@ -21,7 +21,7 @@ from ._util import entry
 
 MiB = 1 << 20
 SIZE = 256 * MiB
-REPEAT = 11
+REPEAT = 15
 
 
 def _fill(array: np.ndarray) -> None:
@@ -42,9 +42,11 @@ def _timed(fn: Callable[[], Any], after: Callable[[], Any] | None) -> float:
 
 def _interleaved(a: Callable[[], Any], b: Callable[[], Any], setup: Callable[[], Any] | None = None,
                  after_a: Callable[[], Any] | None = None, after_b: Callable[[], Any] | None = None
-                 ) -> tuple[float, float]:
+                 ) -> tuple[float, float, float]:
     """Median times of ``a`` and ``b``, measured alternately (a first on even rounds, b first on odd ones), after an
-    untimed ``setup`` each round and each followed by its untimed ``after``."""
+    untimed ``setup`` each round and each followed by its untimed ``after``; and the median of the per-round ratios
+    ``time(b) / time(a)``: the two runs of a round see the same machine load, so their ratio is the steadier
+    figure on a shared, noisy machine."""
     rounds: list[tuple[float, float]] = []
     for i in range(REPEAT + 1):  # round 0 is untimed: first calls load compiled code and start thread pools
         if setup is not None:
@@ -56,7 +58,9 @@ def _interleaved(a: Callable[[], Any], b: Callable[[], Any], setup: Callable[[],
             ta = _timed(a, after_a)
             tb = _timed(b, after_b)
         rounds.append((ta, tb))
-    return statistics.median(t[0] for t in rounds[1:]), statistics.median(t[1] for t in rounds[1:])
+    timed = rounds[1:]
+    return (statistics.median(t[0] for t in timed), statistics.median(t[1] for t in timed),
+            statistics.median(t[1] / t[0] for t in timed))
 
 
 def n1_replicate_and_sync(results: dict[str, Any]) -> None:
@@ -66,23 +70,24 @@ def n1_replicate_and_sync(results: dict[str, Any]) -> None:
 
         # replicate = allocate (memfd, + mbind for numa) + fallocate + copy; the replica is dropped (untimed) after
         # each, so there is one replica at a time (replicate syncs every replica of the region)
-        numa, cpu = _interleaved(lambda: rep.replicate("n1", ["numa:0"]), lambda: rep.replicate("n1", ["cpu:0"]),
-                                 after_a=lambda: region.remove_replica("numa:0"),
-                                 after_b=lambda: region.remove_replica("cpu:0"))
-        results["N1"] = entry(SIZE / numa / 1e9, SIZE / cpu / 1e9, 0.95, "GB/s",
+        numa, cpu, ratio = _interleaved(lambda: rep.replicate("n1", ["numa:0"]),
+                                        lambda: rep.replicate("n1", ["cpu:0"]),
+                                        after_a=lambda: region.remove_replica("numa:0"),
+                                        after_b=lambda: region.remove_replica("cpu:0"))
+        results["N1"] = entry(SIZE / numa / 1e9, SIZE / cpu / 1e9, 0.95, "GB/s", ratio=ratio, note=
                               "replicate 256 MiB to numa:0 (memfd bound to its node with mbind) vs to cpu:0 (the "
-                              "same memfd, unbound), same run, interleaved")
+                              "same memfd, unbound), same run, interleaved; ratio: median of per-round ratios")
 
         rep.replicate("n1", ["numa:0", "cpu:0"])
         # 1/8 of the pages stale, in 16-page runs spread over the region: a typical incremental sync
         stale = (np.arange(0, region.npages, 128, dtype=np.int64)[:, None] + np.arange(16)).reshape(-1)
 
-        numa, cpu = _interleaved(lambda: region.sync(["numa:0"]), lambda: region.sync(["cpu:0"]),
-                                 setup=lambda: region.invalidate_pages(stale))
+        numa, cpu, ratio = _interleaved(lambda: region.sync(["numa:0"]), lambda: region.sync(["cpu:0"]),
+                                        setup=lambda: region.invalidate_pages(stale))
         nbytes = stale.size * PAGE_SIZE
-        results["N1b"] = entry(nbytes / numa / 1e9, nbytes / cpu / 1e9, 0.95, "GB/s",
+        results["N1b"] = entry(nbytes / numa / 1e9, nbytes / cpu / 1e9, 0.95, "GB/s", ratio=ratio, note=
                                "sync 32 MiB stale in 16-page runs (1/8 of 256 MiB) into numa:0 vs cpu:0, same run, "
-                               "interleaved")
+                               "interleaved; ratio: median of per-round ratios")
 
 
 def n2_local_vs_remote(results: dict[str, Any]) -> None:
@@ -109,10 +114,11 @@ def n2_local_vs_remote(results: dict[str, Any]) -> None:
                 a = near.array.view(np.uint64)
                 b = far.array.view(np.uint64)
                 assert int(np.bitwise_xor.reduce(a)) == int(np.bitwise_xor.reduce(b))  # warm both, same bytes
-                local, remote = _interleaved(lambda: np.bitwise_xor.reduce(a), lambda: np.bitwise_xor.reduce(b))
+                local, remote, ratio = _interleaved(lambda: np.bitwise_xor.reduce(a),
+                                                    lambda: np.bitwise_xor.reduce(b))
         finally:
             os.sched_setaffinity(0, allowed)
-    results["N2"] = entry(SIZE / local / 1e9, SIZE / remote / 1e9, 1.0, "GB/s",
+    results["N2"] = entry(SIZE / local / 1e9, SIZE / remote / 1e9, 1.0, "GB/s", ratio=ratio, note=
                           f"a reader on node {local_node} scanning 256 MiB of its local replica ({local_dev}) vs the "
                           f"replica on node {remote_node} ({remote_dev}, distance "
                           f"{topo.distance[local_node].get(remote_node)})")
