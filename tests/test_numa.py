@@ -5,6 +5,7 @@ MPOL_BIND to its node and reported there by move_pages(2) in query mode, in-proc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -155,14 +156,27 @@ def test_no_numa_tree_means_no_devices(tmp_path: Path) -> None:
         backend.allocate(0, PAGE)
 
 
-def test_bad_aliases() -> None:
+@pytest.fixture
+def pinned() -> Iterator[int]:
+    """Pin this thread to the CPU it runs on (restored afterwards), so its node cannot change mid-test on a
+    multi-node host; yields that node."""
+    allowed = os.sched_getaffinity(0)
+    cpu, node = getcpu()
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield node
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def test_bad_aliases(pinned: int) -> None:
     for bad in ("numa:near:", "numa:near:x", "numa:near:-1", "numa:near:99999"):
         with pytest.raises(UnknownDeviceError, match="numa:local or numa:near:NODE"):
             numa.alias_node(bad)
     assert numa.alias_node("numa:near:3") == 3
     assert numa.alias_node("numa:local", here=7) == 7
     assert numa.client_device("cpu:0") == "cpu:0" and numa.client_device("numa:1") == "numa:1"
-    assert numa.client_device("numa:local") == f"numa:near:{getcpu()[1]}"
+    assert numa.client_device("numa:local") == f"numa:near:{pinned}"
     with pytest.raises(ValueError):
         Topology().nearest(0, [])
 
@@ -215,7 +229,7 @@ def test_replicas_are_bound_and_placed_on_their_node(rep: devrep.Replicator) -> 
                 check_placed(backend.host_view(buf), node, f"{device} buffer {i}")
 
 
-def test_numa_local_in_process(rep: devrep.Replicator) -> None:
+def test_numa_local_in_process(rep: devrep.Replicator, pinned: int) -> None:
     devices = all_numa(rep)
     region = rep.create_region("t", 64 * PAGE)
     region.array[:] = 9
@@ -225,7 +239,7 @@ def test_numa_local_in_process(rep: devrep.Replicator) -> None:
     with pytest.raises(NotFoundError, match="no NUMA replica"):
         region.acquire("numa:local")
     rep.replicate("t", devices)
-    here = getcpu()[1]
+    here = pinned
     backend = rep.backend("numa")
     assert isinstance(backend, NumaBackend)
     want = f"numa:{backend.pick('numa:local', range(len(devices)), here=here)}"
