@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-MODULES = ["core", "copy", "backends", "tracking", "service", "kube"]
+MODULES = ["core", "copy", "backends", "numa", "tracking", "service", "kube"]
 RESULTS = Path(__file__).with_name("results.json")
 
 

@@ -30,6 +30,23 @@ class ModeStatus:
 
 
 @dataclass
+class NumaNode:
+    node: int
+    memory_bytes: int
+    device: str
+    """``numa:I`` for a node with memory, ``""`` for a memoryless (CPU-only) node."""
+
+
+@dataclass
+class NumaStatus:
+    nodes: list[NumaNode] = field(default_factory=list)
+    """Every online node (from ``/sys/devices/system/node``)."""
+    mbind: bool = False
+    """``mbind(MPOL_BIND)`` on a scratch memfd mapping worked and its pages landed on the node asked for."""
+    mbind_error: str = ""
+
+
+@dataclass
 class Capabilities:
     kernel: str
     machine: str
@@ -46,6 +63,7 @@ class Capabilities:
     fanotify: bool
     fanotify_error: str
     modes: dict[str, ModeStatus] = field(default_factory=dict)
+    numa: NumaStatus = field(default_factory=NumaStatus)
 
     @property
     def all_modes_work(self) -> bool:
@@ -92,6 +110,15 @@ class Capabilities:
         for name, status in self.modes.items():
             modes.add_row(name, yes(status.works), status.reason)
         console.print(modes)
+        nodes = Table(title="NUMA nodes (numa backend)")
+        nodes.add_column("node")
+        nodes.add_column("memory")
+        nodes.add_column("device")
+        for n in self.numa.nodes:
+            nodes.add_row(str(n.node), f"{n.memory_bytes / 2**30:.1f} GiB", n.device or "(no memory)")
+        console.print(nodes)
+        console.print("mbind(MPOL_BIND): " + yes(self.numa.mbind)
+                      + (f"  {self.numa.mbind_error}" if self.numa.mbind_error else ""))
 
 
 def _cap_sys_ptrace() -> bool:
@@ -227,6 +254,49 @@ def _probe_fanotify() -> str:
     return ""
 
 
+def _check_mbind(node: int) -> str:
+    """Bind a scratch memfd mapping to ``node`` before first touch, allocate it, and ask the kernel (get_mempolicy,
+    move_pages) whether the policy holds and every page sits on the node: what the numa backend relies on."""
+    from .kernel.numa import MPOL_BIND, get_mempolicy, mbind, page_nodes
+    from .memory import buffer_address, map_fd
+
+    npages = 4
+    fd = os.memfd_create("devrep-doctor-numa", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, npages * mmap.PAGESIZE)
+        array = map_fd(fd, npages * mmap.PAGESIZE, writable=True)
+        address = buffer_address(array)
+        mbind(address, array.nbytes, MPOL_BIND, [node])
+        os.posix_fallocate(fd, 0, array.nbytes)
+        array[::mmap.PAGESIZE] = 1  # map every page here, so move_pages can see it
+        policy = get_mempolicy(address)
+        if policy != (MPOL_BIND, [node]):
+            return f"get_mempolicy reports mode {policy[0]} on nodes {policy[1]}, not MPOL_BIND on [{node}]"
+        placed = page_nodes(address, npages).tolist()
+        if placed != [node] * npages:
+            return f"move_pages reports the pages on nodes {placed}, not all on node {node}"
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _probe_numa() -> NumaStatus:
+    from .numa import read_topology
+
+    try:
+        topology = read_topology()
+    except (OSError, ValueError) as exc:
+        return NumaStatus(mbind_error=f"cannot read /sys/devices/system/node: {exc}")
+    status = NumaStatus([NumaNode(n, topology.memory.get(n, 0), topology.device(n) if n in topology.nodes else "")
+                         for n in topology.online])
+    if not topology.nodes:
+        status.mbind_error = "no NUMA node with memory in /sys/devices/system/node (a kernel without CONFIG_NUMA?)"
+        return status
+    status.mbind_error = _attempt(lambda: _check_mbind(topology.nodes[0]))
+    status.mbind = not status.mbind_error
+    return status
+
+
 def _attempt(check: Any) -> str:
     try:
         return str(check())
@@ -266,6 +336,7 @@ def probe() -> Capabilities:
         "file": ModeStatus(not inotify_error, inotify_error),
         "explicit": ModeStatus(True, ""),
     }
+    caps.numa = _probe_numa()
     return caps
 
 

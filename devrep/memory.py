@@ -77,22 +77,29 @@ def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDAr
     return array
 
 
-def memfd_create(name: str, nbytes: int, *, sealable: bool = True) -> int:
-    """A memfd of ``nbytes`` (close-on-exec). Pages are allocated up front so ENOSPC shows here."""
+def memfd_create(name: str, nbytes: int, *, sealable: bool = True, allocate: bool = True) -> int:
+    """A memfd of ``nbytes`` (close-on-exec). Pages are allocated up front so ENOSPC shows here, unless
+    ``allocate=False`` (the caller sets a memory policy first, then calls ``allocate_pages``)."""
     flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
     fd = os.memfd_create(name[:200] or "devrep", flags)
     try:
         os.ftruncate(fd, nbytes)
-        try:
-            os.posix_fallocate(fd, 0, nbytes)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise ResourceExhaustedError(f"cannot allocate {nbytes} bytes of shared memory: {exc}") from exc
-            raise
+        if allocate:
+            allocate_pages(fd, nbytes)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def allocate_pages(fd: int, nbytes: int) -> None:
+    """Allocate a memfd's first ``nbytes`` now (``fallocate``, which follows a shared policy set by ``mbind``)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ResourceExhaustedError(f"cannot allocate {nbytes} bytes of shared memory: {exc}") from exc
+        raise
 
 
 def add_seals(fd: int, seals: int) -> None:

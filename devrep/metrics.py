@@ -68,6 +68,12 @@ class _ReplicatorCollector(Collector):
         replicas = GaugeMetricFamily("devrep_replicas", "Replicas by device", labels=["device"])
         device_bytes = GaugeMetricFamily("devrep_device_bytes", "Device memory held by replica buffers",
                                          labels=["device"])
+        # NUMA replicas once more, labelled by the node their pages are bound to (numa:I is not always node I).
+        node_replicas = GaugeMetricFamily("devrep_numa_replicas", "NUMA-backend replicas by device and node",
+                                          labels=["device", "node"])
+        node_bytes = GaugeMetricFamily("devrep_numa_replica_bytes", "Memory held by NUMA-backend replica buffers",
+                                       labels=["device", "node"])
+        nodes: dict[str, str] = {}
         regions = GaugeMetricFamily("devrep_regions", "Registered regions")
         host_bytes = GaugeMetricFamily("devrep_region_bytes", "Host bytes covered by registered regions")
         count: dict[str, int] = {}
@@ -85,12 +91,26 @@ class _ReplicatorCollector(Collector):
                 for r in info.replicas:
                     count[r.device] = count.get(r.device, 0) + 1
                     used[r.device] = used.get(r.device, 0) + r.nbytes
+                    if r.device.startswith("numa:") and r.device not in nodes:
+                        nodes[r.device] = _numa_node(rep, r.device)
         for device in sorted(count):
             replicas.add_metric([device], count[device])
             device_bytes.add_metric([device], used[device])
+            if device in nodes:
+                node_replicas.add_metric([device, nodes[device]], count[device])
+                node_bytes.add_metric([device, nodes[device]], used[device])
         regions.add_metric([], n_regions)
         host_bytes.add_metric([], n_bytes)
-        yield from (replicas, device_bytes, regions, host_bytes)
+        yield from (replicas, device_bytes, node_replicas, node_bytes, regions, host_bytes)
+
+
+def _numa_node(replicator: Replicator, device: str) -> str:
+    """The node id behind a ``numa:I`` device, as a label value."""
+    try:
+        backend, index = replicator.resolve(device)
+        return str(backend.node(index))  # type: ignore[attr-defined]
+    except Exception:  # not a NumaBackend after all: never break a scrape over a label
+        return ""
 
 
 class Metrics:

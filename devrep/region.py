@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from . import numa
 from ._pages import (
     PAGE_SIZE,
     PageArray,
@@ -657,8 +658,13 @@ class Region:
         ``fresh=True`` returns only when every page is valid (syncing as needed), else raises
         ``LeaseTimeoutError`` after ``timeout`` seconds. ``fresh=False`` returns at once (after any copy into
         the readable buffer in flight) with ``Lease.invalid_runs`` listing the stale pages.
+
+        ``device`` may be ``numa:local`` (the NUMA replica on the calling thread's node, else the nearest one)
+        or ``numa:near:N`` (the same for node ``N``); ``Lease.device`` names the replica picked.
         """
         self._check_open()
+        if numa.is_alias(device):
+            device = self._pick_numa(device)
         if timeout is not None and timeout < 0:
             raise InvalidArgumentError(f"timeout must be >= 0 or None, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -675,6 +681,19 @@ class Region:
                     f"region {self.name!r} on {device}: still stale after {timeout}s (writes keep arriving)"
                 )
             self.sync([device], timeout=remaining)
+
+    def _pick_numa(self, alias: str) -> str:
+        """The device of the NUMA replica nearest to the node ``alias`` names (see ``devrep.numa``)."""
+        from .backends._numa import NumaBackend
+
+        numa.alias_node(alias)  # a malformed alias is an error even when the region has no NUMA replica
+        with self._cond:
+            candidates = [r for r in self._replicas.values() if isinstance(r.backend, NumaBackend)]
+        if not candidates:
+            raise NotFoundError(f"region {self.name!r} has no NUMA replica to serve {alias!r} (has: {self.devices})")
+        backend = candidates[0].backend  # a replicator has one NumaBackend
+        assert isinstance(backend, NumaBackend)
+        return f"numa:{backend.pick(alias, [r.index for r in candidates])}"
 
     # ------------------------------------------------------------------ verify
     def verify(self, devices: Sequence[str] | None = None, *, resync: bool = True,

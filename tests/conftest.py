@@ -1,4 +1,4 @@
-"""Shared fixtures. The engine suite runs once per backend that can run here (CPU always, OpenCL on PoCL)."""
+"""Shared fixtures. The engine suite runs once per backend that can run here (CPU and NUMA always, OpenCL on PoCL)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import devrep
 from devrep.backends import Backend, load_backend
 
-ENGINE_BACKENDS = ["cpu", "opencl"]
+ENGINE_BACKENDS = ["cpu", "numa", "opencl"]
 
 
 def _backend_or_skip(kind: str) -> Backend:

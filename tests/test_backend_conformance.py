@@ -1,4 +1,4 @@
-"""One conformance suite for every device backend: CPU, OpenCL (PoCL in CI, zero-copy and staged data paths)
+"""One conformance suite for every device backend: CPU, NUMA, OpenCL (PoCL in CI, zero-copy and staged data paths)
 and CUDA where a GPU and CuPy exist. Also the OpenCL backend's bad-input handling, end to end through
 ``Replicator``."""
 
@@ -17,13 +17,13 @@ import xxhash
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, pages_from_runs
-from devrep.backends import Backend, DeviceBuffer, load_backend
+from devrep.backends import Backend, CpuBackend, DeviceBuffer, load_backend
 from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
 
 pytestmark = pytest.mark.timeout(120)
 
-KINDS = ["cpu", "opencl", "opencl-staged", "cuda"]
+KINDS = ["cpu", "numa", "opencl", "opencl-staged", "cuda"]
 
 
 def _cuda_missing() -> str | None:
@@ -41,6 +41,8 @@ def _cuda_missing() -> str | None:
 def make_backend(kind: str, **options: object) -> Backend:
     if kind == "cpu":
         return load_backend("cpu", devices=2, **options)
+    if kind == "numa":  # one device per NUMA node with memory: numa:0 everywhere
+        return load_backend("numa", **options)
     if kind == "opencl":
         return load_backend("opencl", **options)
     if kind == "opencl-staged":  # the discrete-GPU path (pack, one transfer, scatter kernel), run on PoCL
@@ -195,11 +197,11 @@ def test_export(backend: Backend, kind: str) -> None:
     buf = backend.allocate(0, 2 * PAGE_SIZE)
     handle = backend.export(buf)
     assert handle.nbytes == 2 * PAGE_SIZE and handle.device == buf.device
-    expected = {"cpu": "fd", "opencl": "none", "opencl-staged": "none", "cuda": "cuda_ipc"}[kind]
+    expected = {"cpu": "fd", "numa": "fd", "opencl": "none", "opencl-staged": "none", "cuda": "cuda_ipc"}[kind]
     assert handle.kind == expected
     if kind == "cuda":
         assert isinstance(handle.payload, bytes) and len(handle.payload) == 64
-    if kind == "cpu":
+    if kind in ("cpu", "numa"):
         assert isinstance(handle.payload, int) and os.fstat(handle.payload).st_size == 2 * PAGE_SIZE
     backend.free(buf)
 
@@ -228,7 +230,7 @@ def test_capacity_exhausted_names_device(kind: str) -> None:
 def test_bad_ranges(backend: Backend) -> None:
     buf = backend.allocate(0, 4 * PAGE_SIZE)
     host = random_host(4)
-    if backend.name != "cpu":  # the CPU backend leaves argument checks to the engine
+    if not isinstance(backend, CpuBackend):  # the CPU backend (and NUMA, built on it) leaves checks to the engine
         with pytest.raises(InvalidArgumentError):
             backend.copy_runs(host, np.array([[3, 2]]), [buf])
         with pytest.raises(InvalidArgumentError):
@@ -236,7 +238,7 @@ def test_bad_ranges(backend: Backend) -> None:
         with pytest.raises(InvalidArgumentError):
             backend.allocate(0, 100)
     backend.free(buf)
-    if backend.name != "cpu":
+    if not isinstance(backend, CpuBackend):
         with pytest.raises(InvalidArgumentError, match="freed"):
             backend.hash_pages(buf)
 

@@ -1,4 +1,4 @@
-"""Device backends behind one interface. ``cpu`` is built in; ``opencl`` and ``cuda`` load on first use."""
+"""Device backends behind one interface. ``cpu`` is built in; ``numa``, ``opencl`` and ``cuda`` load on first use."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = ["BACKENDS", "Backend", "CpuBackend", "DeviceBuffer", "ExportHandle", 
 # name -> (module, class); modules are imported lazily so a missing optional dependency only matters when used.
 BACKENDS: dict[str, tuple[str, str]] = {
     "cpu": ("devrep.backends._cpu", "CpuBackend"),
+    "numa": ("devrep.backends._numa", "NumaBackend"),
     "opencl": ("devrep.backends._opencl", "OpenCLBackend"),
     "cuda": ("devrep.backends._cuda", "CudaBackend"),
 }

@@ -20,7 +20,15 @@ from numba.extending import intrinsic
 from .._pages import PAGE_SIZE, RunArray, split_runs
 from ..errors import InvalidArgumentError, ResourceExhaustedError
 from ..hashing import hash_pages
-from ..memory import F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
+from ..memory import (
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SHRINK,
+    add_seals,
+    allocate_pages,
+    map_fd,
+    memfd_create,
+)
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
 from ._staging import check_range
 
@@ -96,20 +104,25 @@ class CpuBackend(Backend):
     def describe(self, index: int) -> str:
         return f"cpu:{index} (host RAM, sealed memfd)"
 
+    def _place(self, index: int, array: npt.NDArray[np.uint8]) -> None:
+        """Hook run on a new buffer's writable mapping before any of its pages exists (``NumaBackend`` binds the
+        memfd to the device's node here). Nothing to do for plain host RAM."""
 
     def allocate(self, index: int, nbytes: int) -> DeviceBuffer:
         self._check_index(index)
         with self._lock:
             if self._capacity is not None and self._in_use[index] + nbytes > self._capacity:
                 raise ResourceExhaustedError(
-                    f"cpu:{index} is full: {self._in_use[index]} of {self._capacity} bytes in use, "
+                    f"{self.name}:{index} is full: {self._in_use[index]} of {self._capacity} bytes in use, "
                     f"{nbytes} more requested"
                 )
             self._in_use[index] += nbytes
         try:
-            fd = memfd_create(f"devrep-replica-cpu{index}", nbytes)
+            fd = memfd_create(f"devrep-replica-{self.name}{index}", nbytes, allocate=False)
             try:
                 array = map_fd(fd, nbytes, writable=True)
+                self._place(index, array)
+                allocate_pages(fd, nbytes)  # every page now, so a full memory shows here and not as a SIGBUS later
                 # Later mappings (the readers') can only be read-only; ours stays writable.
                 add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE)
             except BaseException:
@@ -119,7 +132,7 @@ class CpuBackend(Backend):
             with self._lock:
                 self._in_use[index] -= nbytes
             raise
-        return DeviceBuffer(f"cpu:{index}", index, nbytes, (fd, array))
+        return DeviceBuffer(f"{self.name}:{index}", index, nbytes, (fd, array))
 
     def free(self, buffer: DeviceBuffer) -> None:
         if buffer.freed:

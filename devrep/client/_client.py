@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from .. import errors
+from .. import errors, numa
 from .._pages import PAGE_SIZE, RunArray, pages_for
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
 from ..region import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, VerifyReport
@@ -538,8 +538,10 @@ class Client:
         """Lease the replica; ``fresh=True`` waits (bounded by ``timeout``) until every page is valid.
 
         Over a local socket the whole acquire is one side-channel round trip that also carries the replica fd;
-        otherwise it is the gRPC ``Acquire``.
+        otherwise it is the gRPC ``Acquire``. ``numa:local`` is resolved here, on the calling thread, into
+        ``numa:near:<its node>``: the server picks the replica on that node or the nearest one.
         """
+        device = numa.client_device(device)
         if self._sc is not None:
             message = {"op": "acquire", "name": name, "device": device, "fresh": fresh,
                        "timeout_ms": int(timeout * 1000) if timeout else 0}

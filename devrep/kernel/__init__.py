@@ -2,6 +2,7 @@
 
 * :mod:`devrep.kernel.uffd` -- userfaultfd(2): API handshake, register, write-protect, wake, event reading.
 * :mod:`devrep.kernel.pagemap` -- the PAGEMAP_SCAN ioctl on ``/proc/<pid>/pagemap`` (Linux 6.7+).
+* :mod:`devrep.kernel.numa` -- mbind, get_mempolicy, move_pages (query mode) and getcpu, for the NUMA backend.
 
 No policy lives here: errors surface as ``OSError`` with the kernel's errno; :mod:`devrep.tracking` turns
 them into devrep errors.

@@ -82,3 +82,19 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array[ctypes.c_c
         err = ctypes.get_errno()
         if err != 4:  # EINTR
             raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def syscall(number: int, *args: int | None, what: str) -> int:
+    """``syscall(2)`` retrying on EINTR; raises ``OSError`` with errno.
+
+    ``syscall`` is variadic, so every argument is passed as a full machine word (``c_long``; ``None`` is NULL):
+    a plain Python int would go through ctypes' default ``int`` conversion and lose the upper 32 bits of an address.
+    """
+    words = [ctypes.c_long(0 if a is None else a) for a in args]
+    while True:
+        result = libc.syscall(ctypes.c_long(number), *words)
+        if result >= 0:
+            return int(result)
+        err = ctypes.get_errno()
+        if err != 4:  # EINTR
+            raise OSError(err, f"{what}: {os.strerror(err)}")

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from .. import __version__
+from .. import __version__, numa
 from .._pages import PAGE_SIZE, RunArray, pages_for, pages_from_runs
 from ..backends import ExportHandle
 from ..engine import Replicator
@@ -391,6 +391,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         self._guard_file(region)
         if not device:
             raise InvalidArgumentError("device is required (e.g. 'cpu:0')")
+        if device == numa.LOCAL:  # the server's own node says nothing about where the client reads
+            raise InvalidArgumentError("numa:local names the caller's NUMA node: the client resolves it (getcpu) and "
+                                       "sends numa:near:NODE (devrep.connect() clients do)")
         if len(session.leases) >= self.reg.quota.max_leases:
             raise self.reg.quota_error("leases", f"session holds {len(session.leases)} leases "
                                                  f"(limit {self.reg.quota.max_leases}); release some")
