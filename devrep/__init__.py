@@ -11,11 +11,19 @@ In-process use::
 As a client of the ``devrep serve`` daemon::
 
     client = devrep.connect()          # DEVREP_ADDRESS, or the default socket
+
+``import devrep`` is cheap: every public name below loads its module on first use (as CuPy does), so a
+client does not pay for the engine and numba, and the sync-mode fault helper (``devrep.tracking._handler``,
+a separate process) imports only the standard library and ``devrep.kernel``.
 """
 
-from ._pages import PAGE_SIZE
-from .backends import Backend, DeviceBuffer, ExportHandle
-from .engine import Replicator
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+# errors is a leaf module (standard library only) that every layer raises from: loading it eagerly is free.
 from .errors import (
     AlignmentError,
     AlreadyExistsError,
@@ -30,18 +38,50 @@ from .errors import (
     UnknownDeviceError,
     UnsupportedModeError,
 )
-from .region import Event, Lease, Region, RegionInfo, RegionStats, Replica, SyncReport, VerifyReport
 
 __version__ = "0.1.0"
 
+# Public name -> the module (relative to this package) that defines it, imported on first access.
+_LAZY = {
+    "PAGE_SIZE": "._pages",
+    "Backend": ".backends",
+    "DeviceBuffer": ".backends",
+    "ExportHandle": ".backends",
+    "Replicator": ".engine",
+    "Event": ".region",
+    "Lease": ".region",
+    "Region": ".region",
+    "RegionInfo": ".region",
+    "RegionStats": ".region",
+    "Replica": ".region",
+    "SyncReport": ".region",
+    "VerifyReport": ".region",
+    "Client": ".client",
+    "connect": ".client",
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from ._pages import PAGE_SIZE
+    from .backends import Backend, DeviceBuffer, ExportHandle
+    from .client import Client, connect
+    from .engine import Replicator
+    from .region import Event, Lease, Region, RegionInfo, RegionStats, Replica, SyncReport, VerifyReport
+
 
 def __getattr__(name: str) -> object:
-    # The client pulls in grpc and the generated stubs; in-process users should not pay for that.
-    if name in ("connect", "Client"):
-        from . import client
-
-        return getattr(client, name)
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    # ``import devrep`` then ``devrep.tracking.X`` worked while this module imported everything eagerly.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'devrep' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -8,18 +8,52 @@ No policy lives here: errors surface as ``OSError`` with the kernel's errno; :mo
 them into devrep errors.
 """
 
-from .pagemap import PAGEMAP_SCAN, PageCategory, PagemapScanner, ScanFlag, pagemap_scan
-from .uffd import (
-    MSG_SIZE,
-    Event,
-    FaultEvent,
-    Feature,
-    PagefaultFlag,
-    RegisterMode,
-    Userfaultfd,
-    WriteProtectMode,
-    parse_events,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Loaded on first use: the sync fault helper needs ``uffd`` alone, and ``pagemap`` brings numpy.
+_LAZY = {
+    "PAGEMAP_SCAN": ".pagemap",
+    "PageCategory": ".pagemap",
+    "PagemapScanner": ".pagemap",
+    "ScanFlag": ".pagemap",
+    "pagemap_scan": ".pagemap",
+    "MSG_SIZE": ".uffd",
+    "Event": ".uffd",
+    "FaultEvent": ".uffd",
+    "Feature": ".uffd",
+    "PagefaultFlag": ".uffd",
+    "RegisterMode": ".uffd",
+    "Userfaultfd": ".uffd",
+    "WriteProtectMode": ".uffd",
+    "parse_events": ".uffd",
+}
+
+if TYPE_CHECKING:
+    from .pagemap import PAGEMAP_SCAN, PageCategory, PagemapScanner, ScanFlag, pagemap_scan
+    from .uffd import (
+        MSG_SIZE,
+        Event,
+        FaultEvent,
+        Feature,
+        PagefaultFlag,
+        RegisterMode,
+        Userfaultfd,
+        WriteProtectMode,
+        parse_events,
+    )
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devrep.kernel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "MSG_SIZE",

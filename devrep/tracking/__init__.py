@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
-
-from .._pages import PageArray, RunArray
-from ..memory import HostMemory
+if TYPE_CHECKING:  # kept out of the import: the sync fault helper process loads this package (see _handler)
+    from .._pages import PageArray, RunArray
+    from ..memory import HostMemory
 
 Notify = Callable[[], None]
 
@@ -50,6 +49,8 @@ class Tracker(ABC):
         mode cannot protect that memory."""
 
     def collect(self) -> PageArray:
+        import numpy as np
+
         return np.empty(0, dtype=np.int64)
 
     def rearm(self, runs: RunArray) -> None:  # noqa: B027 - optional hook
