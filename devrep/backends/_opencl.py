@@ -20,6 +20,7 @@ comparison run on the device.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -161,6 +162,7 @@ class OpenCLBackend(Backend):
         self._batch_pages = batch_bytes // PAGE_SIZE
         self._lock = threading.Lock()
         self._live: dict[int, DeviceBuffer] = {}
+        self._backing: dict[int, npt.NDArray[np.uint8]] = {}  # id(cl.Buffer) -> host memory it wraps
         self._devices: list[_Device] = []
         self._closed = False
         choice = platform if platform is not None else os.environ.get(PLATFORM_ENV) or None
@@ -287,12 +289,13 @@ class OpenCLBackend(Backend):
             d.in_use += nbytes
         try:
             try:
-                buf = cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE, nbytes)
+                buf = self._new_buffer(d, nbytes)
                 try:
                     # Zero it now: replicas start defined, and a lazily allocating driver fails here, not later.
                     cl.enqueue_fill_buffer(d.queue, buf, np.zeros(1, np.uint8), 0, nbytes).wait()
                 except BaseException:
                     buf.release()
+                    self._backing.pop(id(buf), None)
                     raise
             except cl.Error as exc:
                 if exc.code in _OOM:
@@ -310,6 +313,22 @@ class OpenCLBackend(Backend):
             self._live[id(buffer)] = buffer
         return buffer
 
+    def _new_buffer(self, d: _Device, nbytes: int) -> Any:
+        """Replica memory. On a device that works in host memory (PoCL and other CPU drivers) the buffer wraps
+        page-aligned memory of ours (``USE_HOST_PTR``): the driver's own allocation starts 128 bytes into a
+        page, which puts every long host->replica copy on glibc's misaligned path (about 3x slower than an
+        aligned memcpy past its non-temporal threshold on some CPUs; benchmark P2c). Other devices allocate
+        their own memory."""
+        if not d.unified:
+            return cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE, nbytes)
+        try:  # private anonymous memory, as the driver's own malloc would use; page-aligned by mmap
+            backing = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
+        except OSError as exc:
+            raise ResourceExhaustedError(f"{d.label} cannot allocate {nbytes} bytes of host memory: {exc}") from exc
+        buf = cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=backing)
+        self._backing[id(buf)] = backing  # the driver uses this memory until the buffer is released
+        return buf
+
     def free(self, buffer: DeviceBuffer) -> None:
         with self._lock:
             if buffer.freed:
@@ -318,6 +337,8 @@ class OpenCLBackend(Backend):
             self._live.pop(id(buffer), None)
             self._devices[buffer.index].in_use -= buffer.nbytes
         buffer.handle.release()
+        with self._lock:
+            self._backing.pop(id(buffer.handle), None)  # after the release: the driver no longer uses it
         buffer.handle = None
 
     # ------------------------------------------------------------------ copies
