@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,9 +147,10 @@ def p5_async_epoch(results: dict[str, Any], repeat: int = 9) -> None:
                                      "vs the raw PAGEMAP_SCAN ioctl, same dirty pattern")
 
 
-def _fill_seconds(tracking: str | devrep.tracking.Tracker, nbytes: int, repeat: int) -> float:
+def _fill_seconds(tracking: str | devrep.tracking.Tracker, nbytes: int, repeat: int, block_size: int = PAGE_SIZE
+                  ) -> float:
     with devrep.Replicator() as rep:
-        region = rep.create_region("fill", nbytes, tracking=tracking)
+        region = rep.create_region("fill", nbytes, tracking=tracking, block_size=block_size)
         region.array[:] = 1  # populate the mapping
         rep.replicate("fill", ["cpu:0"])  # sync re-protects every page (sync mode) / scan re-protects (async)
         times = []
@@ -177,6 +179,47 @@ def fill_slowdown(results: dict[str, Any], nbytes: int = 64 * MiB, repeat: int =
         "value": round(sync * 1e3, 3), "baseline": round(async_ * 1e3, 3), "ratio": round(sync / async_, 2),
         "target": "info", "unit": "ms", "meets": True,
         "note": note + ", sync vs async mode (informational: 1.0 = sync pays only the kernel's per-page cost)"}
+
+
+WRITER_PLOT = Path(__file__).with_name("writer_cost.png")
+
+
+def writer_cost_plot(results: dict[str, Any], nbytes: int = 64 * MiB, repeat: int = 3) -> None:
+    """``writer_cost.png``: slowdown of a sequential fill vs untracked, per mode and invalidation block size."""
+    blocks = [PAGE_SIZE, 64 << 10, 2 << 20]
+    modes: dict[str, Any] = {
+        "sync, one block per fault (fault_around=4 KiB)": lambda: SyncTracker(fault_around=PAGE_SIZE),
+        "sync, default (fault-around up to 2 MiB)": lambda: SyncTracker(),
+        "async": lambda: AsyncTracker(interval=None),
+    }
+    curves: dict[str, list[float]] = {label: [] for label in modes}
+    for block in blocks:
+        base = _fill_seconds("explicit", nbytes, repeat, block)
+        for label, make in modes.items():
+            curves[label].append(_fill_seconds(make(), nbytes, repeat, block) / base)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    xs = [b / 1024 for b in blocks]
+    for label, ys in curves.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.axhline(8.0, color="gray", linestyle="--", linewidth=1, label="W1 target (8x)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{x:g} KiB" for x in xs])
+    ax.set_xlabel("invalidation block size (block_size)")
+    ax.set_ylabel("sequential fill time / untracked fill")
+    ax.set_title(f"writer cost of a {nbytes >> 20} MiB numpy fill per tracking mode")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(WRITER_PLOT)
+    plt.close(fig)
+    results["_writer_cost"] = {label: [round(v, 2) for v in ys] for label, ys in curves.items()}
+    results["_writer_cost"]["block_sizes"] = blocks
 
 
 def w1_amplification(results: dict[str, Any], pages: int = 16384, writes: int = 1000, rounds: int = 5) -> None:
@@ -281,6 +324,7 @@ def run(results: dict[str, Any]) -> None:
     fill_slowdown(results)
     w1_amplification(results)
     p3s_sync_mode_sync(results)
+    writer_cost_plot(results)
 
 
 if __name__ == "__main__":
