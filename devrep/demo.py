@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ._console import make_console
 from ._pages import PAGE_SIZE, runs_from_pages
 from .region import Event
+from .sizes import format_size
 
-console = Console()
+console = make_console()
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -131,13 +132,13 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         words[:] = np.arange(words.size, dtype=np.uint64)
         if mode == "explicit":
             region.invalidate()
-        step("create region", f"demo/table, {size_mib} MiB memfd, tracking={mode}, filled in "
+        step("create region", f"demo/table, {format_size(nbytes)} memfd, tracking={mode}, filled in "
                               f"{_ms(time.perf_counter() - t)}")
 
         report = replicate_with_progress(client, "demo/table", ["cpu:0", "cpu:1"], console=console)
         gbps = report.bytes_copied / max(report.seconds, 1e-9) / 1e9
-        step("replicate to cpu:0, cpu:1", f"{report.bytes_copied >> 20} MiB copied in {_ms(report.seconds)} "
-                                          f"({gbps:.1f} GB/s, host read once: {report.host_bytes_read >> 20} MiB)")
+        step("replicate to cpu:0, cpu:1", f"{format_size(report.bytes_copied)} copied in {_ms(report.seconds)} "
+                                          f"({gbps:.1f} GB/s, host read once: {format_size(report.host_bytes_read)})")
 
         invalidated_before = watch.pages("invalidate", "demo/table")
         rng = np.random.default_rng(4)
@@ -179,7 +180,7 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         with client.acquire_safetensors("demo/model", "cpu:0") as model:
             same = all(np.array_equal(model[k], v) for k, v in tensors.items())
             step("safetensors acquire", f"{len(model)} tensors as zero-copy read-only arrays "
-                                        f"({path.stat().st_size >> 20} MiB), equal to the file: {same}", same)
+                                        f"({format_size(path.stat().st_size)}), equal to the file: {same}", same)
             infos = model.infos
         tensors["layer2.weight"] = tensors["layer2.weight"] + 1
         with open(path, "r+b") as f:  # same layout: rewrite in place
@@ -206,7 +207,10 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
 
 
 def main(size_mib: int = 512) -> int:
-    console.rule("[bold]devrep demo")
+    if console.is_terminal:
+        console.rule("[bold]devrep demo")
+    else:  # a rule would be as wide as the unwrapped console
+        console.print("[bold]devrep demo")
     rows: list[tuple[str, str, str]] = []
     t0 = time.perf_counter()
     ok = False

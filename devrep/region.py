@@ -145,6 +145,10 @@ class VerifyReport:
     pages_checked: int
     mismatched: RunArray
     resynced: bool
+    stale_pages: int = 0
+    """Pages not checked because they were stale (awaiting a sync) or written during the verify: they are
+    expected to differ from the host, so they are not mismatches (``pages_checked + stale_pages`` = the region's
+    pages)."""
 
     @property
     def mismatched_pages(self) -> int:
@@ -729,7 +733,7 @@ class Region:
             self.sync(mismatched, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             with self._cond:
                 self.stats.resyncs += 1
-        return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)))
+        return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)), self.npages - checked)
                 for rep, runs, checked in reports]
 
     # ------------------------------------------------------------------ describe / close

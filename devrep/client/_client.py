@@ -565,7 +565,8 @@ class Client:
     def verify(self, name: str, devices: Sequence[str] = (), *, resync: bool = True) -> list[VerifyReport]:
         reply = self._call(self._stub.Verify, pb.VerifyRequest(name=name, devices=list(devices), resync=resync),
                            timeout=max(self.timeout, 120.0))
-        return [VerifyReport(name, r.device, r.pages_checked, _runs(r.mismatched_runs), r.resynced)
+        return [VerifyReport(name, r.device, r.pages_checked, _runs(r.mismatched_runs), r.resynced,
+                             r.stale_pages)
                 for r in reply.reports]
 
     def watch(self, names: Sequence[str] | str = (), *, coalesce_ms: int = 2) -> EventStream:
