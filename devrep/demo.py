@@ -89,6 +89,10 @@ class EventLog:
             return sum(e.pages for e in self.events
                        if e.kind == kind and e.region == region and (device is None or e.device == device))
 
+    def count(self, kind: str, region: str) -> int:
+        with self._lock:
+            return sum(1 for e in self.events if e.kind == kind and e.region == region)
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -140,6 +144,10 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         step("replicate to cpu:0, cpu:1", f"{format_size(report.bytes_copied)} copied in {_ms(report.seconds)} "
                                           f"({gbps:.1f} GB/s, host read once: {format_size(report.host_bytes_read)})")
 
+        # The stream delivers events in order but asynchronously: wait for the replicate's sync events, so that
+        # every invalidation from the fill (async epochs may report a page twice when a scan lands mid-write)
+        # is counted before the baseline is taken.
+        watch.wait_for(lambda: watch.count("sync", "demo/table") >= 1)
         invalidated_before = watch.pages("invalidate", "demo/table")
         rng = np.random.default_rng(4)
         pages = np.unique(rng.integers(0, nbytes // PAGE_SIZE, 2000))

@@ -60,7 +60,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     source = base / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "results.json"))
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+    # Build isolation (the default): the wheel is built with the build-system requirements pyproject.toml
+    # declares, not with whatever this virtualenv happens to hold.
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                             "--wheel-dir", str(base / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300)
     _check(build, "pip wheel")
