@@ -1,12 +1,14 @@
 """Run the benchmarks, print a table and write ``bench/results.json``.
 
-``python -m bench`` runs every module; ``python -m bench core tracking`` runs some. Each module exposes
+``python -m bench`` runs every module; ``python -m bench core tracking`` runs some (``--help`` lists them; a
+partial run keeps the other modules' entries from the previous results.json). Each module exposes
 ``run(results)`` and fills ``results[metric] = {"value", "baseline", "ratio", "target", "unit", "meets", "note"}``,
 with its baseline measured in the same run (this machine is shared and noisy: compare ratios, not values).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import platform
@@ -16,21 +18,34 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from devrep._console import make_console
 
 MODULES = ["core", "copy", "backends", "numa", "tracking", "service", "kube"]
 RESULTS = Path(__file__).with_name("results.json")
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Run devrep's benchmarks (ratios against baselines measured in the same "
+                                            "run), print a table and write bench/results.json.",
+        epilog="modules: core (P1-P3 and bench/sync_vs_dirty.png), backends, tracking (P4, P5, FILL-*, STORE-*: "
+               "what each tracking mode costs the writer), service, kube")
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help="modules to run (default: all)")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
-    console = Console()
-    wanted = argv or MODULES
+    console = make_console()
+    args = _parse(argv)
+    wanted = args.modules or MODULES
     unknown = [m for m in wanted if m not in MODULES]
     if unknown:
         console.print(f"[red]unknown benchmark module(s): {', '.join(unknown)}; known: {', '.join(MODULES)}")
         return 2
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() and argv else {}
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.modules else {}
+
     failed = []
     for name in wanted:
         try:

@@ -1,4 +1,5 @@
-"""The ``devrep`` command: ``serve``, ``doctor``, ``ls``, ``add``, ``watch``, ``verify``, ``stats``, ``demo``.
+"""The ``devrep`` command: ``serve``, ``doctor``, ``ls``, ``add``, ``sync``, ``watch``, ``verify``, ``stats``,
+``demo``.
 
 Exit codes (also in docs/api.md): 0 ok; 1 failure (including verify mismatches); 2 usage or invalid argument;
 3 cannot connect; 4 not found; 5 unauthenticated / permission denied; 6 resource exhausted; 7 failed
@@ -22,13 +23,15 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from . import errors
+from . import __version__, errors
+from ._console import make_console
+from .sizes import format_size, size_arg
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
     EXIT_TIMEOUT = range(9)
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def exit_code(exc: BaseException) -> int:
@@ -71,12 +74,7 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(_jsonable(obj), indent=2))
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+_size = format_size
 
 
 def progress_bar(out: Console | None = None) -> Progress:
@@ -268,37 +266,62 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = sum(r.mismatched_pages for r in reports)
     if args.json:
         _print_json([{"device": r.device, "pages_checked": r.pages_checked, "mismatched_pages": r.mismatched_pages,
-                      "mismatched_runs": r.mismatched.tolist(), "resynced": r.resynced} for r in reports])
+                      "mismatched_runs": r.mismatched.tolist(), "stale_pages": r.stale_pages,
+                      "resynced": r.resynced} for r in reports])
     else:
         table = Table(title=f"verify {args.name}")
-        for col in ("device", "pages checked", "mismatched pages", "resynced"):
+        for col in ("device", "pages checked", "mismatched pages", "stale pages (not checked)", "resynced"):
             table.add_column(col)
         for r in reports:
-            table.add_row(r.device, str(r.pages_checked), str(r.mismatched_pages), "yes" if r.resynced else "no")
+            table.add_row(r.device, str(r.pages_checked), str(r.mismatched_pages), str(r.stale_pages),
+                          "yes" if r.resynced else "no")
         console.print(table)
+        if any(r.stale_pages for r in reports):
+            console.print("stale pages are known to be out of date (written since the last sync, awaiting one): "
+                          "they are not mismatches; `devrep sync` copies them")
+    # Only mismatches (a replica page devrep believed valid that differs from the host) are a failure.
     return EXIT_FAIL if bad else EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        report = client.sync(args.name, args.device or (), timeout=args.timeout)
+    if args.json:
+        _print_json(report)
+    else:
+        console.print(f"synced [bold]{report.region}[/] to generation {report.generation}: {report.pages_copied} "
+                      f"pages ({_size(report.bytes_copied)}) in {report.runs} runs copied to "
+                      f"{', '.join(report.devices) or 'no replica'} in {report.seconds * 1000:.1f} ms")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
-    return demo_main(size_mib=args.size_mib)
+    size = args.size if args.size_mib is None else args.size_mib << 20
+    if size <= 0 or size % (1 << 20):
+        raise errors.InvalidArgumentError(f"--size must be a positive whole number of MiB, not {size} bytes")
+    return demo_main(size_mib=size >> 20)
 
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devrep", description="Never-stale device replicas of host memory.",
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 cannot connect, 4 not found, "
-                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout. "
+                                            "Sizes take K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), "
+                                            "KB/MB/GB/TB (powers of 1000) or plain bytes.")
+    parser.add_argument("--version", action="version", version=f"devrep {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--address", help="server address (default: $DEVREP_ADDRESS or the default socket)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    p = sub.add_parser("serve", help="run the replication service")
+    p = sub.add_parser("serve", help="run the replication service", description="Run the replication service.")
     p.add_argument("--socket", help="Unix socket path (default: /run/devrep/devrep.sock as root, else "
                                     "$XDG_RUNTIME_DIR/devrep/devrep.sock)")
     p.add_argument("--address", help="gRPC address instead of --socket, e.g. 0.0.0.0:7443 (needs TLS or --insecure)")
@@ -307,52 +330,69 @@ def build_parser() -> argparse.ArgumentParser:
                    help="permission bits of both Unix sockets, octal (default 0660: owner and group connect)")
     p.add_argument("--socket-group", type=socket_group,
                    help="group (name or gid) given both Unix sockets, e.g. a group your non-root clients are in")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--tls-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain for TCP with TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--insecure", action="store_true", help="allow plain-text TCP")
     p.add_argument("--token-dir", help="directory of pre-authorized tokens (file name = label, content = token)")
     p.add_argument("--require-token", action="store_true", help="refuse sessions without a pre-authorized token")
-    p.add_argument("--quota-bytes", type=int, default=0, help="replica bytes per session (0 = unlimited)")
-    p.add_argument("--quota-regions", type=int, default=256, help="regions per session")
-    p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices")
+    p.add_argument("--quota-bytes", type=size_arg, default=0, metavar="SIZE",
+                   help="replica bytes per session, e.g. 16G (region size x replicas; 0 = unlimited)")
+    p.add_argument("--quota-regions", type=int, default=256, help="regions per session (default 256)")
+    p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices (default 4)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("doctor", help="which tracking modes and devices work on this host")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("doctor", help="which tracking modes and devices work on this host",
+                       description="Which tracking modes work on this host (each tried for real) and which devices "
+                                   "each backend sees. Exit 0 when every tracking mode works, else 1.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
     p = client_parser("ls", "list regions")
     p.set_defaults(func=cmd_ls)
 
     p = client_parser("stats", "server and region counters")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="one region (default: all)")
     p.set_defaults(func=cmd_stats)
 
     p = client_parser("add", "register a file and replicate it")
-    p.add_argument("file")
+    p.add_argument("file", help="the file to replicate (opened by this command, passed to the server as an fd)")
     p.add_argument("--device", action="append", required=True, help="device, e.g. cpu:0 (repeatable)")
     p.add_argument("--name", help="region name (default: the file name)")
-    p.add_argument("--tracking", choices=["file", "explicit"], default="file")
+    p.add_argument("--tracking", choices=["file", "explicit"], default="file",
+                   help="how changes to the file are found: file (inotify + page hashes, default) or explicit "
+                        "(only what `devrep sync`/Invalidate are told)")
     p.add_argument("--no-wait", action="store_true", help="exit at once (the region goes with this session)")
     p.set_defaults(func=cmd_add)
 
+    p = client_parser("sync", "copy stale pages to a region's replicas now")
+    p.add_argument("name", help="region name")
+    p.add_argument("--device", action="append", help="only this replica (repeatable; default: all)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up after this long waiting for readers to release (default: the server's)")
+    p.set_defaults(func=cmd_sync)
+
     p = client_parser("watch", "print invalidation/sync events")
-    p.add_argument("names", nargs="*")
-    p.add_argument("--count", type=int, default=0, help="stop after this many events")
-    p.add_argument("--coalesce-ms", type=int, default=2)
+    p.add_argument("names", nargs="*", help="regions to watch (default: all)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
+    p.add_argument("--coalesce-ms", type=int, default=2,
+                   help="merge invalidations of one region arriving within this many ms (default 2)")
     p.set_defaults(func=cmd_watch)
 
     p = client_parser("verify", "hash-compare replicas with the host (and resync mismatches)")
-    p.add_argument("name")
-    p.add_argument("--device", action="append")
-    p.add_argument("--no-resync", action="store_true")
+    p.add_argument("name", help="region name")
+    p.add_argument("--device", action="append", help="only this replica (repeatable; default: all)")
+    p.add_argument("--no-resync", action="store_true", help="report mismatches without copying them again")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("demo", help="end-to-end demo against a temporary server")
-    p.add_argument("--size-mib", type=int, default=512)
+    p = sub.add_parser("demo", help="end-to-end demo against a temporary server",
+                       description="End-to-end demo: a temporary server, a region, replicas, writes, resync, verify "
+                                   "and a safetensors file.")
+    p.add_argument("--size", type=size_arg, default=512 << 20, metavar="SIZE",
+                   help="region size, whole MiB (default 512M)")
+    p.add_argument("--size-mib", type=int, help="region size in MiB (the older spelling of --size)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from ._console import make_console
 from ._pages import PAGE_SIZE, runs_from_pages
 from .region import Event
+from .sizes import format_size
 
-console = Console()
+console = make_console()
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -88,6 +89,10 @@ class EventLog:
             return sum(e.pages for e in self.events
                        if e.kind == kind and e.region == region and (device is None or e.device == device))
 
+    def count(self, kind: str, region: str) -> int:
+        with self._lock:
+            return sum(1 for e in self.events if e.kind == kind and e.region == region)
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -131,14 +136,18 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         words[:] = np.arange(words.size, dtype=np.uint64)
         if mode == "explicit":
             region.invalidate()
-        step("create region", f"demo/table, {size_mib} MiB memfd, tracking={mode}, filled in "
+        step("create region", f"demo/table, {format_size(nbytes)} memfd, tracking={mode}, filled in "
                               f"{_ms(time.perf_counter() - t)}")
 
         report = replicate_with_progress(client, "demo/table", ["cpu:0", "cpu:1"], console=console)
         gbps = report.bytes_copied / max(report.seconds, 1e-9) / 1e9
-        step("replicate to cpu:0, cpu:1", f"{report.bytes_copied >> 20} MiB copied in {_ms(report.seconds)} "
-                                          f"({gbps:.1f} GB/s, host read once: {report.host_bytes_read >> 20} MiB)")
+        step("replicate to cpu:0, cpu:1", f"{format_size(report.bytes_copied)} copied in {_ms(report.seconds)} "
+                                          f"({gbps:.1f} GB/s, host read once: {format_size(report.host_bytes_read)})")
 
+        # The stream delivers events in order but asynchronously: wait for the replicate's sync events, so that
+        # every invalidation from the fill (async epochs may report a page twice when a scan lands mid-write)
+        # is counted before the baseline is taken.
+        watch.wait_for(lambda: watch.count("sync", "demo/table") >= 1)
         invalidated_before = watch.pages("invalidate", "demo/table")
         rng = np.random.default_rng(4)
         pages = np.unique(rng.integers(0, nbytes // PAGE_SIZE, 2000))
@@ -179,7 +188,7 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         with client.acquire_safetensors("demo/model", "cpu:0") as model:
             same = all(np.array_equal(model[k], v) for k, v in tensors.items())
             step("safetensors acquire", f"{len(model)} tensors as zero-copy read-only arrays "
-                                        f"({path.stat().st_size >> 20} MiB), equal to the file: {same}", same)
+                                        f"({format_size(path.stat().st_size)}), equal to the file: {same}", same)
             infos = model.infos
         tensors["layer2.weight"] = tensors["layer2.weight"] + 1
         with open(path, "r+b") as f:  # same layout: rewrite in place
@@ -206,7 +215,10 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
 
 
 def main(size_mib: int = 512) -> int:
-    console.rule("[bold]devrep demo")
+    if console.is_terminal:
+        console.rule("[bold]devrep demo")
+    else:  # a rule would be as wide as the unwrapped console
+        console.print("[bold]devrep demo")
     rows: list[tuple[str, str, str]] = []
     t0 = time.perf_counter()
     ok = False

@@ -47,6 +47,14 @@ class NumaStatus:
 
 
 @dataclass
+class BackendStatus:
+    devices: list[str]
+    """``describe()`` of each device the backend sees with its default options (``opencl:0 (...)``)."""
+    error: str = ""
+    """Why the backend is unavailable (a missing package or driver), empty when it loaded."""
+
+
+@dataclass
 class Capabilities:
     kernel: str
     machine: str
@@ -64,6 +72,7 @@ class Capabilities:
     fanotify_error: str
     modes: dict[str, ModeStatus] = field(default_factory=dict)
     numa: NumaStatus = field(default_factory=NumaStatus)
+    backends: dict[str, BackendStatus] = field(default_factory=dict)
 
     @property
     def all_modes_work(self) -> bool:
@@ -77,6 +86,7 @@ class Capabilities:
 
     def render(self, console: Any) -> None:
         """Print as rich tables on ``console`` (a ``rich.console.Console``)."""
+        from rich.markup import escape
         from rich.table import Table
 
         def yes(ok: bool) -> str:
@@ -108,7 +118,7 @@ class Capabilities:
         modes.add_column("works")
         modes.add_column("why not")
         for name, status in self.modes.items():
-            modes.add_row(name, yes(status.works), status.reason)
+            modes.add_row(name, yes(status.works), escape(status.reason))
         console.print(modes)
         nodes = Table(title="NUMA nodes (numa backend)")
         nodes.add_column("node")
@@ -119,6 +129,14 @@ class Capabilities:
         console.print(nodes)
         console.print("mbind(MPOL_BIND): " + yes(self.numa.mbind)
                       + (f"  {self.numa.mbind_error}" if self.numa.mbind_error else ""))
+        if self.backends:
+            devices = Table(title="devices per backend")
+            devices.add_column("backend")
+            devices.add_column("devices")
+            for name, backend in self.backends.items():
+                devices.add_row(name, escape("\n".join(backend.devices)) if backend.devices
+                                else f"[yellow]none[/]  {escape(backend.error)}".rstrip())
+            console.print(devices)
 
 
 def _cap_sys_ptrace() -> bool:
@@ -304,7 +322,27 @@ def _attempt(check: Any) -> str:
         return f"{exc}"
 
 
-def probe() -> Capabilities:
+def probe_backends() -> dict[str, BackendStatus]:
+    """Load every backend with its default options and list the devices it sees; never raises."""
+    from .backends import BACKENDS, load_backend
+
+    out = {}
+    for kind in BACKENDS:
+        try:
+            backend = load_backend(kind)
+        except Exception as exc:  # a missing package / driver / device is reported, not raised
+            out[kind] = BackendStatus([], f"{type(exc).__name__}: {exc}")
+            continue
+        try:
+            out[kind] = BackendStatus([backend.describe(i) for i in range(backend.device_count())])
+        except Exception as exc:
+            out[kind] = BackendStatus([], f"{type(exc).__name__}: {exc}")
+        finally:
+            backend.close()
+    return out
+
+
+def probe(backends: bool = False) -> Capabilities:
     """Probe this machine; never raises for a missing feature (it is reported instead)."""
     uname = os.uname()
     supported, uffd_error = _probe_uffd()
@@ -337,16 +375,21 @@ def probe() -> Capabilities:
         "explicit": ModeStatus(True, ""),
     }
     caps.numa = _probe_numa()
+    if backends:
+        caps.backends = probe_backends()
     return caps
 
 
 def main_doctor(as_json: bool) -> int:
-    """Entry point for ``devrep doctor [--json]``: 0 when every tracking mode works here, 1 otherwise."""
-    caps = probe()
+    """Entry point for ``devrep doctor [--json]``: 0 when every tracking mode works here, 1 otherwise.
+
+    Also lists the devices each backend sees (a backend without devices does not change the exit code: most
+    hosts have no GPU)."""
+    caps = probe(backends=True)
     if as_json:
         print(caps.to_json())
     else:
-        from rich.console import Console
+        from ._console import make_console
 
-        caps.render(Console())
+        caps.render(make_console())
     return 0 if caps.all_modes_work else 1

@@ -1,7 +1,7 @@
 """Page hash: XXH64 with seed 0 of each 4 KiB page, bit-identical to ``xxhash.xxh64_intdigest(page)``.
 
 Compiled with numba (one thread per core, ``prange`` over pages); the spec every backend follows is in
-``kernels/README.md``. Pages are always whole: a region's last partial page is hashed zero-padded, as
+``devrep/kernels/README.md``. Pages are always whole: a region's last partial page is hashed zero-padded, as
 it is stored in every replica.
 """
 

@@ -47,7 +47,7 @@ from .errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from .memory import HostMemory, anonymous
+from .memory import HostMemory, anonymous, map_fd
 from .tracking import Tracker
 
 if TYPE_CHECKING:
@@ -146,6 +146,10 @@ class VerifyReport:
     pages_checked: int
     mismatched: RunArray
     resynced: bool
+    stale_pages: int = 0
+    """Pages not checked because they were stale (awaiting a sync) or written during the verify: they are
+    expected to differ from the host, so they are not mismatches (``pages_checked + stale_pages`` = the region's
+    pages)."""
 
     @property
     def mismatched_pages(self) -> int:
@@ -205,6 +209,7 @@ class Lease:
         self.generation = generation
         self.invalid_runs = invalid_runs
         self.released = False
+        self._readonly: npt.NDArray[np.uint8] | None = None
 
     @property
     def device(self) -> str:
@@ -236,6 +241,60 @@ class Lease:
         if nbytes is None:
             nbytes = self.nbytes - offset
         return self.replica.backend.read(self.buffer, offset, nbytes)
+
+    def _host_readonly(self) -> npt.NDArray[np.uint8] | None:
+        """The replica through a read-only (``PROT_READ``) mapping of its memfd, where it is host memory shared by
+        fd (CPU): a write through a torch view then faults instead of corrupting the replica. ``None`` for device
+        memory."""
+        if self._readonly is None:
+            buffer = self.buffer
+            backend = self.replica.backend
+            if backend.host_view(buffer) is None:
+                return None
+            handle = backend.export(buffer)
+            if handle.kind == "fd" and isinstance(handle.payload, int):
+                self._readonly = map_fd(handle.payload, buffer.nbytes, writable=False)[: self.nbytes]
+            else:  # host memory without an fd: numpy's read-only flag is all the protection there is
+                self._readonly = backend.host_view(buffer)
+        else:
+            _ = self.buffer  # raises once released
+        return self._readonly
+
+    def numpy(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> npt.NDArray[Any]:
+        """Bytes ``[offset, offset + size)`` of the replica as a read-only numpy array of ``dtype`` and ``shape``.
+
+        Zero-copy for host-memory replicas (CPU); a host copy of just that range for device replicas (CUDA, OpenCL).
+        ``InvalidArgumentError`` for a bad dtype or shape, a misaligned offset or a range past the end. Valid until
+        ``release()``; ``.copy()`` gives a writable array of your own."""
+        from .views import check_layout, numpy_dtype, numpy_view
+
+        host = self._host_readonly()
+        if host is not None:
+            return numpy_view(host, self.nbytes, dtype, shape, offset)
+        dt = numpy_dtype(dtype, "numpy view")
+        _, start, size = check_layout(self.nbytes, dt.itemsize, dt.alignment, shape, offset, "numpy view")
+        return numpy_view(self.read(start, size), self.nbytes, dt, shape, start, base=start)
+
+    def torch(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> Any:
+        """Bytes ``[offset, offset + size)`` of the replica as a ``torch.Tensor`` of ``dtype`` (a torch dtype, its
+        name such as ``"bfloat16"``, or a numpy dtype) and ``shape``, zero-copy through DLPack: a CPU tensor over a
+        read-only mapping (writing it kills the process with SIGSEGV; ``.clone()`` gives a writable copy), or a
+        CUDA tensor over the GPU replica (unprotected: never write it). OpenCL replicas give a host copy. Needs
+        PyTorch (``FailedPreconditionError`` otherwise)."""
+        from .views import _torch, check_layout, torch_dtype, torch_view
+
+        _torch()
+        host = self._host_readonly()
+        if host is not None:
+            return torch_view(host, self.nbytes, dtype, shape, offset)
+        if self.replica.backend.name == "cuda":  # the array is CuPy's: a CUDA tensor, zero-copy
+            return torch_view(self.array, self.nbytes, dtype, shape, offset)
+        # device memory torch cannot address (OpenCL): a host copy of the range
+        tdt = torch_dtype(dtype)
+        _, start, size = check_layout(self.nbytes, tdt.itemsize, tdt.itemsize, shape, offset, "torch view")
+        copy = self.read(start, size)
+        copy.flags.writeable = False
+        return torch_view(copy, self.nbytes, tdt, shape, start, base=start)
 
     def export(self) -> ExportHandle:
         return self.replica.backend.export(self.buffer)
@@ -749,7 +808,7 @@ class Region:
             self.sync(mismatched, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             with self._cond:
                 self.stats.resyncs += 1
-        return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)))
+        return [VerifyReport(self.name, rep.device, checked, runs, bool(resync and len(runs)), self.npages - checked)
                 for rep, runs, checked in reports]
 
     # ------------------------------------------------------------------ describe / close

@@ -32,6 +32,12 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F64": np.dtype("<f8"),
     "F8_E4M3": np.dtype("<u1"), "F8_E5M2": np.dtype("<u1"),
 }
+# safetensors dtype -> torch dtype name (torch has all of them, bfloat16 and float8 included).
+TORCH_DTYPES: dict[str, str] = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "F16": "float16",
+    "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64",
+    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,17 @@ class TensorInfo:
         return np.array([[first, last - first + 1]], np.int64)
 
 
-def parse_header(data: npt.NDArray[np.uint8] | bytes | memoryview) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """``({name: TensorInfo}, metadata)``; ``InvalidArgumentError`` naming the problem for a malformed file."""
+def parse_header(data: npt.NDArray[np.uint8] | bytes | memoryview, size: int | None = None
+                 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``({name: TensorInfo}, metadata)``; ``InvalidArgumentError`` naming the problem for a malformed file.
+
+    ``data`` holds the file, or at least its header when ``size`` (the file's length) is given."""
     buf = memoryview(cast(Any, data)).cast("B")
-    size = buf.nbytes
+    size = buf.nbytes if size is None else size
     if size < 8:
         raise InvalidArgumentError(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n > MAX_HEADER or 8 + n > size:
+    if n > MAX_HEADER or 8 + n > min(size, buf.nbytes):
         raise InvalidArgumentError(f"not a safetensors file: header length {n} does not fit in {size} bytes")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
@@ -102,35 +111,62 @@ def changed_pages(infos: dict[str, TensorInfo], names: list[str]) -> RunArray:
 
 
 class SafetensorsLease:
-    """A leased replica of a safetensors file: a read-only mapping ``{name: array}``. Release it (or use ``with``)
-    when done; the arrays must not be used afterwards."""
+    """A leased replica of a safetensors file: a read-only mapping ``{name: array}`` (``model[name]`` is
+    ``model.numpy(name)``), plus ``model.torch(name)``. Views are zero-copy over CPU replicas (see ``devrep.views``:
+    a write through a torch view of a CPU replica raises SIGSEGV; ``.copy()`` / ``.clone()`` for a writable copy).
+    Release it (or use ``with``) when done; the views must not be used afterwards."""
 
     def __init__(self, lease: Any) -> None:
         self.lease = lease
-        self.tensors = tensors_from_buffer(lease.array)
-        self.infos, self.metadata = parse_header(lease.array)
+        nbytes = int(lease.nbytes)
+        head = lease.numpy(np.uint8, min(8, nbytes))
+        n = struct.unpack("<Q", head.tobytes())[0] if head.size == 8 else 0
+        header = lease.numpy(np.uint8, min(8 + min(n, MAX_HEADER), nbytes)) if head.size == 8 else head
+        self.infos, self.metadata = parse_header(header, size=nbytes)
 
     @property
     def generation(self) -> int:
         return int(self.lease.generation)
 
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in this safetensors file") from None
+
+    def numpy(self, name: str) -> npt.NDArray[Any]:
+        """Tensor ``name`` as a read-only numpy array (bfloat16 / float8 as raw unsigned integers, see ``DTYPES``)."""
+        t = self._info(name)
+        dtype = DTYPES[t.dtype]
+        if t.begin % dtype.alignment:  # writers normally align tensors; numpy can view unaligned data anyway
+            raw = self.lease.numpy(np.uint8, t.end - t.begin, t.begin)
+            return cast(npt.NDArray[Any], raw.view(dtype).reshape(t.shape))
+        return cast(npt.NDArray[Any], self.lease.numpy(dtype, t.shape, t.begin))
+
+    def torch(self, name: str) -> Any:
+        """Tensor ``name`` as a ``torch.Tensor`` of its real dtype (bfloat16 and float8 included), zero-copy."""
+        t = self._info(name)
+        return self.lease.torch(TORCH_DTYPES[t.dtype], t.shape, t.begin)
+
     def __getitem__(self, name: str) -> npt.NDArray[Any]:
-        return self.tensors[name]
+        return self.numpy(name)
 
     def __iter__(self) -> Any:
-        return iter(self.tensors)
+        return iter(self.infos)
 
     def __len__(self) -> int:
-        return len(self.tensors)
+        return len(self.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
 
     def keys(self) -> Any:
-        return self.tensors.keys()
+        return self.infos.keys()
 
     def items(self) -> Any:
-        return self.tensors.items()
+        return ((name, self.numpy(name)) for name in self.infos)
 
     def release(self) -> None:
-        self.tensors = {}
         self.lease.release()
 
     def __enter__(self) -> SafetensorsLease:

@@ -1,9 +1,9 @@
-"""Every kernel source builds: each ``kernels/*.cu`` with nvcc (so a CUDA syntax error fails CI without a GPU),
-each ``kernels/*.cl`` on PoCL, and the prebuilt PoCL bitcode is current with ``devrep.cl``."""
+"""Every kernel source builds: each ``devrep/kernels/*.cu`` with nvcc (so a CUDA syntax error fails CI without a
+GPU), each ``devrep/kernels/*.cl`` on PoCL, and the prebuilt PoCL bitcode is current with ``devrep.cl``, its build
+script and the installed PoCL, and rebuilds byte for byte."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -18,11 +18,11 @@ import xxhash
 
 from devrep._pages import PAGE_SIZE
 from devrep.backends import load_backend
-from devrep.backends._kernels import kernels_dir
+from devrep.backends._kernels import bitcode_stamp, kernels_dir, pocl_version
 
 pytestmark = pytest.mark.timeout(180)
 
-KERNELS = kernels_dir()
+KERNELS = Path(str(kernels_dir()))
 KERNEL_NAMES = {"hash_all", "hash_list", "compare", "scatter_pages", "copy_pages"}
 
 
@@ -72,11 +72,45 @@ def test_opencl_sources_build_on_pocl(source: Path) -> None:
 
 
 def test_pocl_bitcode_is_current() -> None:
-    recorded = (KERNELS / "pocl" / "SOURCE_SHA256").read_text().strip()
-    actual = hashlib.sha256((KERNELS / "devrep.cl").read_bytes()).hexdigest()
-    assert recorded == actual, "kernels/devrep.cl changed: run kernels/build_pocl_bitcode.sh and commit kernels/pocl/"
+    recorded = (KERNELS / "pocl" / "STAMP").read_text()
+    actual = bitcode_stamp()
+    assert recorded == actual, (f"devrep/kernels/pocl/STAMP says\n{recorded}but devrep.cl, build_pocl_bitcode.sh "
+                                f"and the installed PoCL give\n{actual}run devrep/kernels/build_pocl_bitcode.sh and "
+                                f"commit devrep/kernels/pocl/ (or install the pinned PoCL)")
     for variant in ("sse2", "avx2", "avx512"):
         assert (KERNELS / "pocl" / f"devrep-{variant}.bc").read_bytes()[:4] == b"BC\xc0\xde"
+
+
+def test_stamp_covers_source_flags_and_pocl_version(tmp_path: Path) -> None:
+    base = bitcode_stamp()
+    assert f"pocl-binary-distribution {pocl_version()}\n" in base
+    assert bitcode_stamp(pocl="0.0") != base  # another PoCL
+    shutil.copytree(KERNELS, tmp_path / "k")
+    script = tmp_path / "k" / "build_pocl_bitcode.sh"
+    script.write_text(script.read_text().replace("-O2", "-O3"))  # another flag
+    assert bitcode_stamp(tmp_path / "k") != base
+    shutil.copy(KERNELS / "build_pocl_bitcode.sh", script)
+    assert bitcode_stamp(tmp_path / "k") == base
+    (tmp_path / "k" / "devrep.cl").write_text((KERNELS / "devrep.cl").read_text() + "\n")  # another source
+    assert bitcode_stamp(tmp_path / "k") != base
+
+
+def test_pocl_bitcode_rebuilds_byte_for_byte(tmp_path: Path) -> None:
+    """The committed bitcode is exactly what build_pocl_bitcode.sh makes from the committed source with the
+    pinned PoCL (`make test` installs clang-14 where it can)."""
+    missing = [tool for tool in ("clang-14", "llvm-link-14") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian: apt-get install clang-14 llvm-14): the PoCL "
+                    f"bitcode was not rebuilt")
+    build = subprocess.run(["sh", str(KERNELS / "build_pocl_bitcode.sh"), str(tmp_path / "out")],
+                           env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=150)
+    assert build.returncode == 0, build.stdout + build.stderr
+    names = sorted(p.name for p in (KERNELS / "pocl").iterdir())
+    assert names == ["STAMP", "devrep-avx2.bc", "devrep-avx512.bc", "devrep-sse2.bc"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (KERNELS / "pocl" / name).read_bytes(), (
+            f"devrep/kernels/pocl/{name} differs from a fresh build: rerun build_pocl_bitcode.sh and commit it")
 
 
 def test_stale_bitcode_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""CUDA backend (CuPy): replicas in GPU memory, kernels from ``kernels/devrep.cu`` via ``cupy.RawModule``.
+"""CUDA backend (CuPy): replicas in GPU memory, kernels from ``devrep/kernels/devrep.cu`` via ``cupy.RawModule``.
 
 Per device: a copy stream and a hash stream (so a sync's host->device copies overlap verification hashing
 of the other buffer), two pinned host staging buffers and two device staging buffers used alternately, so
@@ -74,7 +74,7 @@ class CudaBackend(Backend):
 
     Options (keyword, optional): ``capacity`` (bytes per device devrep may allocate; default the device's
     total memory), ``batch_bytes`` (size of each of the two staging buffers per device, and the progress
-    granularity), ``kernel_source`` (CUDA C++ to build instead of ``kernels/devrep.cu``; for tests).
+    granularity), ``kernel_source`` (CUDA C++ to build instead of ``devrep/kernels/devrep.cu``; for tests).
     """
 
     name = "cuda"
@@ -82,7 +82,8 @@ class CudaBackend(Backend):
     def __init__(self, *, capacity: int | None = None, batch_bytes: int = 64 << 20,
                  kernel_source: str | None = None) -> None:
         if cupy is None:
-            raise BackendError(f"the CUDA backend needs CuPy: install devrep[cuda] ({_IMPORT_ERROR})")
+            raise BackendError(f"the CUDA backend needs CuPy: install devrep[cuda12] or devrep[cuda13] (CuPy and "
+                               f"NVRTC for your driver's CUDA major version, which nvidia-smi shows) ({_IMPORT_ERROR})")
         check_page_multiple("batch_bytes", batch_bytes)
         self._capacity = capacity
         self._batch_pages = batch_bytes // PAGE_SIZE

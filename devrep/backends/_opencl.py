@@ -4,7 +4,7 @@ Devices are every GPU, CPU and accelerator device of every platform (or of the p
 ``platform`` option or ``DEVREP_OPENCL_PLATFORM``), numbered ``opencl:0..`` in platform order. All devices
 of one platform share one context, so fan-out to a second device of that platform is a device-side copy.
 
-Data path (kernels in ``kernels/devrep.cl``, spec in ``kernels/README.md``):
+Data path (kernels in ``devrep/kernels/devrep.cl``, spec in ``devrep/kernels/README.md``):
 
 * runs of at least 8 MiB: one host->device transfer each, straight into place;
 * shorter runs on host-unified devices (CPU drivers such as PoCL): the region's host pages are wrapped as a
@@ -34,7 +34,7 @@ import numpy.typing as npt
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
 from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
-from ._kernels import KERNELS_ENV, kernels_dir
+from ._kernels import KERNELS_ENV, bitcode_stamp, kernels_dir
 from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
 
 PLATFORM_ENV = "DEVREP_OPENCL_PLATFORM"
@@ -42,7 +42,7 @@ PLATFORM_ENV = "DEVREP_OPENCL_PLATFORM"
 
 def _bitcode_digest() -> str:
     try:
-        return (kernels_dir() / "pocl" / "SOURCE_SHA256").read_text().strip()[:16]
+        return hashlib.sha256((kernels_dir() / "pocl" / "STAMP").read_bytes()).hexdigest()[:16]
     except OSError:
         return "none"
 
@@ -86,7 +86,7 @@ import pyopencl as cl  # noqa: E402 - after POCL_CACHE_DIR
 
 _PAGE_WORDS = PAGE_SIZE // 8
 _LOCAL = 64  # work-group size of every kernel launch (fixed, so PoCL compiles each kernel once)
-# The hash kernels do four pages per work-item (see kernels/README.md).
+# The hash kernels do four pages per work-item (see devrep/kernels/README.md).
 _OOM = {-4, -5, -6, -61}  # MEM_OBJECT_ALLOCATION_FAILURE, OUT_OF_RESOURCES, OUT_OF_HOST_MEMORY, INVALID_BUFFER_SIZE
 _DIRECT_RUN_BYTES = 8 << 20  # a run this long is copied with its own transfer rather than packed
 _DEVICE_TYPES = {
@@ -137,7 +137,7 @@ class OpenCLBackend(Backend):
     its name or vendor; default ``$DEVREP_OPENCL_PLATFORM``, else every platform), ``device_type`` (``all``,
     ``gpu``, ``cpu``, ``accelerator``), ``capacity`` (bytes per device devrep may allocate; default the
     device's global memory), ``zero_copy`` (use host pages in place on host-unified devices; ``False``
-    forces the staging path), ``kernel_source`` (OpenCL C to build instead of ``kernels/devrep.cl``; for
+    forces the staging path), ``kernel_source`` (OpenCL C to build instead of ``devrep/kernels/devrep.cl``; for
     tests), ``batch_bytes`` (staging buffer size and progress granularity).
     """
 
@@ -254,9 +254,9 @@ class OpenCLBackend(Backend):
         pocl_dir = kernels_dir() / "pocl"
         path = pocl_dir / f"devrep-{_cpu_variant()}.bc"
         try:
-            expected = (pocl_dir / "SOURCE_SHA256").read_text().strip()
+            expected = (pocl_dir / "STAMP").read_text()
             bitcode = path.read_bytes()
-            actual = hashlib.sha256((kernels_dir() / "devrep.cl").read_bytes()).hexdigest()
+            actual = bitcode_stamp()
         except OSError as exc:
             raise BackendError(
                 f"OpenCL kernel build failed on {labels} and no prebuilt PoCL bitcode is usable ({exc}); "
@@ -264,8 +264,10 @@ class OpenCLBackend(Backend):
             ) from exc
         if expected != actual or PAGE_SIZE != 4096:
             raise BackendError(
-                f"OpenCL kernel build failed on {labels}, and the prebuilt PoCL bitcode does not match "
-                f"kernels/devrep.cl (run kernels/build_pocl_bitcode.sh); build log:\n{log}"
+                f"OpenCL kernel build failed on {labels}, and the prebuilt PoCL bitcode is stale: it was built "
+                f"from\n{expected}but here is\n{actual}(devrep.cl or the build flags changed: run "
+                f"devrep/kernels/build_pocl_bitcode.sh; or another PoCL is installed: install the pinned one, "
+                f"pip install 'devrep[opencl]'); build log:\n{log}"
             )
         try:
             program = cl.Program(ctx.context, devices, [bitcode] * len(devices)).build()

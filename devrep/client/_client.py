@@ -213,6 +213,34 @@ class ClientLease:
             mem = cupy.cuda.UnownedMemory(ptr, self._buffer_nbytes, self, device_id=index)
             return cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
 
+    def numpy(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> npt.NDArray[Any]:
+        """Bytes ``[offset, offset + size)`` of the replica as a read-only numpy array of ``dtype`` and ``shape``:
+        zero-copy over the read-only mapping for a CPU replica, a host copy of the range for a CUDA replica.
+        ``InvalidArgumentError`` for a bad dtype or shape, a misaligned offset or a range past the end. Valid until
+        ``release()``; ``.copy()`` gives a writable array of your own."""
+        from ..views import check_layout, numpy_dtype, numpy_view
+
+        if self.export_kind != "cuda_ipc":
+            return numpy_view(self.array, self.nbytes, dtype, shape, offset)
+        dt = numpy_dtype(dtype, "numpy view")
+        _, start, size = check_layout(self.nbytes, dt.itemsize, dt.alignment, shape, offset, "numpy view")
+        import cupy
+
+        return numpy_view(cupy.asnumpy(self.to_cupy()[start:start + size]), self.nbytes, dt, shape, start,
+                          base=start)
+
+    def torch(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> Any:
+        """Bytes ``[offset, offset + size)`` of the replica as a ``torch.Tensor`` of ``dtype`` (a torch dtype, its
+        name such as ``"bfloat16"``, or a numpy dtype) and ``shape``, zero-copy through DLPack. A CPU replica is
+        mapped read-only (``PROT_READ``): writing the tensor kills this process with SIGSEGV; ``tensor.clone()``
+        gives a writable copy. A CUDA replica gives a CUDA tensor that nothing protects: never write it. Needs
+        PyTorch (``FailedPreconditionError`` otherwise)."""
+        from ..views import _torch, torch_view
+
+        _torch()
+        source = self.to_cupy() if self.export_kind == "cuda_ipc" else self.array
+        return torch_view(source, self.nbytes, dtype, shape, offset)
+
     def __dlpack__(self, **kwargs: Any) -> Any:
         if self.export_kind == "cuda_ipc":
             return self.to_cupy().__dlpack__(**kwargs)
@@ -567,7 +595,8 @@ class Client:
     def verify(self, name: str, devices: Sequence[str] = (), *, resync: bool = True) -> list[VerifyReport]:
         reply = self._call(self._stub.Verify, pb.VerifyRequest(name=name, devices=list(devices), resync=resync),
                            timeout=max(self.timeout, 120.0))
-        return [VerifyReport(name, r.device, r.pages_checked, _runs(r.mismatched_runs), r.resynced)
+        return [VerifyReport(name, r.device, r.pages_checked, _runs(r.mismatched_runs), r.resynced,
+                             r.stale_pages)
                 for r in reply.reports]
 
     def watch(self, names: Sequence[str] | str = (), *, coalesce_ms: int = 2) -> EventStream:

@@ -446,7 +446,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         reports = region.verify(devices or None, resync=request.resync)
         return pb.VerifyResponse(reports=[
             pb.VerifyReport(device=r.device, pages_checked=r.pages_checked, mismatched_runs=flat(r.mismatched),
-                            resynced=r.resynced) for r in reports])
+                            resynced=r.resynced, stale_pages=r.stale_pages) for r in reports])
 
     @streaming
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchResponse]:

@@ -353,16 +353,18 @@ class VerifyRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class VerifyReport(_message.Message):
-    __slots__ = ("device", "pages_checked", "mismatched_runs", "resynced")
+    __slots__ = ("device", "pages_checked", "mismatched_runs", "resynced", "stale_pages")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PAGES_CHECKED_FIELD_NUMBER: _ClassVar[int]
     MISMATCHED_RUNS_FIELD_NUMBER: _ClassVar[int]
     RESYNCED_FIELD_NUMBER: _ClassVar[int]
+    STALE_PAGES_FIELD_NUMBER: _ClassVar[int]
     device: str
     pages_checked: int
     mismatched_runs: _containers.RepeatedScalarFieldContainer[int]
     resynced: bool
-    def __init__(self, device: _Optional[str] = ..., pages_checked: _Optional[int] = ..., mismatched_runs: _Optional[_Iterable[int]] = ..., resynced: _Optional[bool] = ...) -> None: ...
+    stale_pages: int
+    def __init__(self, device: _Optional[str] = ..., pages_checked: _Optional[int] = ..., mismatched_runs: _Optional[_Iterable[int]] = ..., resynced: _Optional[bool] = ..., stale_pages: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("reports",)
