@@ -4,18 +4,32 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint serve soak gpu-check clean
+.PHONY: demo test cpp-deps bench lint serve soak gpu-check clean
+
+# Local wheels (e.g. torch's CPU build, /opt/wheels on our machines) are preferred when the directory exists:
+# `torch==2.13.0` then resolves to 2.13.0+cpu from it (a local version outranks the index's CUDA build).
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,opencl]'
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[test,opencl]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m devrep.cli demo
 
-test: $(STAMP)
+# tests/test_cpp_client.py builds a C++ client from protos/ with Debian's gRPC C++ (installed when missing;
+# CI runs as root, elsewhere through sudo).
+CPP_DEPS := libgrpc++-dev protobuf-compiler-grpc pkg-config g++
+cpp-deps:
+	@missing=""; for p in $(CPP_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; fi
+
+test: $(STAMP) cpp-deps
 	$(PY) -m pytest -q -m "not soak" tests
 
 bench: $(STAMP)
