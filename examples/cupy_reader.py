@@ -41,9 +41,9 @@ def gpu_missing(device: str) -> str:
 def run(address: str, device: str, nbytes: int) -> int:
     import cupy
 
-    import devrep
+    from devrep.client import connect
 
-    with devrep.connect(address, label="cupy-reader") as client:
+    with connect(address, label="cupy-reader") as client:
         region = client.create_region("cupy-demo", nbytes)  # explicit tracking: we report our writes
         host = region.array
         host[:] = np.arange(nbytes, dtype=np.uint64).astype(np.uint8)

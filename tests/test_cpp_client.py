@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import devrep
+from devrep.client import connect
 from tests._devrep_service import read_line, server_process, short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_cpp_client_sync_region_fresh_replica(cpp_client: Path) -> None:
             # The same replica through the Python client: the C++ client's bytes, its write included.
             expected = ((np.arange(nbytes, dtype=np.uint64) * 7 + 1) % 256).astype(np.uint8)
             expected[3 * PAGE:4 * PAGE] = 0x5A
-            with devrep.connect(address) as client, client.acquire("cpp-sync", "cpu:0") as lease:
+            with connect(address) as client, client.acquire("cpp-sync", "cpu:0") as lease:
                 got = np.array(lease.array)
             assert got.nbytes == nbytes
             bad = np.flatnonzero(got != expected)

@@ -48,11 +48,11 @@ def open_ledger(path: Path, rows: int, writable: bool) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- trainer
 def trainer(args: argparse.Namespace) -> int:
-    import devrep
+    from devrep.client import connect
 
     rows, dim = args.rows, args.dim
     ledger = open_ledger(args.ledger, rows, writable=True)
-    with devrep.connect(args.address, label="trainer") as client:
+    with connect(args.address, label="trainer") as client:
         region = client.create_region(REGION, rows * (dim + 2) * 4, tracking="sync")
         table = region.array.view(np.float32).reshape(rows, dim + 2)
         table[:, 0] = 0
@@ -84,9 +84,9 @@ def trainer(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- reader
 def reader(args: argparse.Namespace) -> int:
     import torch
-    import torch.nn.functional as F  # noqa: N812 - the usual alias
+    import torch.nn.functional as F
 
-    import devrep
+    from devrep.client import connect
 
     # torch warns that the replica's numpy view is not writable: that is the point (it is a read-only mapping;
     # a write would be SIGSEGV). F.embedding only reads it.
@@ -100,7 +100,7 @@ def reader(args: argparse.Namespace) -> int:
     stale_rows_seen = 0
     first_violation = ""
     generations: set[int] = set()
-    with devrep.connect(args.address, label=f"reader-{device}") as client:
+    with connect(args.address, label=f"reader-{device}") as client:
         deadline = time.perf_counter() + args.seconds
         start = time.perf_counter()
         while time.perf_counter() < deadline:
@@ -137,10 +137,10 @@ def reader(args: argparse.Namespace) -> int:
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     assert proc.stdout is not None
     if not select.select([proc.stdout], [], [], timeout)[0]:
-        raise RuntimeError(f"no output from {proc.args} within {timeout:.0f}s")
+        raise RuntimeError(f"no output from {proc.args!r} within {timeout:.0f}s")
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"{proc.args} exited with {proc.wait(10)} before saying anything")
+        raise RuntimeError(f"{proc.args!r} exited with {proc.wait(10)} before saying anything")
     return line.strip()
 
 

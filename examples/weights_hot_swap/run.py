@@ -50,10 +50,10 @@ def reader(address: str) -> int:
     """Serves commands from stdin: ``acquire`` (fresh acquire, report what it sees as one JSON line), ``quit``."""
     import torch
 
-    import devrep
+    from devrep.client import connect
 
     warnings.filterwarnings("ignore", message=".*not writable.*")  # the replica is read-only memory, on purpose
-    with devrep.connect(address, label="inference") as client:
+    with connect(address, label="inference") as client:
         for command in sys.stdin:
             if command.strip() != "acquire":
                 break
@@ -90,7 +90,7 @@ def check(what: str, ok: bool) -> None:
 def drive(address: str, workdir: Path) -> int:
     from safetensors.numpy import save, save_file
 
-    import devrep
+    from devrep.client import connect
     from devrep.safetensors_io import changed_pages, parse_header
 
     path = workdir / "model.safetensors"
@@ -98,7 +98,7 @@ def drive(address: str, workdir: Path) -> int:
     infos, _ = parse_header(path.read_bytes())
     expected_pages = int(changed_pages(infos, [CHANGED])[:, 1].sum())
 
-    with devrep.connect(address, label="loader") as client:
+    with connect(address, label="loader") as client:
         region = client.register_file(REGION, path, tracking="file")
         first = client.replicate(REGION, ["cpu:0"])
         client.share(REGION, "*")
