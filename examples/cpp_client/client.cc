@@ -11,7 +11,8 @@
 //
 // Build (see README.md): protoc + grpc_cpp_plugin on protos/devrep/v1/devrep.proto, then
 //   g++ -std=c++17 client.cc devrep.pb.cc devrep.grpc.pb.cc $(pkg-config --cflags --libs grpc++ protobuf)
-// Usage: client GRPC_SOCKET FD_SOCKET REGION_NAME
+// Usage: client GRPC_SOCKET FD_SOCKET REGION_NAME [sync|async]
+//   async: the same with UFFD_FEATURE_WP_ASYNC, /proc/self/pagemap as a third fd, kind "memfd+uffd+pagemap".
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
@@ -40,6 +41,9 @@
 // Newer than some distributions' kernel headers (values from include/uapi/linux/userfaultfd.h).
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
 #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
 #endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
@@ -138,7 +142,9 @@ class SideChannel {
 // Sync tracking, client half: a userfaultfd whose API handshake asks for the write-protect features of
 // shmem/memfd pages, with the writer's mapping registered in WP mode and entirely write-protected. The server
 // reads its fault messages; until it does, a store to the range blocks.
-int prepare_sync_uffd(void* base, size_t length) {
+// Async tracking differs only in the features: WP_ASYNC makes the kernel resolve write faults itself (clearing
+// the page's write-protect bit, which the server finds with PAGEMAP_SCAN on our pagemap), so writes never block.
+int prepare_uffd(void* base, size_t length, bool async_mode) {
   long fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);  // the root-or-group gated alternative
@@ -158,7 +164,10 @@ int prepare_sync_uffd(void* base, size_t length) {
     }
   }
   uint64_t wanted = UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
-  uffdio_api api{UFFD_API, probe.features ? (wanted & probe.features) : UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0};
+  uint64_t required = async_mode ? UFFD_FEATURE_WP_ASYNC : 0;
+  if (required & ~probe.features) die("this kernel lacks UFFD_FEATURE_WP_ASYNC (Linux >= 6.7): use sync mode");
+  uffdio_api api{UFFD_API, (probe.features ? (wanted & probe.features) : UFFD_FEATURE_WP_HUGETLBFS_SHMEM) | required,
+                 0};
   check_sys(ioctl(fd, UFFDIO_API, &api), "UFFDIO_API");
   if (!(api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
     die("this kernel cannot write-protect shmem pages (UFFD_FEATURE_WP_HUGETLBFS_SHMEM, Linux >= 5.19)");
@@ -188,10 +197,12 @@ void check_grpc(const grpc::Status& s, const char* what) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::cerr << "usage: " << argv[0] << " GRPC_SOCKET FD_SOCKET REGION_NAME" << std::endl;
+  const std::string mode = argc == 5 ? argv[4] : "sync";
+  if ((argc != 4 && argc != 5) || (mode != "sync" && mode != "async")) {
+    std::cerr << "usage: " << argv[0] << " GRPC_SOCKET FD_SOCKET REGION_NAME [sync|async]" << std::endl;
     return 2;
   }
+  const bool async_mode = mode == "async";
   const std::string grpc_socket = argv[1], fd_socket = argv[2], name = argv[3];
   const size_t npages = 64, nbytes = npages * kPage;
   const size_t written_page = 3;
@@ -211,10 +222,18 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < nbytes; ++i) host[i] = static_cast<uint8_t>(i * 7 + 1);  // before tracking: no faults
 
   // 3. Sync tracking: userfaultfd on our mapping; hand memfd + uffd over (in that order), then drop our uffd.
-  int uffd = prepare_sync_uffd(host, nbytes);
-  auto put = side.call(R"({"op":"put_fds","kind":"memfd+uffd"})", {memfd, uffd});
-  close(uffd);
-  close(memfd);
+  //    Async: memfd, uffd, and our /proc/self/pagemap (opened read-only), in that order.
+  int uffd = prepare_uffd(host, nbytes, async_mode);
+  std::vector<int> handed{memfd, uffd};
+  if (async_mode) {
+    int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    check_sys(pagemap, "open(/proc/self/pagemap)");
+    handed.push_back(pagemap);
+  }
+  auto put = side.call(async_mode ? R"({"op":"put_fds","kind":"memfd+uffd+pagemap"})"
+                                  : R"({"op":"put_fds","kind":"memfd+uffd"})",
+                       handed);
+  for (int f : handed) close(f);
   const std::string ticket = put.fields().at("ticket").string_value();
 
   // 4. gRPC over the Unix socket, the token as a bearer credential on every call.
@@ -232,7 +251,7 @@ int main(int argc, char** argv) {
     req.mutable_memfd()->set_fd_ticket(ticket);
     req.mutable_memfd()->set_nbytes(nbytes);
     req.mutable_memfd()->set_writer_base(reinterpret_cast<uint64_t>(host));
-    req.set_tracking(devrep::v1::TRACKING_MODE_SYNC);
+    req.set_tracking(async_mode ? devrep::v1::TRACKING_MODE_ASYNC : devrep::v1::TRACKING_MODE_SYNC);
     devrep::v1::RegisterRegionResponse resp;
     check_grpc(stub->RegisterRegion(ctx().get(), req, &resp), "RegisterRegion");
   }
@@ -249,8 +268,9 @@ int main(int argc, char** argv) {
     check_grpc(reader->Finish(), "Replicate");
   }
 
-  // 5. A host write. The page is write-protected: the store faults, the server invalidates the page in every
-  //    replica, un-protects it and wakes us. No Invalidate call.
+  // 5. A host write. Sync: the page is write-protected, the store faults, the server invalidates the page in every
+  //    replica, un-protects it and wakes us. Async: the kernel marks the page written; the fresh acquire below
+  //    collects it. No Invalidate call either way.
   std::memset(host + written_page * kPage, 0x5A, kPage);
 
   // 6. A fresh acquire (waits until every page is valid again), the replica fd on the side channel, compare.
