@@ -46,7 +46,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path}:{self.line}"
 
 
 def doc_files() -> list[Path]:
@@ -144,3 +145,14 @@ def test_doc_block_runs(block: Block, server_address: str) -> None:
     assert proc.returncode == 0, (f"{block.where}: {block.tag} block exited {proc.returncode}\n--- block ---\n"
                                   f"{block.code}\n--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n"
                                   f"{stderr[-5000:]}")
+
+
+def test_collector_reads_tags_lines_and_markers(tmp_path: Path) -> None:
+    """The extractor itself: tags, fence line numbers, not-run reasons, console commands."""
+    doc = tmp_path / "doc.md"
+    doc.write_text("# t\n\n```python\nprint(1)\n```\n\n<!-- not-run: needs a GPU -->\n```sh\nnvidia-smi\n```\n\n"
+                   "```\nraw\n```\n\n```console\n$ echo a \\\n  b\na b\n$ true\n```\n")
+    got = [(b.line, b.tag, b.not_run) for b in blocks(doc)]
+    assert got == [(3, "python", None), (8, "sh", "needs a GPU"), (12, "", None), (16, "console", None)], got
+    assert console_script(blocks(doc)[3].code) == "echo a \\\n  b\ntrue\n"
+    assert blocks(doc)[0].where == f"{doc}:3"
