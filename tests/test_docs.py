@@ -5,7 +5,8 @@ collected (with markdown-it, the CommonMark parser rich already depends on):
   ``<!-- not-run: <reason> -->`` (the reason must be given). Python blocks run in a fresh interpreter, shell blocks
   with ``bash -e``, console blocks run their ``$ `` lines; all with ``DEVREP_ADDRESS`` pointing at a real
   ``devrep serve`` started for this module, the repository as the working directory, the virtualenv's ``python``
-  and ``devrep`` first on ``PATH``, and a bounded timeout;
+  and ``devrep`` first on ``PATH``, ``$DOC_TMP`` a scratch directory, and a bounded timeout (each block runs in
+  its own process group, killed with it);
 * tagged with anything else (``text``, ``yaml``, ``proto``, ``mermaid``, ...): not executable, nothing to do;
 * untagged: a failure — say what it is (``text`` for output).
 
