@@ -59,8 +59,12 @@ def run(address: str, device: str, nbytes: int) -> int:
                 return 1
             try:
                 import torch
+
+                torch_cuda = torch.cuda.is_available()
             except ImportError:
-                print("torch not installed: skipping the DLPack check")
+                torch_cuda = False
+            if not torch_cuda:
+                print("torch with CUDA not installed: skipping the DLPack check")
             else:
                 tensor = torch.from_dlpack(lease)  # DLPack: the same device memory, seen by torch
                 print(f"torch.from_dlpack(lease): {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}, "
