@@ -41,7 +41,7 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @bufbuild/buf@1.75.0
 
 lint: $(STAMP) $(BUF)
-	$(VENV)/bin/ruff check devrep tests bench
+	$(VENV)/bin/ruff check devrep tests bench examples
 	$(VENV)/bin/mypy devrep
 	$(BUF) lint
 
