@@ -4,12 +4,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint serve soak gpu-check clean clang14
+.PHONY: demo test cpp-deps clang14 bench lint serve soak gpu-check clean
+
+# Local wheels (e.g. torch's CPU build, /opt/wheels on our machines) are preferred when the directory exists:
+# `torch==2.13.0` then resolves to 2.13.0+cpu from it (a local version outranks the index's CUDA build).
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,opencl]'
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[test,opencl]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,8 +29,17 @@ clang14:
 		|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q clang-14 llvm-14; }; \
 	else echo "clang-14 not installed and not root: the PoCL bitcode rebuild test will skip"; fi
 
+# tests/test_cpp_client.py builds a C++ client from protos/ with Debian's gRPC C++ (installed when missing;
+# CI runs as root, elsewhere through sudo).
+CPP_DEPS := libgrpc++-dev protobuf-compiler-grpc pkg-config g++
+cpp-deps:
+	@missing=""; for p in $(CPP_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$missing; fi
+
 # Includes tests/test_wheel.py: builds the wheel, installs it into a fresh venv and runs it from outside the tree.
-test: $(STAMP) clang14
+test: $(STAMP) clang14 cpp-deps
 	$(PY) -m pytest -q -m "not soak" tests
 
 bench: $(STAMP)
@@ -37,7 +51,7 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/node @bufbuild/buf@1.75.0
 
 lint: $(STAMP) $(BUF)
-	$(VENV)/bin/ruff check devrep tests bench
+	$(VENV)/bin/ruff check devrep tests bench examples
 	$(VENV)/bin/mypy devrep
 	$(BUF) lint
 

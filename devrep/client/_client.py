@@ -324,35 +324,60 @@ class RegionHandle:
 
 
 class EventStream:
-    """Iterator of ``devrep.Event`` from a Watch stream. ``cancel()`` (or ``close()``) ends it."""
+    """Iterator of ``devrep.Event`` from a Watch stream. ``cancel()`` (or ``close()``) ends it.
 
-    def __init__(self, call: Any) -> None:
+    Bounded forms (``Client.watch(max_events=..., timeout=...)``): iteration ends by itself after ``max_events``
+    events, or when ``timeout`` seconds have passed since ``watch()`` (the stream's gRPC deadline) — whichever
+    comes first — so a script or a docs example never waits forever for an event that does not come."""
+
+    def __init__(self, call: Any, *, max_events: int | None = None, bounded: bool = False) -> None:
         self._call = call
         self.dropped = 0
+        self.max_events = max_events
+        self._bounded = bounded  # a deadline was set: DEADLINE_EXCEEDED is the normal end, not an error
+        self._delivered = 0
+
+    def _messages(self) -> Iterator[Any]:
+        try:
+            for message in self._call:
+                self.dropped += message.dropped
+                yield message
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._bounded:
+                return
+            raise _translate(exc) from None
+
+    def _done(self) -> bool:
+        return self.max_events is not None and self._delivered >= self.max_events
 
     def __iter__(self) -> Iterator[Event]:
-        try:
-            for message in self._call:
-                self.dropped += message.dropped
-                for e in message.events:
-                    yield Event(e.kind, e.region, e.generation, _runs(e.runs), e.device or None,
-                                message=e.message)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise _translate(exc) from None
+        if self._done():
+            return
+        for message in self._messages():
+            for e in message.events:
+                self._delivered += 1
+                yield Event(e.kind, e.region, e.generation, _runs(e.runs), e.device or None, message=e.message)
+                if self._done():
+                    self.cancel()
+                    return
 
     def batches(self) -> Iterator[list[Event]]:
-        """One list per message (the server's coalesced batches)."""
-        try:
-            for message in self._call:
-                self.dropped += message.dropped
-                yield [Event(e.kind, e.region, e.generation, _runs(e.runs), e.device or None, message=e.message)
-                       for e in message.events]
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
+        """One list per message (the server's coalesced batches); ``max_events`` counts the events in them (the
+        last batch is cut to fit)."""
+        if self._done():
+            return
+        for message in self._messages():
+            batch = [Event(e.kind, e.region, e.generation, _runs(e.runs), e.device or None, message=e.message)
+                     for e in message.events]
+            if self.max_events is not None:
+                batch = batch[: self.max_events - self._delivered]
+            self._delivered += len(batch)
+            yield batch
+            if self._done():
+                self.cancel()
                 return
-            raise _translate(exc) from None
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -599,17 +624,28 @@ class Client:
                              r.stale_pages)
                 for r in reply.reports]
 
-    def watch(self, names: Sequence[str] | str = (), *, coalesce_ms: int = 2) -> EventStream:
+    def watch(self, names: Sequence[str] | str = (), *, coalesce_ms: int = 2, max_events: int | None = None,
+              timeout: float | None = None) -> EventStream:
         """Events of the named regions (all visible ones when empty) until ``cancel()``. Every event after this
-        returns is delivered (unless the stream falls ``MAX_QUEUE`` events behind: ``EventStream.dropped``)."""
+        returns is delivered (unless the stream falls ``MAX_QUEUE`` events behind: ``EventStream.dropped``).
+
+        Bounded: the stream ends by itself after ``max_events`` events and/or ``timeout`` seconds (then iteration
+        simply stops; no error)."""
         if isinstance(names, str):
             names = [names]
-        call = self._stub.Watch(pb.WatchRequest(names=list(names), coalesce_ms=coalesce_ms), metadata=self._metadata)
+        if max_events is not None and (not isinstance(max_events, int) or max_events <= 0):
+            raise errors.InvalidArgumentError(f"max_events must be a positive integer, got {max_events!r}")
+        if timeout is not None and not timeout > 0:
+            raise errors.InvalidArgumentError(f"timeout must be positive seconds, got {timeout!r}")
+        call = self._stub.Watch(pb.WatchRequest(names=list(names), coalesce_ms=coalesce_ms), metadata=self._metadata,
+                                timeout=timeout)
         try:
             call.initial_metadata()  # the server sends it once the watcher is registered: no event is missed after
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                return EventStream(call, max_events=0, bounded=True)  # the whole timeout passed: nothing to yield
             raise _translate(exc) from None
-        return EventStream(call)
+        return EventStream(call, max_events=max_events, bounded=timeout is not None)
 
     def acquire_safetensors(self, name: str, device: str, *, fresh: bool = True) -> Any:
         """A replicated safetensors file as ``{tensor name: read-only numpy array}`` (zero-copy views)."""
