@@ -347,29 +347,28 @@ def test_fault_around_window_logic() -> None:
     assert [handler.window(p) for p in (0, 1, 2)] == [(0, 1), (1, 1), (2, 1)]  # widening off
 
 
-def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replicator) -> None:
-    """W1: a fill of a protected region faults once per window, not once per page, and every page it wrote is
-    invalidated before the write lands (a fresh acquire sees all of it)."""
-    region = rep.create_region("fill", 4096 * PAGE_SIZE, tracking="sync")
+def _faults_of_a_fill(rep: devrep.Replicator, region: devrep.Region) -> int:
+    """Replicate ``region``, then fill it once more; the number of write faults that fill took."""
     region.array[:] = 1
-    rep.replicate("fill", [DEV])
+    rep.replicate(region.name, [DEV])
     tracker = region.tracker
     assert isinstance(tracker, SyncTracker) and tracker._shared is not None
     before = int(tracker._shared.counter[0])
     region.array[:] = 2
-    faults = int(tracker._shared.counter[0]) - before
+    return int(tracker._shared.counter[0]) - before
+
+
+def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replicator) -> None:
+    """W1: a fill of a protected region faults once per window, not once per page, and every page it wrote is
+    invalidated before the write lands (a fresh acquire sees all of it)."""
+    region = rep.create_region("fill", 4096 * PAGE_SIZE, tracking="sync")
+    faults = _faults_of_a_fill(rep, region)
     assert 0 < faults <= 4096 // 64, f"{faults} faults for a sequential fill of 4096 pages"
     assert pages_from_runs(region.invalid_runs(DEV)).tolist() == list(range(4096))
     with region.acquire(DEV, fresh=True) as lease:
         assert np.array_equal(lease.read(), region.array)
     narrow = rep.create_region("narrow", 256 * PAGE_SIZE, tracking=SyncTracker(fault_around=PAGE_SIZE))
-    narrow.array[:] = 1
-    rep.replicate("narrow", [DEV])
-    tracker = narrow.tracker
-    assert isinstance(tracker, SyncTracker) and tracker._shared is not None
-    before = int(tracker._shared.counter[0])
-    narrow.array[:] = 2
-    assert int(tracker._shared.counter[0]) - before == 256, "fault_around=PAGE_SIZE must fault once per page"
+    assert _faults_of_a_fill(rep, narrow) == 256, "fault_around=PAGE_SIZE must fault once per page"
 
 
 def test_rearm_merges_runs_across_small_gaps_only() -> None:
