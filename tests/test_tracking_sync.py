@@ -72,7 +72,7 @@ def test_kernel_mode_writes_succeed_and_invalidate(rep: devrep.Replicator) -> No
     """read(2)/readv/recv_into into a protected page must not fail with EFAULT."""
     region = rep.create_region("k", 16 * PAGE_SIZE, tracking="sync")
     rep.replicate("k", [DEV])
-    view = memoryview(region.array)
+    view = memoryview(region.array.data)  # the ndarray's buffer (a memoryview already)
     r, w = os.pipe()
     try:
         os.write(w, b"abcdef")
