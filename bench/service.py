@@ -5,10 +5,15 @@ P6: acquire of a clean replica (the client's ``acquire``: lease + generation + t
 P7: invalidation events delivered to one watcher while another process writes random pages and reports them
     (explicit mode, 256 random pages per report, consecutive reports disjoint). Target: >= 50,000 pages/s
     delivered, nothing dropped.
+S1: ``devrep serve`` start to Health SERVING vs a bare grpcio server with a health service, interleaved
+    (target <= 2x); S1b: the first replicate of 64 MiB in a fresh server vs a second one (target <= 2x).
+S2: server CPU time per acquire+release (one client, /proc/<server>/stat; target <= 120 us); S2b: acquires/s
+    with 16 client processes vs one (target >= 0.9x), p99 reported.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from devrep._pages import pages_from_runs
@@ -155,10 +161,140 @@ def p7(address: str) -> dict[str, Any]:
         writer.wait(10)
 
 
+BARE_SERVER = """
+import sys, grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2_grpc
+server = grpc.server(futures.ThreadPoolExecutor(4))
+health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+server.add_insecure_port("unix:" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+
+
+def _seconds_to_serving(cmd: list[str], sock: str, limit: float = 60.0) -> float:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - start < limit:
+            if Path(sock).exists():
+                try:
+                    with grpc.insecure_channel("unix:" + sock) as channel:
+                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - start
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.005)
+        raise RuntimeError(f"{cmd[:3]} did not report SERVING within {limit}s")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def s1_startup(results: dict[str, Any], rounds: int = 5) -> None:
+    ours, bare = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="devrep-s1-") as tmp:
+            bare.append(_seconds_to_serving([sys.executable, "-c", BARE_SERVER, f"{tmp}/b.sock"], f"{tmp}/b.sock"))
+            ours.append(_seconds_to_serving([sys.executable, "-m", "devrep.cli", "serve", "--socket",
+                                             f"{tmp}/d.sock"], f"{tmp}/d.sock"))
+    value, base = statistics.median(ours), statistics.median(bare)
+    results["S1"] = {"value": round(value, 3), "baseline": round(base, 3), "ratio": round(value / base, 3),
+                     "target": "<= 2", "unit": "s", "meets": value / base <= 2.0,
+                     "note": f"devrep serve to Health SERVING vs a bare grpcio server with a health service, "
+                             f"median of {rounds} interleaved starts"}
+    with tempfile.TemporaryDirectory(prefix="devrep-s1b-") as tmp, server_process(Path(tmp)) as (address, _), \
+            connect(address, label="s1b") as client:
+        times = []
+        for name in ("first", "second"):
+            region = client.create_region(name, 64 << 20)
+            region.array[:] = 1
+            start = time.perf_counter()
+            client.replicate(name, ["cpu:0"])
+            times.append(time.perf_counter() - start)
+    results["S1b"] = {"value": round(times[0] * 1e3, 3), "baseline": round(times[1] * 1e3, 3),
+                      "ratio": round(times[0] / times[1], 3), "target": "<= 2", "unit": "ms",
+                      "meets": times[0] / times[1] <= 2.0,
+                      "note": "first replicate of 64 MiB in a fresh server (kernels loaded on first use) vs a "
+                              "second region's replicate of the same size"}
+
+
+def _server_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+ACQUIRER = """
+import sys, time
+from devrep.client import connect
+address, seconds = sys.argv[1], float(sys.argv[2])
+with connect(address) as c:
+    sys.stdin.readline()
+    n, lat = 0, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        lease = c.acquire("s2", "cpu:0")
+        lease.release()
+        lat.append(time.perf_counter() - t)
+        n += 1
+    lat.sort()
+    print(n, lat[int(len(lat) * 0.99)] if lat else 0.0, flush=True)
+"""
+
+
+def _acquires_per_second(address: str, clients: int, seconds: float) -> tuple[float, float]:
+    procs = [subprocess.Popen([sys.executable, "-c", ACQUIRER, address, str(seconds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    time.sleep(2.0)  # every client connected and imported
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    counts, p99s = [], []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 60)
+        n, p99 = out.split()
+        counts.append(int(n))
+        p99s.append(float(p99))
+    return sum(counts) / seconds, max(p99s)
+
+
+def s2_acquire_cost(results: dict[str, Any], cycles: int = 2000, seconds: float = 4.0) -> None:
+    with tempfile.TemporaryDirectory(prefix="devrep-s2-") as tmp, server_process(Path(tmp)) as (address, proc), \
+            connect(address, label="s2") as owner:
+        region = owner.create_region("s2", 1 << 20)
+        region.array[:] = 1
+        owner.replicate("s2", ["cpu:0"])
+        owner.share("s2", "*")
+        for _ in range(100):  # warm
+            owner.acquire("s2", "cpu:0").release()
+        cpu = _server_cpu_seconds(proc.pid)
+        for _ in range(cycles):
+            owner.acquire("s2", "cpu:0").release()
+        per = (_server_cpu_seconds(proc.pid) - cpu) / cycles
+        one, p99_one = _acquires_per_second(address, 1, seconds)
+        many, p99_many = _acquires_per_second(address, 16, seconds)
+    results["S2"] = {"value": round(per * 1e6, 1), "baseline": 120.0, "ratio": round(per * 1e6 / 120.0, 3),
+                     "target": "<= 120", "unit": "us", "meets": per * 1e6 <= 120.0,
+                     "note": f"server CPU time (user+system) per acquire+release of a clean cpu replica, {cycles} "
+                             "cycles from one client (ratio = value / 120 us)"}
+    results["S2b"] = {"value": round(many, 1), "baseline": round(one, 1), "ratio": round(many / one, 3),
+                      "target": ">= 0.9", "unit": "acquires/s", "meets": many / one >= 0.9,
+                      "note": f"acquire+release per second with 16 client processes vs 1; p99 {p99_many * 1e3:.2f} ms "
+                              f"with 16, {p99_one * 1e3:.2f} ms with 1"}
+
+
 def run(results: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="devrep-bench-") as tmp, server_process(Path(tmp)) as (address, _):
         results["P6"] = p6(address)
         results["P7"] = p7(address)
+    s1_startup(results)
+    s2_acquire_cost(results)
 
 
 if __name__ == "__main__":
