@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from .._numba_cache import NUMBA_CACHE
 from .._pages import PAGE_SIZE, RunArray, split_runs
 from ..errors import ResourceExhaustedError
 from ..hashing import hash_pages
@@ -34,9 +35,9 @@ def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.N
         dst[start:stop] = src[start:stop]
 
 
-_scatter_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_scatter)
+_scatter_parallel = numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)(_scatter)
 # Waking the second thread costs more than it saves on small batches, and stalls when the other core is busy.
-_scatter_serial = numba.njit(cache=True, nogil=True)(_scatter)
+_scatter_serial = numba.njit(cache=NUMBA_CACHE, nogil=True)(_scatter)
 _PARALLEL_MIN_PAGES = 8192
 
 
