@@ -748,14 +748,24 @@ class Region:
         return info
 
     def fail(self, reason: str) -> None:
-        """Mark the region unusable (e.g. its memory was truncated under it) and tell watchers."""
+        """Mark the region unusable (e.g. its memory was truncated under it), drop its replicas and tell watchers.
+
+        A failed region can never be synced or acquired again, so its device memory is freed now (a buffer a
+        reader or an in-flight copy still holds goes when they let go), not when the region is unregistered.
+        """
         with self._cond:
             self.failed = reason
-            for rep in self._replicas.values():
+            dropped = list(self._replicas.values())
+            self._replicas.clear()
+            for rep in dropped:
+                rep.closed = True
                 rep.valid_pages = 0
+                rep._free_unleased()
             self._valid[:] = 0
+            self._lag[:] = 0
             self._cond.notify_all()
-        self._emit([Event("region_failed", self.name, self.generation, message=reason)])
+        self._emit([Event("region_failed", self.name, self.generation, message=reason)]
+                   + [Event("replica_removed", self.name, self.generation, device=rep.device) for rep in dropped])
 
     def close(self) -> None:
         """Stop tracking (releasing every write protection), drop replicas, unmap host memory."""
@@ -764,6 +774,9 @@ class Region:
         try:
             self.tracker.close()
         finally:
+            # Break the region <-> tracker cycle so the host mapping goes by reference counting the moment the
+            # last user lets go, not whenever the cyclic GC runs (a closed session's memory must leave at once).
+            self.tracker.on_failure = None
             for device in list(self._replicas):
                 self.remove_replica(device)
             self.closed = True
