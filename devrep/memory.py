@@ -193,7 +193,7 @@ def pread_full(fd: int, out: npt.NDArray[np.uint8], offset: int, *,
     """Read exactly ``out.nbytes`` bytes at ``offset``, looping over short reads (one ``preadv`` returns at most
     ``MAX_IO`` bytes, and may return less for other reasons). End of file before that (a read of 0 bytes)
     raises ``on_eof()``: the file is shorter than the caller knows."""
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     done, want = 0, out.nbytes
     while done < want:
         try:

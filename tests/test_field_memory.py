@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import devrep
+from devrep.client import connect
 from devrep.demo import stop_server
 from tests._devrep_service import client_process, read_line, short_tmpdir
 
@@ -75,7 +75,7 @@ def wait_for_baseline(pid: int, base_kib: int, base_maps: int, what: str) -> Non
 
 CLIENT = """
 import numpy as np, devrep
-client = devrep.connect(ADDRESS)
+client = connect(ADDRESS)
 nbytes = int(ARGS[0])
 for i in range(2):
     region = client.create_region(f"mem{i}", nbytes, tracking=ARGS[2])
@@ -97,7 +97,7 @@ if ARGS[1] == "close":
                                                   ("exit", "sync"), ("kill", "async")])
 def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: str) -> None:
     with gc_off_server() as (address, server):
-        with devrep.connect(address) as warm:  # the server's first session: lazily created state settles
+        with connect(address) as warm:  # the server's first session: lazily created state settles
             warm.ping()
         base_kib, base_maps = shmem_kib(server.pid), len(memfd_mappings(server.pid))
         client = client_process(CLIENT, address, str(REGION), ending, tracking)
@@ -125,7 +125,7 @@ def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: st
 
 def test_unregister_frees_at_once() -> None:
     """The same for one region unregistered while its session goes on."""
-    with gc_off_server() as (address, server), devrep.connect(address) as client:
+    with gc_off_server() as (address, server), connect(address) as client:
         client.ping()
         base_kib, base_maps = shmem_kib(server.pid), len(memfd_mappings(server.pid))
         region = client.create_region("one", REGION)
