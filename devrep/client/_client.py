@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,8 +500,11 @@ class Client:
     def unregister(self, name: str) -> None:
         self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name))
 
-    def list_regions(self) -> list[RegionDescription]:
-        return [_region(r) for r in self._call(self._stub.ListRegions, pb.ListRegionsRequest()).regions]
+    def list_regions(self, *, all_sessions: bool = False) -> list[RegionDescription]:
+        """This session's regions and those shared with it; ``all_sessions``: every session's (root on the
+        server's local socket only, else ``PermissionDeniedError``)."""
+        request = pb.ListRegionsRequest(all=all_sessions)
+        return [_region(r) for r in self._call(self._stub.ListRegions, request).regions]
 
     def describe(self, name: str) -> RegionDescription:
         return _region(self._call(self._stub.DescribeRegion, pb.DescribeRegionRequest(name=name)).region)
@@ -587,6 +592,24 @@ class Client:
         return SafetensorsLease(self.acquire(name, device, fresh=fresh))
 
     # ------------------------------------------------------------------ lifetime
+    def server_alive(self, timeout: float = 5.0) -> bool:
+        """Whether the server still holds this session: waits up to ``timeout`` seconds for its side-channel
+        connection to end (the server stopped or died: ``False`` at once), then pings it over gRPC."""
+        sc = self._sc
+        if sc is not None:
+            poller = select.poll()
+            poller.register(sc.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+            with sc.lock:  # no request in flight: the server never speaks unasked, so input is the end of stream
+                if poller.poll(int(timeout * 1000)):
+                    return False
+        else:
+            time.sleep(timeout)
+        try:
+            self._call(self._stub.Ping, pb.PingRequest(), timeout=min(self.timeout, 10.0))
+        except errors.DevrepError:
+            return False
+        return True
+
     def close(self) -> None:
         """End the session (its regions and leases go) and close the connection."""
         if self._sc is not None:
