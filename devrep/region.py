@@ -748,24 +748,23 @@ class Region:
         return info
 
     def fail(self, reason: str) -> None:
-        """Mark the region unusable (e.g. its memory was truncated under it), drop its replicas and tell watchers.
+        """Mark the region unusable (e.g. its memory was truncated under it), free its replicas' device memory and
+        tell watchers.
 
-        A failed region can never be synced or acquired again, so its device memory is freed now (a buffer a
-        reader or an in-flight copy still holds goes when they let go), not when the region is unregistered.
+        A failed region can never be synced or acquired again, so its replica buffers are freed now (one a reader
+        or an in-flight copy still holds goes when they let go), not when the region is unregistered. The
+        replicas stay listed (all pages stale, no buffers) until then.
         """
         with self._cond:
             self.failed = reason
-            dropped = list(self._replicas.values())
-            self._replicas.clear()
-            for rep in dropped:
-                rep.closed = True
+            for rep in self._replicas.values():
+                rep.closed = True  # nothing writes or leases it again; its last buffers go on release
                 rep.valid_pages = 0
                 rep._free_unleased()
             self._valid[:] = 0
             self._lag[:] = 0
             self._cond.notify_all()
-        self._emit([Event("region_failed", self.name, self.generation, message=reason)]
-                   + [Event("replica_removed", self.name, self.generation, device=rep.device) for rep in dropped])
+        self._emit([Event("region_failed", self.name, self.generation, message=reason)])
 
     def close(self) -> None:
         """Stop tracking (releasing every write protection), drop replicas, unmap host memory."""

@@ -125,7 +125,8 @@ def test_failed_region_frees_its_replicas(tmp_path: Path, leased: bool) -> None:
         os.truncate(path, 10 * PAGE_SIZE)
         _wait_failed(region)
         assert region.failed is not None and ("shrank" in region.failed or "changed size" in region.failed)
-        assert region.describe().replicas == []
+        left = [(r.device, r.valid_pages, r.buffers, r.nbytes) for r in region.describe().replicas]
+        assert left == [("cpu:0", 0, int(leased), 64 * PAGE_SIZE * leased), ("cpu:1", 0, 0, 0)], left
         assert backend.bytes_in_use(1) == 0, f"cpu:1 still holds {backend.bytes_in_use(1)} bytes"
         if lease is not None:
             assert backend.bytes_in_use(0) == 64 * PAGE_SIZE  # a reader still holds it: freed on release
