@@ -74,8 +74,8 @@ def wait_for_baseline(pid: int, base_kib: int, base_maps: int, what: str) -> Non
 
 
 CLIENT = """
-import numpy as np, devrep
-client = connect(ADDRESS)
+import numpy as np, devrep.client
+client = devrep.client.connect(ADDRESS)
 nbytes = int(ARGS[0])
 for i in range(2):
     region = client.create_region(f"mem{i}", nbytes, tracking=ARGS[2])
