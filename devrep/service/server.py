@@ -178,6 +178,13 @@ class DevrepServer:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
         if sock is not None:
             if private is not None:
+                try:  # the public name appears with its final mode and group
+                    os.chmod(private, socket_mode)
+                    if socket_group is not None:
+                        set_group(private, socket_group)
+                except BaseException:
+                    private.unlink()
+                    raise
                 sockets.publish(private, sock)
             self._socket_identity = sockets.identity(sock)  # what stop() may remove
         if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
