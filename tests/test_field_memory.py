@@ -65,6 +65,8 @@ def wait_for_baseline(pid: int, base_kib: int, base_maps: int, what: str) -> Non
     while True:
         kib, maps = shmem_kib(pid), memfd_mappings(pid)
         if kib <= base_kib + SLACK_KIB and len(maps) <= base_maps:
+            print(f"{what}: RssShmem {kib} kB (baseline {base_kib} kB), {len(maps)} memfd mappings "
+                  f"(baseline {base_maps}) after {WAIT - (deadline - time.monotonic()):.2f}s")
             return
         if time.monotonic() > deadline:
             raise AssertionError(
@@ -104,6 +106,7 @@ def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: st
         try:
             assert read_line(client, 120) == "ready"
             held_kib = shmem_kib(server.pid)
+            print(f"held: RssShmem {held_kib} kB, {len(memfd_mappings(server.pid))} memfd mappings")
             # 2 regions + 2 replicas each, all touched: the server maps at least the 4 replicas.
             assert held_kib >= base_kib + 4 * REGION // 1024, f"server holds {held_kib} kB (baseline {base_kib})"
             if ending == "exit":
