@@ -139,3 +139,27 @@ def test_unregister_frees_at_once() -> None:
         assert shmem_kib(server.pid) >= base_kib + REGION // 1024
         client.unregister("one")
         wait_for_baseline(server.pid, base_kib, base_maps, "after unregister")
+
+
+def test_file_region_unmapped_at_once() -> None:
+    """A file region (file tracking: an inotify watcher thread) leaves no mapping of the file and no replica."""
+    with short_tmpdir() as tmp, gc_off_server() as (address, server), connect(address) as client:
+        path = tmp / "weights.bin"
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 64 * MIB, dtype=np.uint8).tobytes())
+        client.ping()
+        base_kib, base_maps = shmem_kib(server.pid), len(memfd_mappings(server.pid))
+        client.register_file("w", path, tracking="file")
+        client.replicate("w", ["cpu:0"])
+        with client.acquire("w", "cpu:0") as lease:
+            assert lease.array[:16].tobytes() == path.read_bytes()[:16]
+
+        def file_maps() -> int:
+            return Path(f"/proc/{server.pid}/maps").read_text().count(str(path))
+
+        assert file_maps() >= 1
+        client.unregister("w")
+        wait_for_baseline(server.pid, base_kib, base_maps, "after unregistering a file region")
+        deadline = time.monotonic() + WAIT
+        while file_maps() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert file_maps() == 0, f"the server still maps {path}"
