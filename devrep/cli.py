@@ -196,8 +196,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         except errors.PermissionDeniedError:
             if args.all:
                 raise
-            admin = False  # root here, but not to the server (e.g. a TCP or token session): the normal view
-            regions = client.list_regions()
+            regions = client.list_regions()  # root here, not to the server (a TCP or token session): normal view
         total = client.stats().regions if not regions else len(regions)
     if args.json:
         _print_json(regions)
