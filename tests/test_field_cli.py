@@ -113,3 +113,23 @@ def test_admin_view_is_refused_to_a_non_root_session() -> None:
             assert other.list_regions() == []
         if os.geteuid() == 0:  # the owner connected as root on the local socket
             assert [r.name for r in owner.list_regions(all_sessions=True)] == ["r"]
+
+
+def test_server_alive_without_a_side_channel() -> None:
+    """A TCP client (no side channel, a pre-authorized token) learns by ping that the server went away."""
+    from devrep.engine import Replicator
+    from devrep.service import build_server
+
+    tokens = TokenStore()
+    tokens.add("k" * 32, "tcp-job")
+    server = build_server("127.0.0.1:0", insecure=True, tokens=tokens, replicator=Replicator(cpu_devices=1))
+    server.start()
+    try:
+        client = connect(f"127.0.0.1:{server.port}", token="k" * 32, timeout=5)
+        assert client.server_alive(timeout=0.05)
+    finally:
+        server.stop(0)
+    try:
+        assert not client.server_alive(timeout=0.05)
+    finally:
+        client.close()

@@ -593,21 +593,25 @@ class Client:
 
     # ------------------------------------------------------------------ lifetime
     def server_alive(self, timeout: float = 5.0) -> bool:
-        """Whether the server still holds this session: waits up to ``timeout`` seconds for its side-channel
-        connection to end (the server stopped or died: ``False`` at once), then pings it over gRPC."""
+        """Whether the server still holds this session, waiting up to ``timeout`` seconds for a sign of the
+        contrary (``False`` as soon as there is one).
+
+        Over a local socket the side-channel connection is the session's lifeline: it ends exactly when the server
+        stops or dies. Without one (TCP, token sessions) a ping follows the wait: unreachable or an ended session
+        is ``False``; a slow answer (a loaded server) is not taken for a dead one."""
         sc = self._sc
         if sc is not None:
             poller = select.poll()
             poller.register(sc.sock.fileno(), select.POLLIN | select.POLLRDHUP)
             with sc.lock:  # no request in flight: the server never speaks unasked, so input is the end of stream
-                if poller.poll(int(timeout * 1000)):
-                    return False
-        else:
-            time.sleep(timeout)
+                return not poller.poll(int(timeout * 1000))
+        time.sleep(timeout)
         try:
             self._call(self._stub.Ping, pb.PingRequest(), timeout=min(self.timeout, 10.0))
-        except errors.DevrepError:
+        except (ServiceUnavailableError, UnauthenticatedError):
             return False
+        except errors.DevrepError:
+            pass
         return True
 
     def close(self) -> None:
