@@ -108,6 +108,7 @@ def _wait_failed(region: devrep.Region, timeout: float = 30.0) -> None:
     assert region.failed, f"the region did not fail within {timeout}s"
 
 
+@pytest.mark.timeout(300)  # compile_kernels may compile from scratch
 @pytest.mark.parametrize("leased", [False, True])
 def test_failed_region_frees_its_replicas(tmp_path: Path, leased: bool) -> None:
     """Truncating a replicated file fails the region; its replica memory is freed at once (a leased buffer when

@@ -21,6 +21,8 @@ from tests._devrep_service import client_process, inproc_server, read_line, serv
 
 DEADLINE = 60.0
 
+pytestmark = pytest.mark.timeout(300)  # real server and CLI processes, bounded waits below that
+
 
 def cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "devrep.cli", *args, "--address", address], capture_output=True,

@@ -29,6 +29,8 @@ SLACK_KIB = 8 * 1024  # shared memory the server may legitimately hold besides o
 
 _NO_GC_SERVE = "import gc, sys; gc.disable(); from devrep.cli import main; sys.exit(main(sys.argv[1:]))"
 
+pytestmark = pytest.mark.timeout(300)  # a server start, a 256 MiB client, bounded waits
+
 
 @contextmanager
 def gc_off_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:

@@ -27,7 +27,8 @@ from tests._devrep_service import ROOT, short_tmpdir
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as uid 65534 (nobody)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as uid 65534 (nobody)"),
+              pytest.mark.timeout(600)]  # a cold numba compile as nobody, bounded by the run timeout below
 
 
 class Nobody:

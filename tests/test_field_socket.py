@@ -22,6 +22,8 @@ from tests._devrep_service import short_tmpdir
 
 START = 120.0
 
+pytestmark = pytest.mark.timeout(300)  # several real server processes per test
+
 
 def serve(sock: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "devrep.cli", "serve", "--socket", str(sock), *extra],
