@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -186,12 +185,26 @@ def _region_table(regions: Sequence[Any]) -> Table:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    # Each devrep command is a session of its own, which owns no region: on its own, `ls` shows only regions
+    # shared with it. Root gets the admin view (every session's regions) unless --mine; --all asks for it.
+    admin = args.all or (os.geteuid() == 0 and not args.mine)
     with _connect(args) as client:
-        regions = client.list_regions()
+        try:
+            regions = client.list_regions(all_sessions=admin)
+        except errors.PermissionDeniedError:
+            if args.all:
+                raise
+            regions = client.list_regions()  # root here, not to the server (a TCP or token session): normal view
+        total = client.stats().regions if not regions else len(regions)
     if args.json:
         _print_json(regions)
     else:
         console.print(_region_table(regions))
+    if not regions:
+        why = ("the server holds no regions" if total == 0 else
+               f"the server holds {total} regions of other sessions, none shared with this one (each devrep "
+               "command is a session of its own); root sees them all with `devrep ls --all`")
+        err_console.print(f"devrep ls: no regions: {why}", highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -232,10 +245,13 @@ def cmd_add(args: argparse.Namespace) -> int:
             err_console.print("holding the region (it goes when this command ends, unless DEVREP_TOKEN is a "
                               "pre-authorized token); Ctrl-C to stop")
         try:
-            while True:
-                time.sleep(3600)
+            while client.server_alive(timeout=5.0):
+                pass
         except KeyboardInterrupt:
             return EXIT_OK
+        err_console.print(f"devrep add: the server at {client.address} went away (stopped or died); region "
+                          f"{name} went with it", highlight=False, markup=False)
+        return EXIT_CONNECT
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -351,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = client_parser("ls", "list regions")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--all", action="store_true",
+                      help="every session's regions (root on the local socket; the default for root)")
+    view.add_argument("--mine", action="store_true", help="only this session's regions and those shared with it")
     p.set_defaults(func=cmd_ls)
 
     p = client_parser("stats", "server and region counters")

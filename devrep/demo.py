@@ -42,7 +42,8 @@ def server_process(workdir: Path, *extra: str) -> Iterator[tuple[str, subprocess
     try:
         deadline = time.monotonic() + START_TIMEOUT
         fd_sock = sock.with_name("devrep.fd.sock")
-        while not (sock.exists() and fd_sock.exists()):
+        # The "serving" line, not the socket files: they exist before the server is up (or are a dead one's).
+        while not (sock.exists() and fd_sock.exists() and b"devrep: serving" in (workdir / "server.log").read_bytes()):
             if proc.poll() is not None:
                 raise RuntimeError(f"devrep serve exited with {proc.returncode}: "
                                    f"{(workdir / 'server.log').read_text()[-2000:]}")

@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from ._numba_cache import NUMBA_CACHE
 from ._pages import PAGE_SIZE
 
 _P1 = np.uint64(11400714785074694791)
@@ -62,7 +63,7 @@ def _xxh64_page(words: npt.NDArray[np.uint64], base: int) -> np.uint64:
     return h ^ (h >> np.uint64(32))
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _hash_pages(
     words: npt.NDArray[np.uint64], pages: npt.NDArray[np.int64], out: npt.NDArray[np.uint64]
 ) -> None:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,23 +143,36 @@ class HostMemory:
     def guarded(self) -> bool:
         return self.kind == "file"
 
-    def _pread_into(self, out: npt.NDArray[np.uint8], offset: int) -> None:
-        """Fill ``out`` with the file's bytes at ``offset`` (zeros past the logical end, as the mapping reads)."""
+    def _shrank(self) -> FailedPreconditionError:
+        assert self.fd is not None
+        return FailedPreconditionError(
+            f"{self.path} shrank to {os.fstat(self.fd).st_size} bytes under its replicas "
+            f"(registered with {self.nbytes}); re-register the file"
+        )
+
+    def _pread_into(self, out: npt.NDArray[np.uint8], offset: int, *, zeroed: bool = False) -> None:
+        """Fill ``out`` with the file's bytes at ``offset`` (zeros past the logical end, as the mapping reads).
+
+        ``zeroed``: ``out`` is fresh zero memory, so holes of a sparse file are skipped (never touched).
+        """
         assert self.fd is not None
         want = max(0, min(out.nbytes, self.nbytes - offset))
-        got = os.preadv(self.fd, [out[:want].data], offset) if want else 0
-        if got < want:
-            raise FailedPreconditionError(
-                f"{self.path} shrank to {os.fstat(self.fd).st_size} bytes under its replicas "
-                f"(registered with {self.nbytes}); re-register the file"
-            )
-        out[want:] = 0
+        if zeroed:
+            for start, stop in _data_segments(self.fd, offset, offset + want):
+                pread_full(self.fd, out[start - offset:stop - offset], start, on_eof=self._shrank)
+            # A hole past a new end of file reads as one: only the size says the file shrank.
+            if want and os.fstat(self.fd).st_size < offset + want:
+                raise self._shrank()
+        else:
+            pread_full(self.fd, out[:want], offset, on_eof=self._shrank)
+            out[want:] = 0
 
     def read_runs(self, runs: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]) -> None:
-        """pread the page runs into ``staging`` (page-aligned, region-sized) at the same offsets."""
+        """pread the page runs into ``staging`` (fresh zero memory, page-aligned, region-sized) at the same
+        offsets. Holes are left untouched, so a sparse file costs memory only for its data."""
         for first, count in np.asarray(runs, dtype=np.int64).reshape(-1, 2).tolist():
             a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            self._pread_into(staging[a:b], a)
+            self._pread_into(staging[a:b], a, zeroed=True)
 
     def hash_pages(self) -> npt.NDArray[np.uint64]:
         """XXH64 of every page; file regions are read with pread in chunks (see ``guarded``)."""
@@ -175,6 +189,46 @@ class HostMemory:
             self._pread_into(view, first * PAGE_SIZE)
             out[first:first + count] = hash_pages(view)
         return out
+
+
+MAX_IO = 0x7FFFF000
+"""Linux moves at most this many bytes in one read/pread/preadv (``MAX_RW_COUNT``), whatever the file."""
+
+
+def pread_full(fd: int, out: npt.NDArray[np.uint8], offset: int, *,
+               on_eof: Callable[[], BaseException]) -> None:
+    """Read exactly ``out.nbytes`` bytes at ``offset``, looping over short reads (one ``preadv`` returns at most
+    ``MAX_IO`` bytes, and may return less for other reasons). End of file before that (a read of 0 bytes)
+    raises ``on_eof()``: the file is shorter than the caller knows."""
+    view = out.data.cast("B")
+    done, want = 0, out.nbytes
+    while done < want:
+        try:
+            got = os.preadv(fd, [view[done:done + MAX_IO]], offset + done)
+        except InterruptedError:  # pragma: no cover - Python retries EINTR itself (PEP 475)
+            continue
+        if got == 0:
+            raise on_eof()
+        done += got
+
+
+def _data_segments(fd: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
+    """``[a, b)`` byte ranges of ``[start, stop)`` that may hold data (``SEEK_DATA``/``SEEK_HOLE``); the whole
+    range where the file system cannot tell."""
+    pos = start
+    while pos < stop:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only holes (or end of file) from pos on
+                return
+            yield pos, stop  # no SEEK_DATA support: read it all
+            return
+        if data >= stop:
+            return
+        yield data, min(hole, stop)
+        pos = hole
 
 
 def anonymous(nbytes: int) -> npt.NDArray[np.uint8]:

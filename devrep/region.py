@@ -827,12 +827,21 @@ class Region:
         return info
 
     def fail(self, reason: str) -> None:
-        """Mark the region unusable (e.g. its memory was truncated under it) and tell watchers."""
+        """Mark the region unusable (e.g. its memory was truncated under it), free its replicas' device memory and
+        tell watchers.
+
+        A failed region can never be synced or acquired again, so its replica buffers are freed now (one a reader
+        or an in-flight copy still holds goes when they let go), not when the region is unregistered. The
+        replicas stay listed (all pages stale, no buffers) until then.
+        """
         with self._cond:
             self.failed = reason
             for rep in self._replicas.values():
+                rep.closed = True  # nothing writes or leases it again; its last buffers go on release
                 rep.valid_pages = 0
+                rep._free_unleased()
             self._valid[:] = 0
+            self._lag[:] = 0
             self._cond.notify_all()
         self._emit([Event("region_failed", self.name, self.generation, message=reason)])
 
@@ -843,6 +852,9 @@ class Region:
         try:
             self.tracker.close()
         finally:
+            # Break the region <-> tracker cycle so the host mapping goes by reference counting the moment the
+            # last user lets go, not whenever the cyclic GC runs (a closed session's memory must leave at once).
+            self.tracker.on_failure = None
             for device in list(self._replicas):
                 self.remove_replica(device)
             self.closed = True

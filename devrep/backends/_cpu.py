@@ -17,6 +17,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .._numba_cache import NUMBA_CACHE
 from .._pages import PAGE_SIZE, RunArray, split_runs
 from ..errors import InvalidArgumentError, ResourceExhaustedError
 from ..hashing import hash_pages
@@ -63,9 +64,9 @@ def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.N
         _copy_at(dst, src, runs[k, 0] * PAGE_SIZE, runs[k, 1] * PAGE_SIZE)  # type: ignore[call-arg]  # numba intrinsic
 
 
-_scatter_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_scatter)
+_scatter_parallel = numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)(_scatter)
 # Waking the second thread costs more than it saves on small batches, and stalls when the other core is busy.
-_scatter_serial = numba.njit(cache=True, nogil=True)(_scatter)
+_scatter_serial = numba.njit(cache=NUMBA_CACHE, nogil=True)(_scatter)
 _PARALLEL_MIN_PAGES = 8192
 
 

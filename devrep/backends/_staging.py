@@ -9,12 +9,13 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
+from .._numba_cache import NUMBA_CACHE
 from .._pages import PAGE_SIZE, RunArray, pages_from_runs
 from ..errors import InvalidArgumentError
 from ._base import DeviceBuffer
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
 def _gather(src: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], dst: npt.NDArray[np.uint8]) -> None:
     for k in numba.prange(pages.shape[0]):
         a = pages[k] * PAGE_SIZE

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,8 +553,11 @@ class Client:
     def unregister(self, name: str) -> None:
         self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name))
 
-    def list_regions(self) -> list[RegionDescription]:
-        return [_region(r) for r in self._call(self._stub.ListRegions, pb.ListRegionsRequest()).regions]
+    def list_regions(self, *, all_sessions: bool = False) -> list[RegionDescription]:
+        """This session's regions and those shared with it; ``all_sessions``: every session's (root on the
+        server's local socket only, else ``PermissionDeniedError``)."""
+        request = pb.ListRegionsRequest(all=all_sessions)
+        return [_region(r) for r in self._call(self._stub.ListRegions, request).regions]
 
     def describe(self, name: str) -> RegionDescription:
         return _region(self._call(self._stub.DescribeRegion, pb.DescribeRegionRequest(name=name)).region)
@@ -654,6 +659,28 @@ class Client:
         return SafetensorsLease(self.acquire(name, device, fresh=fresh))
 
     # ------------------------------------------------------------------ lifetime
+    def server_alive(self, timeout: float = 5.0) -> bool:
+        """Whether the server still holds this session, waiting up to ``timeout`` seconds for a sign of the
+        contrary (``False`` as soon as there is one).
+
+        Over a local socket the side-channel connection is the session's lifeline: it ends exactly when the server
+        stops or dies. Without one (TCP, token sessions) a ping follows the wait: unreachable or an ended session
+        is ``False``; a slow answer (a loaded server) is not taken for a dead one."""
+        sc = self._sc
+        if sc is not None:
+            poller = select.poll()
+            poller.register(sc.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+            with sc.lock:  # no request in flight: the server never speaks unasked, so input is the end of stream
+                return not poller.poll(int(timeout * 1000))
+        time.sleep(timeout)
+        try:
+            self._call(self._stub.Ping, pb.PingRequest(), timeout=min(self.timeout, 10.0))
+        except (ServiceUnavailableError, UnauthenticatedError):
+            return False
+        except errors.DevrepError:
+            pass
+        return True
+
     def close(self) -> None:
         """End the session (its regions and leases go) and close the connection."""
         if self._sc is not None:

@@ -223,7 +223,7 @@ class Userfaultfd:
         return fd
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:  # no fd when __init__ failed (e.g. a user without uffd rights)
             fd, self.fd = self.fd, -1
             os.close(fd)
 

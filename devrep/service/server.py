@@ -8,10 +8,10 @@ protection and frees device memory).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..engine import Replicator
 from ..errors import InvalidArgumentError
+from . import sockets
 from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import side_channel_path
@@ -139,14 +140,17 @@ class DevrepServer:
                 f"refusing to serve {address} over plain TCP: give --tls-cert/--tls-key (and --tls-ca for mTLS), "
                 "or --insecure explicitly"
             )
+        fd_path = Path(fd_socket) if fd_socket else (side_channel_path(sock) if sock else None)
         if sock is not None:
             sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             _open_directory(sock.parent, socket_mode, socket_group)
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+            # Both paths are checked before either is bound: a live server there keeps them (SocketInUseError).
+            sockets.claim(sock, socket.SOCK_STREAM)
+        if fd_path is not None:
+            sockets.claim(fd_path, socket.SOCK_SEQPACKET)
         self.socket_path = sock
-        fd_path = Path(fd_socket) if fd_socket else (side_channel_path(sock) if sock else None)
         self.fd_socket_path = fd_path
+        self._socket_identity: sockets.Identity | None = None
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="devrep-rpc"),
             interceptors=list(interceptors),
@@ -160,16 +164,29 @@ class DevrepServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
+        private = sockets.private_name(sock) if sock is not None else None
+        bind = f"unix:{private}" if private is not None else self.address  # see devrep.service.sockets
         if tls is not None:
             creds = grpc.ssl_server_credentials(
                 [(tls.key.read_bytes(), tls.cert.read_bytes())],
                 root_certificates=tls.ca.read_bytes() if tls.ca else None,
                 require_client_auth=tls.ca is not None)
-            self.port = self._server.add_secure_port(self.address, creds)
+            self.port = self._server.add_secure_port(bind, creds)
         else:
-            self.port = self._server.add_insecure_port(self.address)
+            self.port = self._server.add_insecure_port(bind)
         if self.port == 0:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
+        if sock is not None:
+            if private is not None:
+                try:  # the public name appears with its final mode and group
+                    os.chmod(private, socket_mode)
+                    if socket_group is not None:
+                        set_group(private, socket_group)
+                except BaseException:
+                    private.unlink()
+                    raise
+                sockets.publish(private, sock)
+            self._socket_identity = sockets.identity(sock)  # what stop() may remove
         if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
             fd_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             _open_directory(fd_path.parent, socket_mode, socket_group)
@@ -210,9 +227,7 @@ class DevrepServer:
             self.tokens.close()
         self.registry.close_all()
         self.replicator.close()  # releases every write protection, frees device memory
-        if self.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+        sockets.unlink_if_ours(self.socket_path, self._socket_identity)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -229,6 +244,17 @@ def build_server(address: str | None = None, **options: Any) -> DevrepServer:
     return DevrepServer(address or f"unix:{default_socket_path()}", **options)
 
 
+def _compile_kernels() -> None:
+    """numba keeps the arguments of a compiling call alive until the cyclic GC runs: compile on throwaway arrays
+    first, so no client's memory is kept mapped by it (see ``devrep._warmup``)."""
+    from .._warmup import compile_kernels
+
+    try:
+        compile_kernels()
+    except Exception:  # the kernels compile on first real use instead
+        log.debug("kernel warm-up failed", exc_info=True)
+
+
 def run(address: str | None = None, *, grace: float = 5.0, ready: Any = None, **options: Any) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     server = build_server(address, **options)
@@ -238,6 +264,7 @@ def run(address: str | None = None, *, grace: float = 5.0, ready: Any = None, **
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=_compile_kernels, name="devrep-warmup", daemon=True).start()
     try:
         server.start()
         log.info("devrep serving on %s (fd side channel %s)", server.address, server.fd_socket_path)

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
-from . import protocol
+from . import protocol, sockets
 from .sessions import Session, SessionRegistry, UnauthenticatedError
 
 log = logging.getLogger("devrep.service")
@@ -136,10 +136,10 @@ class SideChannel:
         self.acquire = acquire
         self.registry = registry
         self.require_token = require_token
+        sockets.claim(self.path, socket.SOCK_SEQPACKET)  # a live server's socket is never taken over
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
         self._sock.bind(str(self.path))
+        self._identity = sockets.identity(self.path)  # close() removes the path only while it is still ours
         os.chmod(self.path, mode)
         if group is not None:
             try:
@@ -167,9 +167,9 @@ class SideChannel:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=2)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._thread.ident is not None:  # started (stop() also runs after a failed start)
+            self._thread.join(timeout=2)
+        sockets.unlink_if_ours(self.path, self._identity)
 
     def _accept_loop(self) -> None:
         while not self._closed:

@@ -117,8 +117,10 @@ class UnregisterRegionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRegionsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("all",)
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    all: bool
+    def __init__(self, all: _Optional[bool] = ...) -> None: ...
 
 class ListRegionsResponse(_message.Message):
     __slots__ = ("regions",)
