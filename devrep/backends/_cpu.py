@@ -8,17 +8,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from .._numba_cache import NUMBA_CACHE
 from .._pages import PAGE_SIZE, RunArray, split_runs
+from .._warmup import kernels
 from ..errors import InvalidArgumentError, ResourceExhaustedError
 from ..hashing import hash_pages
 from ..memory import (
@@ -40,33 +35,6 @@ _LARGE_RUN_BYTES = 1 << 20
 _PROGRESS_BATCH_PAGES = (256 << 20) // PAGE_SIZE
 
 
-@intrinsic
-def _copy_at(typingctx: Any, dst: Any, src: Any, offset: Any, nbytes: Any) -> tuple[Any, Any]:
-    """``memcpy(dst.data + offset, src.data + offset, nbytes)`` inside compiled code (LLVM's memcpy intrinsic,
-    which calls glibc's for sizes like these). numba's own ``dst[a:b] = src[a:b]`` copies byte-wise with
-    overlap checks: 2.7 us per 4 KiB page here against 0.7 us for memcpy, and the copy loop is most of a
-    1 % sync (benchmark P3o)."""
-    sig = types.void(dst, src, types.intp, types.intp)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        dst_value, src_value, off, count = args
-        d = context.make_array(signature.args[0])(context, builder, dst_value)
-        s = context.make_array(signature.args[1])(context, builder, src_value)
-        cgutils.raw_memcpy(builder, builder.gep(d.data, [off]), builder.gep(s.data, [off]), count, 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
-    # Callers pass page-aligned arrays of equal length and runs inside them (copy_page_runs checks).
-    for k in numba.prange(runs.shape[0]):
-        _copy_at(dst, src, runs[k, 0] * PAGE_SIZE, runs[k, 1] * PAGE_SIZE)  # type: ignore[call-arg]  # numba intrinsic
-
-
-_scatter_parallel = numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)(_scatter)
-# Waking the second thread costs more than it saves on small batches, and stalls when the other core is busy.
-_scatter_serial = numba.njit(cache=NUMBA_CACHE, nogil=True)(_scatter)
 _PARALLEL_MIN_PAGES = 8192
 
 
@@ -84,7 +52,8 @@ def copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs:
     small = runs[~large]
     if small.shape[0]:
         small = np.ascontiguousarray(small)
-        scatter = _scatter_parallel if int(small[:, 1].sum()) >= _PARALLEL_MIN_PAGES else _scatter_serial
+        jit = kernels()
+        scatter = jit.scatter_parallel if int(small[:, 1].sum()) >= _PARALLEL_MIN_PAGES else jit.scatter_serial
         scatter(src, dst, small)
 
 

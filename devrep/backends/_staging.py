@@ -5,27 +5,24 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
-from .._numba_cache import NUMBA_CACHE
 from .._pages import PAGE_SIZE, RunArray, pages_from_runs
+from .._warmup import kernels
 from ..errors import InvalidArgumentError
 from ._base import DeviceBuffer
-
-
-@numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)
-def _gather(src: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], dst: npt.NDArray[np.uint8]) -> None:
-    for k in numba.prange(pages.shape[0]):
-        a = pages[k] * PAGE_SIZE
-        dst[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] = src[a:a + PAGE_SIZE]
 
 
 def gather_pages(src: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], dst: npt.NDArray[np.uint8]) -> None:
     """Pack ``src``'s pages ``pages`` back to back into ``dst`` (both threads of the host work on it)."""
     if pages.size:
-        _gather(src, np.ascontiguousarray(pages, dtype=np.int64), dst)
+        pages = np.ascontiguousarray(pages, dtype=np.int64)
+        if pages.min() < 0 or int(pages.max()) * PAGE_SIZE + PAGE_SIZE > src.size or pages.size * PAGE_SIZE > dst.size:
+            # The compiled gather copies raw memory: nothing outside either array may reach it.
+            raise InvalidArgumentError(f"cannot gather {pages.size} pages (max {int(pages.max())}) of a "
+                                       f"{src.size}-byte array into {dst.size} bytes")
+        kernels().gather(src, pages, dst)
 
 
 def aligned_empty(nbytes: int) -> npt.NDArray[np.uint8]:

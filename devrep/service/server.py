@@ -264,9 +264,11 @@ def run(address: str | None = None, *, grace: float = 5.0, ready: Any = None, **
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    threading.Thread(target=_compile_kernels, name="devrep-warmup", daemon=True).start()
     try:
         server.start()
+        # After start, not before: loading numba and the kernels takes longer than starting to serve, and a
+        # request that needs a kernel first waits for this load (``kernels()`` holds a lock) rather than redoing it.
+        threading.Thread(target=_compile_kernels, name="devrep-warmup", daemon=True).start()
         log.info("devrep serving on %s (fd side channel %s)", server.address, server.fd_socket_path)
         if ready is not None:
             ready(server)
