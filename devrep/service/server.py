@@ -32,6 +32,7 @@ from .protocol import side_channel_path
 from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel, set_group
+from .sockdir import check_socket_directory
 from .watch import WatchHub
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class DevrepServer:
             )
         if sock is not None:
             sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            check_socket_directory(sock.parent)  # path chmod/chgrp below are safe only where no one else writes
             _open_directory(sock.parent, socket_mode, socket_group)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
@@ -172,6 +174,7 @@ class DevrepServer:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
         if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
             fd_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            check_socket_directory(fd_path.parent)
             _open_directory(fd_path.parent, socket_mode, socket_group)
         self.side_channel = (SideChannel(fd_path, self.registry, require_token=require_token, mode=socket_mode,
                                          group=socket_group, acquire=self.servicer.acquire_lease)
