@@ -8,6 +8,7 @@ leak and print what happened.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import socket
@@ -62,7 +63,7 @@ def _register_ticket(client: Any, name: str, fd: int, kind: str = "file", path: 
 def register_paths(address: str, paths: list[str]) -> dict[str, dict[str, Any]]:
     """Register each path by name alone (the path route); what came back for each."""
     with _client(address) as client:
-        return {p: _outcome(client, f"p{i}", lambda p=p, i=i: _register_path(client, f"p{i}", p))
+        return {p: _outcome(client, f"p{i}", functools.partial(_register_path, client, f"p{i}", p))
                 for i, p in enumerate(paths)}
 
 
@@ -91,7 +92,7 @@ def register_fds(address: str, secret: str, own: str) -> dict[str, dict[str, Any
                 out[what] = {"code": "SKIPPED-OPEN", "error": str(exc)}
                 continue
             try:
-                out[what] = _outcome(client, f"f{i}", lambda fd=fd, i=i: _register_ticket(client, f"f{i}", fd))
+                out[what] = _outcome(client, f"f{i}", functools.partial(_register_ticket, client, f"f{i}", fd))
             finally:
                 os.close(fd)
         # a memfd ticket (kind=memfd, a legitimate ticket) named as a *file* source
