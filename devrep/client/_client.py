@@ -639,7 +639,7 @@ def _remote_tracking_setup(mode: str, array: npt.NDArray[np.uint8]) -> tuple[lis
 def _check_socket_owner(sock: Path, server_uids: frozenset[int]) -> None:
     """The gRPC socket file must belong to a trusted uid too (its owner is whoever bound it)."""
     try:
-        owner = os.lstat(sock).st_uid
+        owner = os.stat(sock).st_uid  # the socket itself, not a symlink to it
     except OSError:
         return  # no socket file: the gRPC call fails with UNAVAILABLE
     trusted = {0, os.geteuid(), *server_uids}

@@ -23,6 +23,18 @@ def check_socket_directory(directory: Path) -> None:
     euid = os.geteuid()
     trusted = {0, euid}
     real = Path(os.path.realpath(directory))
+    # Symlinks on the way as written (e.g. /var/run -> /run) must be trusted's too: another user's symlink in a
+    # sticky /tmp could be re-pointed at its own directory between this check and the bind.
+    lexical = Path(os.path.abspath(directory))
+    for path in [lexical, *lexical.parents]:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise InvalidArgumentError(f"socket directory {path}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
+            raise InvalidArgumentError(
+                f"socket directory {directory}: the symlink {path} belongs to uid {st.st_uid}, not root or this "
+                f"server's uid {euid}, so that user could re-point it; choose another --socket")
     for level, path in enumerate([real, *real.parents]):
         try:
             st = os.lstat(path)

@@ -114,16 +114,32 @@ def test_non_root_server_serves_from_its_own_directory(base: Path) -> None:
     _serves(_serve_as_nobody(["--socket", str(own / "devrep.sock")]), own / "devrep.sock")
 
 
+def _root_serve_refused(sock: Path, words: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "devrep.cli", "serve", "--socket", str(sock),
+                           "--socket-group", str(ATTACKER_GID)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    print(out)
+    assert proc.returncode != 0 and words in out, out
+
+
 def test_root_server_refuses_a_directory_a_user_owns(base: Path) -> None:
     """A root server would chmod/chgrp through paths in that directory: the user could aim them anywhere."""
     users = base / "users"
     users.mkdir(mode=0o755)
     os.chown(users, ATTACKER_UID, ATTACKER_GID)
-    proc = subprocess.run([sys.executable, "-m", "devrep.cli", "serve", "--socket", str(users / "devrep.sock"),
-                           "--socket-group", str(ATTACKER_GID)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    print(proc.stdout, proc.stderr)
-    assert proc.returncode != 0 and f"belongs to uid {ATTACKER_UID}" in " ".join((proc.stdout + proc.stderr).split())
+    _root_serve_refused(users / "devrep.sock", f"belongs to uid {ATTACKER_UID}")
+    assert not (users / "devrep.sock").exists()
+
+
+def test_root_server_refuses_a_users_symlink_on_the_way(base: Path) -> None:
+    """The target is a fine root directory, but the user's symlink could be re-pointed before the bind."""
+    good = base / "root-only"
+    good.mkdir(mode=0o755)
+    link = base / "via-user-link"
+    link.symlink_to(good)
+    os.lchown(link, ATTACKER_UID, ATTACKER_GID)
+    _root_serve_refused(link / "devrep.sock", f"the symlink {link} belongs to uid {ATTACKER_UID}")
 
 
 def _impostor(directory: Path) -> tuple[threading.Thread, dict[str, Any]]:
