@@ -183,7 +183,7 @@ def proc_paths(address: str, server_pid: int, workdir: str) -> dict[str, dict[st
     links = []
     for i, target in enumerate([f"/proc/{me}/fd/{memfd}", map_files, "/proc/self/mem", "/proc/self/fd/5",
                                 f"/proc/{server_pid}/fd/7", "/proc/self/cwd/etc/shadow", "/proc/1/root/etc/shadow"]):
-        link = os.path.join(workdir, f"proc-link-{i}")
+        link = os.path.join(workdir, f"proc-link-{me}-{i}")
         os.symlink(target, link)
         links.append(link)
     try:
