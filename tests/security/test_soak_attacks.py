@@ -14,7 +14,7 @@ import pytest
 from . import test_files as t
 from ._harness import root_server, run_as_attacker
 
-pytestmark = pytest.mark.soak
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_file_attacks_in_a_loop(scene: t.Scene) -> None:
 def test_symlink_flip_race_for_minutes(scene: t.Scene) -> None:
     link = str(scene.att / "flip-soak")
     got = run_as_attacker(t.ATTACKS, "flip_race", scene.server.address, link, str(scene.own),
-                          str(scene.secret), 300.0, timeout=600)
+                          str(scene.secret), 240.0, timeout=600)
     print(got)
     assert all(key.startswith(t.OWN[:16]) for key in got["contents"]), got
     assert set(got["codes"]) <= {"PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND"}, got

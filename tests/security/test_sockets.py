@@ -209,6 +209,8 @@ def test_client_refuses_an_impostor_grpc_socket() -> None:
 def test_root_server_sockets_still_reach_their_group() -> None:
     """The root server's sockets (0660, group 65534) in its checked directory: the attacker's group connects."""
     with root_server() as server:
+        # once a hello is answered, start() has set the gRPC socket's mode and group (the side channel starts after)
+        devrep.client.connect(server.address).close()
         st = os.stat(server.fd_socket)
         assert (st.st_mode & 0o777, st.st_gid) == (0o660, ATTACKER_GID)
         assert os.stat(server.socket).st_gid == ATTACKER_GID
