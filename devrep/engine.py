@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._pages import PAGE_SIZE, check_block_size
@@ -17,7 +18,7 @@ from .errors import (
     NotFoundError,
     UnknownDeviceError,
 )
-from .memory import HostMemory, adopt_fd, create_shared, map_file, wrap_buffer
+from .memory import HostMemory, adopt_fd, create_shared, map_file, map_file_fd, wrap_buffer
 from .region import DEFAULT_TIMEOUT, Event, Listener, Region, SyncReport, check_region_name
 from .tracking import Tracker, make_tracker
 
@@ -130,6 +131,24 @@ class Replicator:
                       tracking: str | Tracker = "file") -> Region:
         """An existing regular file, mapped read-only; by default rewrites are found by inotify + page hashes."""
         return self._add(name, lambda: map_file(path), block_size, tracking)
+
+    def register_file_fd(self, name: str, fd: int, path: str | os.PathLike[str] | None = None, *,
+                         block_size: int = PAGE_SIZE, tracking: str | Tracker = "file") -> Region:
+        """A regular file already open for reading on ``fd`` (devrep takes ownership of ``fd``, closed on failure
+        too); ``path`` names it for messages and the file tracker. The server registers clients' files this way,
+        so it never re-opens a client-named path with its own privileges."""
+        handed: list[bool] = []
+
+        def adopt() -> HostMemory:
+            handed.append(True)  # from here map_file_fd (on failure) or the host memory owns fd
+            return map_file_fd(fd, Path(path) if path is not None else None)
+
+        try:
+            return self._add(name, adopt, block_size, tracking)
+        except BaseException:
+            if not handed:  # refused before mapping (name taken, replicator closed)
+                os.close(fd)
+            raise
 
     def register_buffer(self, name: str, buffer: Any, *, block_size: int = PAGE_SIZE,
                         tracking: str | Tracker = "explicit") -> Region:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +305,24 @@ def map_file(path: str | os.PathLike[str]) -> HostMemory:
         os.close(fd)
         raise
     return HostMemory("file", array, st.st_size, fd=fd, path=p.resolve())
+
+
+def map_file_fd(fd: int, path: Path | None) -> HostMemory:
+    """Map the regular file open on ``fd`` read-only, taking ownership of ``fd`` (closed on failure too).
+
+    The server maps a client's file through the fd the client (or its credentials) opened, never by re-opening a
+    name; ``path`` is only what messages and the file tracker call it."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise InvalidArgumentError(
+                f"{path or 'the fd'} is empty or not a regular file; devrep replicates regular files of at least "
+                "one byte")
+        array = map_fd(fd, st.st_size, writable=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HostMemory("file", array, st.st_size, fd=fd, path=path)
 
 
 def wrap_buffer(obj: Any) -> HostMemory:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -47,6 +48,10 @@ def test_plain_tcp_is_refused_without_insecure() -> None:
 def test_mtls_tcp_with_a_pre_authorized_token(pki: Path, tmp_path: Path) -> None:
     tokens = TokenStore()
     tokens.add(TOKEN, "remote")
+    # A pre-authorized session over TCP has no uid: it opens paths as nobody (docs/security.md), so the file must
+    # be reachable by anyone (pytest's tmp_path lies under a 0700 directory).
+    public = Path(tempfile.mkdtemp(prefix="devrep-tls-"))
+    public.chmod(0o755)
     server = build_server("127.0.0.1:0", replicator=Replicator(), tokens=tokens,
                           tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem"))
     server.start()
@@ -55,7 +60,7 @@ def test_mtls_tcp_with_a_pre_authorized_token(pki: Path, tmp_path: Path) -> None
         creds = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes(),
                                              private_key=(pki / "client.key").read_bytes(),
                                              certificate_chain=(pki / "client.pem").read_bytes())
-        path = tmp_path / "data.bin"
+        path = public / "data.bin"
         path.write_bytes(b"z" * 10000)
         path.chmod(0o644)
         with connect(address, token=TOKEN, credentials=creds, timeout=10) as client:
@@ -74,3 +79,4 @@ def test_mtls_tcp_with_a_pre_authorized_token(pki: Path, tmp_path: Path) -> None
             connect(address, token=TOKEN, credentials=anon, timeout=3)
     finally:
         server.stop(1.0)
+        shutil.rmtree(public, ignore_errors=True)

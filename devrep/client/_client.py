@@ -6,6 +6,8 @@ import contextlib
 import os
 import select
 import socket
+import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -108,7 +110,7 @@ class ServerInfo:
 class _SideChannel:
     """The client end of the fd side channel (one per Client; requests are serialized)."""
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path, timeout: float, server_uids: frozenset[int] = frozenset()) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
@@ -116,6 +118,17 @@ class _SideChannel:
         except OSError as exc:
             self.sock.close()
             raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc}") from None
+        # Who listens there? Before any token or fd goes out (a memfd sent to an impostor is handed over writable),
+        # the listener must be root, this user, or a uid the user named (server_uid / DEVREP_SERVER_UID).
+        pid, uid, _gid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+        trusted = {0, os.geteuid(), *server_uids}
+        if uid not in trusted:
+            self.sock.close()
+            raise errors.PermissionDeniedError(
+                f"the fd side channel {path} is served by uid {uid} (pid {pid}), not root, this user or a "
+                f"configured server uid ({sorted(trusted)}): refusing to talk to it. If that uid is your devrep "
+                "server, pass connect(server_uid=...) or set DEVREP_SERVER_UID")
         self.lock = threading.Lock()
         self.timeout = timeout
 
@@ -399,7 +412,7 @@ class Client:
 
     def __init__(self, address: str, *, token: str | None = None, label: str | None = None,
                  fd_socket: str | os.PathLike[str] | None = None, timeout: float = 10.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, server_uid: int | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self._ipc: dict[bytes, list[int]] = {}
@@ -418,7 +431,7 @@ class Client:
         token = token or os.environ.get("DEVREP_TOKEN") or None
         try:
             if fd_path is not None and fd_path.exists():
-                self._sc = _SideChannel(fd_path, timeout)
+                self._sc = _SideChannel(fd_path, timeout, _server_uids(server_uid))
                 hello: dict[str, Any] = {"op": "hello", "label": label or f"pid{os.getpid()}"}
                 if token:
                     hello["token"] = token
@@ -430,6 +443,8 @@ class Client:
             if not token:
                 raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
                                            "pre-authorized token")
+            if sock is not None:
+                _check_socket_owner(sock, _server_uids(server_uid))  # before the token goes over gRPC
             self._metadata = (("authorization", f"Bearer {token}"),)
             self.token = token
             self.session_id = self._call(self._stub.Ping, pb.PingRequest()).session_id
@@ -536,12 +551,15 @@ class Client:
         ticket = ""
         if self._sc is not None:
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO (or a path swapped for one) must not park this process in open(2)
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
             except FileNotFoundError:
                 raise errors.NotFoundError(f"no such file: {p}") from None
             except OSError as exc:
                 raise errors.PermissionDeniedError(f"cannot open {p}: {exc.strerror}") from None
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise errors.InvalidArgumentError(f"{p} is not a regular file")
                 ticket = self._put_fds("file", [fd])
             finally:
                 os.close(fd)
@@ -712,11 +730,43 @@ def _remote_tracking_setup(mode: str, array: npt.NDArray[np.uint8]) -> tuple[lis
     return [uffd, pagemap], buffer_address(array)
 
 
+def _check_socket_owner(sock: Path, server_uids: frozenset[int]) -> None:
+    """The gRPC socket file must belong to a trusted uid too (its owner is whoever bound it)."""
+    try:
+        owner = os.stat(sock).st_uid  # the socket itself, not a symlink to it
+    except OSError:
+        return  # no socket file: the gRPC call fails with UNAVAILABLE
+    trusted = {0, os.geteuid(), *server_uids}
+    if owner not in trusted:
+        raise errors.PermissionDeniedError(
+            f"the devrep socket {sock} belongs to uid {owner}, not root, this user or a configured server uid "
+            f"({sorted(trusted)}): refusing to send the session token to it (connect(server_uid=...) or "
+            "DEVREP_SERVER_UID name another server uid)")
+
+
+def _server_uids(server_uid: int | None) -> frozenset[int]:
+    """The uids besides root and this user that may serve the side channel: ``server_uid`` and
+    ``DEVREP_SERVER_UID`` (comma-separated)."""
+    uids = {server_uid} if server_uid is not None else set()
+    for item in os.environ.get("DEVREP_SERVER_UID", "").split(","):
+        if item.strip():
+            try:
+                uids.add(int(item))
+            except ValueError:
+                raise errors.InvalidArgumentError(f"DEVREP_SERVER_UID must be uids separated by commas, got "
+                                                  f"{item!r}") from None
+    return frozenset(uids)
+
+
 def connect(address: str | None = None, *, token: str | None = None, label: str | None = None,
-            timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None) -> Client:
+            timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None,
+            server_uid: int | None = None) -> Client:
     """Open a session with the devrep server at ``address`` (default: ``DEVREP_ADDRESS``, else the default socket).
 
     ``token`` (default ``DEVREP_TOKEN``) is a pre-authorized token; without one the side channel issues one.
+    The side channel's server must run as root, as this user, or as ``server_uid`` (or a uid in
+    ``DEVREP_SERVER_UID``); otherwise ``PermissionDeniedError`` is raised before any token or fd is sent.
     Raises ``ServiceUnavailableError`` when no server answers.
     """
-    return Client(address or default_address(), token=token, label=label, timeout=timeout, credentials=credentials)
+    return Client(address or default_address(), token=token, label=label, timeout=timeout, credentials=credentials,
+                  server_uid=server_uid)

@@ -33,6 +33,7 @@ from .protocol import side_channel_path
 from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel, set_group
+from .sockdir import check_socket_directory
 from .watch import WatchHub
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class DevrepServer:
         fd_path = Path(fd_socket) if fd_socket else (side_channel_path(sock) if sock else None)
         if sock is not None:
             sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            check_socket_directory(sock.parent)  # path chmod/chgrp below are safe only where no one else writes
             _open_directory(sock.parent, socket_mode, socket_group)
             # Both paths are checked before either is bound: a live server there keeps them (SocketInUseError).
             sockets.claim(sock, socket.SOCK_STREAM)
@@ -189,6 +191,7 @@ class DevrepServer:
             self._socket_identity = sockets.identity(sock)  # what stop() may remove
         if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
             fd_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            check_socket_directory(fd_path.parent)
             _open_directory(fd_path.parent, socket_mode, socket_group)
         self.side_channel = (SideChannel(fd_path, self.registry, require_token=require_token, mode=socket_mode,
                                          group=socket_group, acquire=self.servicer.acquire_lease)

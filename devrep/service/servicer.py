@@ -20,7 +20,6 @@ from ..engine import Replicator
 from ..errors import (
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     PermissionDeniedError,
     UnsupportedModeError,
 )
@@ -28,9 +27,10 @@ from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncRepo
 from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracker
 from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
+from .fileaccess import check_file_fd, kernel_path, open_as_peer
 from .protocol import close_fds
-from .sessions import Session, SessionRegistry, readable_by
-from .sidechannel import check_fd, check_writer_mapping
+from .sessions import Session, SessionRegistry
+from .sidechannel import check_writer_mapping
 from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
 
@@ -277,30 +277,20 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             if "file" not in TRACKERS:
                 raise UnsupportedModeError("file tracking is not available on this server (no inotify tracker "
                                            "installed); register with explicit tracking and call Invalidate")
-        try:
-            st = os.stat(src.path)
-        except FileNotFoundError:
-            raise NotFoundError(f"no such file: {src.path}") from None
-        except OSError as exc:
-            raise InvalidArgumentError(f"cannot stat {src.path}: {exc.strerror}") from None
         tracking = mode if mode == "file" else make_tracker("explicit")
+        # The server never opens a client-named path with its own privileges (docs/security.md): either the
+        # client's own read fd, or the path opened with the session's credentials.
         if src.fd_ticket:
             fds = self.reg.take_ticket(session, src.fd_ticket)
             try:
-                check_fd(fds[0], "file")
-                proof = os.fstat(fds[0])
-                if (proof.st_dev, proof.st_ino) != (st.st_dev, st.st_ino):
-                    raise PermissionDeniedError(f"the fd in ticket {src.fd_ticket} is not {src.path}")
-                # Open the very file the client proved it can read (not whatever the path names by now).
-                region = self.rep.register_file(name, f"/proc/self/fd/{fds[0]}", block_size=block_size,
-                                                tracking=tracking)
+                check_file_fd(fds[0])
+                fd = os.dup(fds[0])
             finally:
                 close_fds(fds)
-        elif readable_by(st, session.uid):
-            region = self.rep.register_file(name, src.path, block_size=block_size, tracking=tracking)
         else:
-            raise PermissionDeniedError(f"{src.path} is not readable by this session ({session.describe()}); "
-                                        "send an open fd of it with put_fds(kind='file') to prove access")
+            fd = open_as_peer(src.path, session.uid, session.gid, session.groups)
+        region = self.rep.register_file_fd(name, fd, kernel_path(fd) or src.path, block_size=block_size,
+                                           tracking=tracking)
         self.reg.adopt(session, name)
         return region
 

@@ -69,6 +69,10 @@ class Session:
     uid: int | None = None
     pid: int | None = None
     persistent: bool = False
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
+    """SO_PEERCRED gid and SO_PEERGROUPS of the hello connection: with ``uid``, the identity file paths are
+    opened with (service/fileaccess.py)."""
     regions: set[str] = field(default_factory=set)
     leases: dict[int, Lease] = field(default_factory=dict)
     tickets: dict[str, list[int]] = field(default_factory=dict)

@@ -29,6 +29,7 @@ from ..errors import (
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
 from . import protocol, sockets
+from .fileaccess import check_file_fd
 from .sessions import Session, SessionRegistry, UnauthenticatedError
 
 log = logging.getLogger("devrep.service")
@@ -82,10 +83,16 @@ def check_fd(fd: int, role: str) -> None:
     """Raise ``InvalidArgumentError`` unless ``fd`` is usable as ``role``."""
     try:
         st = os.fstat(fd)
-        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        access = flags & os.O_ACCMODE
     except OSError as exc:
         raise InvalidArgumentError(f"{role} fd is not usable: {exc}") from None
     target = _fd_target(fd)
+    if role == "file":  # a client's read fd of a regular data file; never O_PATH, never re-opened
+        check_file_fd(fd, "file fd")
+        return
+    if flags & os.O_PATH:
+        raise InvalidArgumentError(f"{role} fd is an O_PATH fd ({_fd_target(fd)})")
     if role in ("memfd", "file"):
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgumentError(f"{role} fd is not a regular file or memfd (it is {target})")
@@ -117,6 +124,19 @@ def _positive_int(message: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidArgumentError(f"{message.get('op')} needs a positive integer {key!r}")
     return value
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups when it connected (SO_PEERGROUPS, Linux >= 4.13); () if unknown (more than
+    256 groups, an old kernel): fewer groups only ever grant less."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # Python caps buflen at 1024
+    except OSError:
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
 
 
 def set_group(path: Path, gid: int) -> None:
@@ -195,7 +215,8 @@ class SideChannel:
         owns_session = False
         try:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
+            pid, uid, gid = struct.unpack("3i", creds)
+            groups = peer_groups(conn)
             conn.settimeout(HELLO_TIMEOUT)
             while not self._closed:
                 try:
@@ -207,6 +228,8 @@ class SideChannel:
                     return
                 try:
                     reply, out_fds = self._handle(message, fds, session, uid, pid, owns_session)
+                    if isinstance(reply.get("_session"), Session) and reply.get("_owns"):
+                        reply["_session"].gid, reply["_session"].groups = gid, groups
                 except DevrepError as exc:
                     protocol.close_fds(fds)
                     protocol.send(conn, protocol.error_reply(exc))
