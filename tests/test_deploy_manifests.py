@@ -37,7 +37,7 @@ BIG_GID = 1000680000  # OpenShift-style gid: float64 prints it as 1.00068e+09 un
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "cpu": {"backend": "cpu", "cpuDevices": 8, "requireToken": False, "syncModeAcrossProcesses": False,
+    "cpu": {"backend": "cpu", "cpuDevices": 8, "requireToken": False,
             "nodeSelector": {"kubernetes.io/os": "linux"}, "socketGroup": 2000, "devUserfaultfd": False},
     "minimal": {"metrics": {"enabled": False}, "serviceAccount": {"create": False, "name": "default"},
                 "extraServerArgs": ["--log-level", "debug"], "slots": 4, "quotas": {"bytesPerClient": 1 << 30},
@@ -199,7 +199,7 @@ def test_daemonset_security_and_scheduling_contract() -> None:
             command = container[probe]["exec"]["command"]
             assert command[:2] == ["python", "/usr/local/bin/devrep-probe"], (name, probe)
         assert container["image"] == "devrep:0.1.0-cuda"  # the tag defaults to the chart's appVersion
-    assert c["server"]["securityContext"]["capabilities"]["add"] == ["SYS_PTRACE"]
+    assert "add" not in c["server"]["securityContext"]["capabilities"]  # client tracking is checked through fds
     assert "add" not in c["device-plugin"]["securityContext"]["capabilities"]
     assert c["server"]["livenessProbe"]["exec"]["command"][-1] == "/run/devrep/devrep.sock"
     assert c["device-plugin"]["readinessProbe"]["exec"]["command"][-2:] == ["--service", "devrep.kube.DevicePlugin"]

@@ -11,6 +11,8 @@ while the pod is active."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import signal
@@ -376,3 +378,73 @@ def test_socket_group_lets_a_non_root_client_pod_in(node: dict[str, str]) -> Non
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=WAIT * 2)
         assert server.returncode == 0, out
+
+
+# ---------------------------------------------------------------------------------------------- pod namespaces
+POD_CLIENT = r"""
+import ctypes, json, os, sys
+import numpy as np
+import devrep.client
+from devrep.kernel import uffd
+
+libc = ctypes.CDLL(None, use_errno=True)
+report = {"pid": os.getpid(), "caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]}
+# What a default container gets: userfaultfd(2) without CAP_SYS_PTRACE may only see user-mode faults.
+fd = libc.syscall(uffd.SYS_USERFAULTFD, os.O_CLOEXEC)
+report["syscall_errno"] = 0 if fd >= 0 else ctypes.get_errno()
+with devrep.client.connect(sys.argv[1], timeout=30) as dr:
+    for mode in ("sync", "async"):
+        region = dr.create_region(mode, 64 * 4096, tracking=mode)
+        region.array[:] = 1
+        dr.replicate(mode, ["cpu:0"])
+        with dr.acquire(mode, "cpu:0") as lease:
+            assert int(lease.array.sum()) == 64 * 4096
+        region.array[4096:3 * 4096] = 7        # no invalidate: the kernel must report these writes
+        region.array[-1] = 9
+        with dr.acquire(mode, "cpu:0", fresh=True) as lease:
+            report[mode] = bool(np.array_equal(lease.array, region.array))
+print(json.dumps(report))
+"""
+
+
+def in_own_namespaces(cmd: list[str]) -> list[str]:
+    """``cmd`` as a pod's process: its own PID (it is pid 1 there) and mount namespace with its own /proc, every
+    capability dropped (uid 0 like a container's default user). SIGTERM to unshare reaches the process."""
+    return ["unshare", "--pid", "--fork", "--kill-child=SIGTERM", "--mount-proc",
+            "setpriv", "--inh-caps=-all", "--bounding-set=-all", *cmd]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("setpriv") is None,
+                    reason="needs unshare and setpriv (util-linux) to run processes as pods")
+@pytest.mark.skipif(not os.path.exists(DEV_USERFAULTFD), reason="needs /dev/userfaultfd (Linux 6.1+)")
+def test_sync_and_async_tracking_across_pod_namespaces_without_capabilities(node: dict[str, str]) -> None:
+    from devrep.doctor import probe as doctor_probe
+
+    caps = doctor_probe()
+    if not (caps.modes["sync"].works and caps.modes["async"].works):
+        pytest.skip(f"this kernel lacks sync or async tracking: {caps.modes}")
+    spec = rendered_pod(node, requireToken=False)
+    server_container = {c["name"]: c for c in spec["containers"]}["server"]
+    # The chart's server needs no capability for client memory tracking (it checks the client's userfaultfd
+    # registration through the fds, not /proc/<pid>/maps).
+    assert server_container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    address = os.path.join(node["run"], "devrep.sock")
+    server = subprocess.Popen(in_own_namespaces(commands(spec)["server"]), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: probe.check(address, timeout=1)[0] or server.poll() is not None, "the server", WAIT * 4)
+        assert server.poll() is None, server.communicate()[0]
+        client = subprocess.run(in_own_namespaces([sys.executable, "-c", POD_CLIENT, address]), capture_output=True,
+                                text=True, timeout=WAIT * 8)
+        assert client.returncode == 0, client.stdout + client.stderr
+        report = json.loads(client.stdout.strip().splitlines()[-1])
+        assert report["pid"] == 1 and report["caps"] == ["0000000000000000"], report  # a pod, as promised
+        assert report["syscall_errno"] == errno.EPERM, report  # so the client used /dev/userfaultfd
+        assert report["sync"] is True and report["async"] is True, report
+    finally:
+        server.send_signal(signal.SIGTERM)  # unshare dies, and --kill-child passes SIGTERM on to the server
+        try:
+            server.communicate(timeout=WAIT * 2)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate(timeout=WAIT)

@@ -264,9 +264,12 @@ def test_adopts_tokens_after_restart(dirs: dict[str, str]) -> None:
 
 def test_bad_configuration_and_labels(dirs: dict[str, str]) -> None:
     tokens = TokenDirectory(dirs["tokens"])
-    for kw, words in [({"slots": 0}, "slots"), ({"resource_name": "replica"}, "resource name"),
-                      ({"endpoint": "../x.sock"}, "endpoint"), ({"endpoint": "kubelet.sock"}, "endpoint"),
-                      ({"socket_dir": "run"}, "absolute"), ({"poll_interval": 0}, "positive")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"slots": 0}, "slots"), ({"resource_name": "replica"}, "resource name"),
+        ({"endpoint": "../x.sock"}, "endpoint"), ({"endpoint": "kubelet.sock"}, "endpoint"),
+        ({"socket_dir": "run"}, "absolute"), ({"poll_interval": 0}, "positive"), ({"pending_grace": 0}, "positive"),
+        ({"pod_resources_interval": -1}, "positive")]
+    for kw, words in cases:
         with pytest.raises(InvalidArgumentError, match=words):
             DevicePlugin(make_config(dirs, **kw), tokens)
     with pytest.raises(InvalidArgumentError, match="label"):
