@@ -275,6 +275,8 @@ def test_example_pod_requests_a_replica() -> None:
     job = docs((DEPLOY / "examples" / "job.yaml").read_text())[0]
     for container in (pod["spec"]["containers"][0], job["spec"]["template"]["spec"]["containers"][0]):
         assert container["resources"]["limits"]["devrep.io/replica"] == 1
+        assert container["args"][container["args"].index("--device") + 1] == "cuda:0"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # a CUDA replica needs the GPU in the pod
         assert container["command"] == ["python", "/opt/devrep/examples/read_replica.py"]
     py_compile.compile(str(DEPLOY / "examples" / "read_replica.py"), doraise=True)
 
