@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--socket-dir", default="/run/devrep", help="host directory of the devrep service socket")
     p.add_argument("--socket-name", default="devrep.sock")
     p.add_argument("--container-socket-dir", default="/run/devrep", help="where pods see --socket-dir")
-    p.add_argument("--token-dir", default="/run/devrep-tokens",
+    p.add_argument("--token-dir", default="/var/lib/devrep/tokens",
                    help="directory the service reads per-allocation tokens from (devrep serve --token-dir)")
     p.add_argument("--numa-nodes", default=None,
                    help="comma-separated NUMA node ids to spread slots over ('' = none; default: from sysfs)")
