@@ -174,6 +174,7 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         self._pod_resources = (PodResources(config.pod_resources_socket, config.resource_name)
                                if config.pod_resources_socket else None)
         self._next_reconcile = 0.0
+        self._reconcile_lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
@@ -247,15 +248,22 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         devices for the app containers, so init and app tokens of one pod tie to it together. A tied token is
         revoked once its pod is no longer listed or no longer holds its slots (a new pod with the same name); a
         pending one after ``pending_grace`` seconds if no listed pod holds its slots."""
-        if holdings is None:
-            if self._pod_resources is None:
-                return False
-            holdings = self._pod_resources.holdings()
+        # One at a time: an older List applied after a newer one could revoke a token the newer one tied to a pod.
+        with self._reconcile_lock:
+            asked = time.monotonic()
+            self._next_reconcile = asked + self.config.pod_resources_interval
             if holdings is None:
-                return False  # kubelet unreachable: nobody is known to be gone
+                if self._pod_resources is None:
+                    return False
+                holdings = self._pod_resources.holdings()
+                if holdings is None:
+                    return False  # kubelet unreachable: nobody is known to be gone
+            self._apply(holdings, asked)
+            return True
+
+    def _apply(self, holdings: dict[PodKey, set[str]], asked: float) -> None:
         now = time.monotonic()
         with self._cond:
-            self._next_reconcile = now + self.config.pod_resources_interval
             for token, slots in list(self._token_slots.items()):
                 held = set(slots)
                 pod = self._token_pod.get(token)
@@ -264,6 +272,8 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                         log.info("pod %s/%s no longer holds %s: revoking its token", *pod, "+".join(slots))
                         self._revoke(token)
                     continue
+                if self._token_born.get(token, 0.0) > asked:
+                    continue  # allocated after kubelet answered: the answer cannot know its pod yet
                 owner = next((p for p, ids in holdings.items() if held <= ids), None)
                 if owner is not None:
                     self._token_pod[token] = owner
@@ -271,7 +281,6 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                     log.info("no pod holds %s after %.0fs: revoking its token", "+".join(slots),
                              self.config.pending_grace)
                     self._revoke(token)
-        return True
 
     def _refresh_health(self) -> None:
         try:
@@ -501,9 +510,8 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                     if changed or now >= next_tick:
                         next_tick = now + cfg.poll_interval
                         self.tick()
-                    due = self._pod_resources is not None and time.monotonic() >= self._next_reconcile
-                    if due and not self.reconcile():  # kubelet unreachable: retry at the next health check
-                        self._next_reconcile = time.monotonic() + cfg.poll_interval
+                    if self._pod_resources is not None and time.monotonic() >= self._next_reconcile:
+                        self.reconcile()  # kubelet unreachable: tried again after pod_resources_interval
                 except Exception:  # keep watching: the next event or tick retries
                     log.exception("device plugin watcher step failed")
 
