@@ -171,7 +171,11 @@ def test_tokens_survive_a_rollout_and_a_reboot_and_follow_the_pod(node: dict[str
         pods.append(Pod(cmds, node))
         req = kubelet.requests.get(timeout=WAIT * 2)
         wait_for(lambda: {d.health for d in kubelet.next_list()} == {HEALTHY}, "healthy devices")
-        token = allocate(next(kubelet.plugin(req.endpoint)), ["replica-0"])
+        reply = next(kubelet.plugin(req.endpoint)).Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["replica-0"])]), timeout=WAIT)
+        token = reply.container_responses[0].envs["DEVREP_TOKEN"]
+        if os.path.exists("/sys/class/misc/userfaultfd"):  # the chart's --dev-userfaultfd auto found the device
+            assert [d.container_path for d in reply.container_responses[0].devices] == [DEV_USERFAULTFD]
         pod_resources.set_pod("ml", "trainer", {"main": ["replica-0"]})  # admitted: kubelet lists it
         assert accepted(address, token)
         tokens = Path(node["tokens"])
