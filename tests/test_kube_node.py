@@ -324,7 +324,8 @@ def test_kubelet_restart_is_seen_by_inotify(node: dict[str, str]) -> None:
         Path(plugin.config.plugin_socket).unlink()  # kubelet wipes the directory when it starts
         kubelet = FakeKubelet(node["plugins"])
         assert kubelet.requests.get(timeout=WAIT).endpoint == "devrep-replica.sock"
-        wait_for(lambda: plugin.registrations == 2 and plugin.registered, "the second registration")
+        # (Not plugin.registered: gRPC may unlink the old fake kubelet's socket path late, taking the new one.)
+        wait_for(lambda: plugin.registrations >= 2, "the second registration")
         assert len(kubelet.next_list()) == 4
     finally:
         plugin.stop()
