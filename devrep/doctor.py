@@ -158,7 +158,8 @@ def _sysctl_unprivileged() -> int | None:
         return None
 
 
-def _dev_userfaultfd() -> str:
+def dev_userfaultfd_status() -> str:
+    """`absent`, `accessible` or `present, no access`: what this process can do with /dev/userfaultfd."""
     if not os.path.exists(DEV_USERFAULTFD):
         return "absent"
     return "accessible" if os.access(DEV_USERFAULTFD, os.R_OK | os.W_OK) else "present, no access"
@@ -352,7 +353,7 @@ def probe(backends: bool = False) -> Capabilities:
     fanotify_error = _attempt(_probe_fanotify)
     caps = Capabilities(
         kernel=uname.release, machine=uname.machine, euid=os.geteuid(), cap_sys_ptrace=_cap_sys_ptrace(),
-        unprivileged_userfaultfd=_sysctl_unprivileged(), dev_userfaultfd=_dev_userfaultfd(),
+        unprivileged_userfaultfd=_sysctl_unprivileged(), dev_userfaultfd=dev_userfaultfd_status(),
         userfaultfd=supported is not None, userfaultfd_error=uffd_error, features=features,
         pagemap_scan=not scan_error, pagemap_scan_error=scan_error, inotify=not inotify_error,
         fanotify=not fanotify_error, fanotify_error=fanotify_error,

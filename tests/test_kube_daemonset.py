@@ -27,7 +27,8 @@ from devrep.kube.plugin import HEALTHY
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
-TOKENS_IN_POD = "/run/devrep-tokens"
+TOKENS_ON_NODE = "/var/lib/devrep/tokens"
+POD_RESOURCES_ON_NODE = "/var/lib/kubelet/pod-resources"
 
 
 def free_port() -> int:
@@ -39,7 +40,7 @@ def free_port() -> int:
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
     root = tempfile.mkdtemp(prefix="ds", dir="/tmp")
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens")}
+    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens", "podres")}
     for path in dirs.values():
         os.makedirs(path)
     yield dirs
@@ -47,11 +48,11 @@ def node() -> Iterator[dict[str, str]]:
 
 
 def local(argv: list[str], dirs: dict[str, str]) -> list[str]:
-    """A container's argv as a local command: our interpreter, the repo's probe, the temp token dir."""
+    """A container's argv as a local command: our interpreter, the repo's probe, the temp host directories."""
     out = []
     for arg in argv:
         arg = {"python": sys.executable, "/usr/local/bin/devrep-probe": probe.__file__}.get(arg, arg)
-        out.append(arg.replace(TOKENS_IN_POD, dirs["tokens"]))
+        out.append(arg.replace(TOKENS_ON_NODE, dirs["tokens"]).replace(POD_RESOURCES_ON_NODE, dirs["podres"]))
     return out
 
 

@@ -104,3 +104,27 @@ def test_in_process_hand_off_to_the_server_token_table(node: dict[str, str]) -> 
         assert server.tokens.lookup(renewed) and not server.tokens.lookup(envs["DEVREP_TOKEN"])
     finally:
         server.stop(1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu:0", "opencl:0"])
+def test_example_reads_each_export_kind(node: dict[str, str], device: str) -> None:
+    # cpu exports an fd (mapped by the job), OpenCL exports nothing (the job has the server compare on the device).
+    kind = device.partition(":")[0]
+    backends = {"cpu": load_backend("cpu", devices=1)}
+    if kind == "opencl":
+        backends["opencl"] = load_backend("opencl")
+    server = DevrepServer(f"unix:{node['run']}/devrep.sock", replicator=devrep.Replicator(backends=backends),
+                          tokens=TokenStore(node["tokens"]), require_token=True).start()
+    plugin = DevicePlugin(PluginConfig(plugin_dir=node["plugins"], socket_dir=node["run"],
+                                       container_socket_dir=node["run"], slots=1, numa_nodes=[]),
+                          TokenDirectory(node["tokens"]))
+    try:
+        envs = dict(plugin.allocate(["replica-0"]).envs)
+        job = subprocess.run([sys.executable, str(EXAMPLE), "--device", device, "--mib", "2"],
+                             env={**os.environ, **envs}, capture_output=True, text=True, timeout=90)
+        assert job.returncode == 0, job.stdout + job.stderr
+        result = json.loads(job.stdout.strip().splitlines()[-1])
+        assert result["export_kind"] == {"cpu": "fd", "opencl": "none"}[kind], result
+        assert result["replica_matched_host"] is True and result["first_copy_bytes"] == 2 << 20, result
+    finally:
+        server.stop(1.0)

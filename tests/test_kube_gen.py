@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from devrep.kube import gen
-from devrep.kube._gen import api_pb2
+from devrep.kube._gen import api_pb2, podresources_pb2
 
 
 def without_tool_versions(text: str) -> str:
@@ -53,12 +53,38 @@ def test_wire_names_match_kubelet() -> None:
     assert Path(gen.PROTO_ROOT, gen.PROTO).is_file()
 
 
+def test_podresources_wire_names_match_kubelet() -> None:
+    # kubelet's k8s.io/kubelet/pkg/apis/podresources/v1/api.proto: the fields devrep reads, by number.
+    d = podresources_pb2.DESCRIPTOR
+    assert d.package == "v1"
+    service = d.services_by_name["PodResourcesLister"]
+    assert service.full_name == "v1.PodResourcesLister"
+    assert service.methods_by_name["List"].input_type.full_name == "v1.ListPodResourcesRequest"
+    fields = {
+        "ListPodResourcesResponse": {"pod_resources": 1},
+        "PodResources": {"name": 1, "namespace": 2, "containers": 3},
+        "ContainerResources": {"name": 1, "devices": 2, "cpu_ids": 3},
+        "ContainerDevices": {"resource_name": 1, "device_ids": 2, "topology": 3},
+        "TopologyInfo": {"nodes": 1},
+        "NUMANode": {"ID": 1},
+    }
+    for message, numbers in fields.items():
+        got = {f.name: f.number for f in d.message_types_by_name[message].fields}
+        assert got == numbers, message
+    assert Path(gen.PROTO_ROOT, gen.PODRESOURCES_PROTO).is_file()
+
+
 def test_freshness_check_sees_a_changed_proto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for proto in gen.PROTOS:
+        copy = tmp_path / proto
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text((Path(gen.PROTO_ROOT) / proto).read_text())
     changed = tmp_path / gen.PROTO
-    changed.parent.mkdir(parents=True)
-    original = (Path(gen.PROTO_ROOT) / gen.PROTO).read_text()
-    changed.write_text(original.replace("string health = 2;", "string state = 2;"))
+    changed.write_text(changed.read_text().replace("string health = 2;", "string state = 2;"))
     monkeypatch.setattr(gen, "PROTO_ROOT", tmp_path)
-    regenerated = without_tool_versions(gen.generate()["api_pb2.py"])
-    assert regenerated != without_tool_versions((gen.OUT / "api_pb2.py").read_text())
+    regenerated = gen.generate()
+    assert without_tool_versions(regenerated["api_pb2.py"]) != without_tool_versions(
+        (gen.OUT / "api_pb2.py").read_text())
+    assert without_tool_versions(regenerated["podresources_pb2.py"]) == without_tool_versions(
+        (gen.OUT / "podresources_pb2.py").read_text())
     assert without_tool_versions("GRPC_GENERATED_VERSION = '9.9.9'") == "GRPC_GENERATED_VERSION = '*'"

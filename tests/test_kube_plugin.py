@@ -29,6 +29,7 @@ from devrep.kube.tokens import TokenDirectory
 
 pytestmark = pytest.mark.timeout(60)
 WAIT = 15.0
+LOCAL_SUBCHANNELS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -70,7 +71,9 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         return api_pb2.Empty()
 
     def _dial(self, endpoint: str) -> None:
-        channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, endpoint))
+        # Like kubelet, a fresh connection per registration: gRPC would otherwise share a subchannel still backing
+        # off from a deleted socket with the new channel.
+        channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, endpoint), options=LOCAL_SUBCHANNELS)
         with self._lock:
             self._channels.append(channel)
         stub = api_pb2_grpc.DevicePluginStub(channel)
@@ -82,7 +85,7 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             pass  # the plugin or this kubelet went away (ValueError: our channel was closed by stop())
 
     def plugin(self, endpoint: str) -> Iterator[api_pb2_grpc.DevicePluginStub]:
-        channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, endpoint))
+        channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, endpoint), options=LOCAL_SUBCHANNELS)
         with self._lock:
             self._channels.append(channel)
         yield api_pb2_grpc.DevicePluginStub(channel)
@@ -114,6 +117,11 @@ def make_config(dirs: dict[str, str], **kw: Any) -> PluginConfig:
                                 poll_interval=0.05, register_timeout=5.0, container_socket_dir="/run/devrep")
     base.update(kw)
     return PluginConfig(**base)
+
+
+def by_slots(tokens: TokenDirectory) -> dict[str, str]:
+    """label -> token with the labels' per-allocation nonce (``kube-<slots>.<nonce>``) cut off."""
+    return {label.rpartition(".")[0] or label: token for label, token in tokens.tokens().items()}
 
 
 def listen(path: str) -> socket.socket:
@@ -161,14 +169,16 @@ def test_registers_lists_and_allocates(dirs: dict[str, str], kubelet: FakeKubele
             ("/run/devrep", dirs["run"], True)]
         token1, token2 = first.envs["DEVREP_TOKEN"], second.envs["DEVREP_TOKEN"]
         assert len(token1) >= 32 and token1 != token2
-        assert tokens.tokens() == {"kube-replica-1": token1, "kube-replica-2+replica-3": token2}
-        assert oct(os.stat(os.path.join(dirs["tokens"], "kube-replica-1.token")).st_mode & 0o777) == "0o600"
+        assert by_slots(tokens) == {"kube-replica-1": token1, "kube-replica-2+replica-3": token2}
+        (label1,) = [label for label, token in tokens.tokens().items() if token == token1]
+        assert oct(os.stat(os.path.join(dirs["tokens"], label1 + ".token")).st_mode & 0o777) == "0o600"
+        assert oct(os.stat(dirs["tokens"]).st_mode & 0o777) == "0o700"
 
         # Kubelet reuses slot 2: the container that held 2 and 3 is gone, so its token is revoked.
         again = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
             api_pb2.ContainerAllocateRequest(devices_ids=["replica-2"])]), timeout=WAIT)
         token3 = again.container_responses[0].envs["DEVREP_TOKEN"]
-        assert tokens.tokens() == {"kube-replica-1": token1, "kube-replica-2": token3}
+        assert by_slots(tokens) == {"kube-replica-1": token1, "kube-replica-2": token3}
 
         pref = stub.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(container_requests=[
             api_pb2.ContainerPreferredAllocationRequest(
@@ -214,7 +224,8 @@ def test_recreates_its_socket_when_deleted(dirs: dict[str, str], kubelet: FakeKu
         os.unlink(plugin.config.plugin_socket)
         req = kubelet.requests.get(timeout=WAIT)  # registered again, same kubelet
         assert req.endpoint == "devrep-replica.sock"
-        assert probe.check(plugin.config.plugin_socket)[0]  # serving on the new socket
+        ok, message = probe.check(plugin.config.plugin_socket)
+        assert ok, message  # serving on the new socket
         wait_for(lambda: plugin.registrations == 2, "the second registration")
         assert len(kubelet.next_list()) == 4
 
@@ -247,15 +258,18 @@ def test_adopts_tokens_after_restart(dirs: dict[str, str]) -> None:
     old = first.allocate(["replica-0", "replica-1"]).envs["DEVREP_TOKEN"]
     second = DevicePlugin(make_config(dirs), TokenDirectory(dirs["tokens"]))  # e.g. the plugin container restarted
     new = second.allocate(["replica-1"]).envs["DEVREP_TOKEN"]
-    assert tokens.tokens() == {"kube-replica-1": new}
+    assert by_slots(tokens) == {"kube-replica-1": new}
     assert old not in tokens.tokens().values()
 
 
 def test_bad_configuration_and_labels(dirs: dict[str, str]) -> None:
     tokens = TokenDirectory(dirs["tokens"])
-    for kw, words in [({"slots": 0}, "slots"), ({"resource_name": "replica"}, "resource name"),
-                      ({"endpoint": "../x.sock"}, "endpoint"), ({"endpoint": "kubelet.sock"}, "endpoint"),
-                      ({"socket_dir": "run"}, "absolute"), ({"poll_interval": 0}, "positive")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"slots": 0}, "slots"), ({"resource_name": "replica"}, "resource name"),
+        ({"endpoint": "../x.sock"}, "endpoint"), ({"endpoint": "kubelet.sock"}, "endpoint"),
+        ({"socket_dir": "run"}, "absolute"), ({"poll_interval": 0}, "positive"), ({"pending_grace": 0}, "positive"),
+        ({"pod_resources_interval": -1}, "positive")]
+    for kw, words in cases:
         with pytest.raises(InvalidArgumentError, match=words):
             DevicePlugin(make_config(dirs, **kw), tokens)
     with pytest.raises(InvalidArgumentError, match="label"):

@@ -192,22 +192,62 @@ def test_hello_with_a_token_joins_without_owning_the_session(server: DevrepServe
     assert [s.label for s in server.registry.sessions()] == ["job"]  # pre-authorized: outlives connections
 
 
-def test_writer_mapping_check_matches_proc_maps() -> None:
+def test_writer_mapping_check_works_through_the_fds() -> None:
+    # The server checks (and establishes) the writer's userfaultfd registration through the fds alone, never
+    # /proc/<pid>: here one process plays both sides. Nothing writes the protected pages (no fault handler runs).
+    import ctypes
+    import mmap
+
+    from devrep.errors import UnsupportedModeError
+    from devrep.kernel.uffd import Feature
     from devrep.memory import buffer_address, map_fd
     from devrep.service.sidechannel import check_writer_mapping
+    from devrep.tracking._setup import WP_FEATURES, open_uffd, register_wp
 
-    fd, other = sealed_memfd(8 * 4096), sealed_memfd(8 * 4096)
     try:
-        array = map_fd(fd, 8 * 4096, writable=True)
+        sync_uffd, other = open_uffd("sync", WP_FEATURES), open_uffd("sync", WP_FEATURES)
+        async_uffd = open_uffd("async", WP_FEATURES, Feature.WP_ASYNC)
+    except UnsupportedModeError as exc:
+        pytest.skip(f"userfaultfd write-protect unavailable here: {exc}")
+    size = 8 * 4096
+    fd = sealed_memfd(size)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        array = map_fd(fd, size, writable=True)
         base = buffer_address(array)
-        check_writer_mapping(os.getpid(), base, 8 * 4096, fd)
-        for bad_base, length, memfd in [(base + 4096, 8 * 4096, fd), (base - 4096, 8 * 4096, fd), (0, 4096, fd),
-                                        (base, 9 * 4096, fd), (base, 8 * 4096, other)]:
-            with pytest.raises(devrep.InvalidArgumentError, match="writer_base"):
-                check_writer_mapping(os.getpid(), bad_base, length, memfd)
+        # A range the client did not register is registered and write-protected now; registered twice is fine.
+        check_writer_mapping("sync", [fd, sync_uffd.fd], base, size)
+        check_writer_mapping("sync", [fd, sync_uffd.fd], base, size)
+        assert sync_uffd.fd >= 0  # borrowed, not closed
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        hole_base = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        assert libc.munmap(ctypes.c_void_p(hole_base), ctypes.c_size_t(size)) == 0  # nothing there any more
+        for bad_base, length, uffd, words in [
+            (base + 1, size, sync_uffd, "page-aligned"), (0, size, sync_uffd, "page-aligned"),
+            (hole_base, size, sync_uffd, "not (fully|all) mapped"),
+            (base, size, other, "another userfaultfd"),
+        ]:
+            with pytest.raises(devrep.InvalidArgumentError, match=words):
+                check_writer_mapping("sync", [fd, uffd.fd], bad_base, length)
+
+        # async: the pagemap fd must show the range as async-write-protectable.
+        second = map_fd(fd, size, writable=True)
+        second_base = buffer_address(second)
+        register_wp(async_uffd, "async", second_base, size)
+        check_writer_mapping("async", [fd, async_uffd.fd, pagemap], second_base, size)
+        second[:] = 3  # async: no fault, nothing blocks
+        third = map_fd(fd, size, writable=True)
+        with pytest.raises(devrep.InvalidArgumentError, match="async-write-protectable"):
+            check_writer_mapping("async", [fd, other.fd, pagemap], buffer_address(third), size)  # sync uffd
     finally:
+        for u in (sync_uffd, other, async_uffd):
+            u.close()  # unregisters everything
+        os.close(pagemap)
         os.close(fd)
-        os.close(other)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -6,14 +6,16 @@ asks for ``devrep.io/replica: 1`` gets, from ``Allocate``:
 * a read-only bind mount of the devrep socket *directory* (a bind-mounted socket file would go stale
   when the service recreates its socket);
 * ``DEVREP_ADDRESS``: the service socket's path inside the container;
-* ``DEVREP_TOKEN``: a fresh token, published to a ``TokenSink`` the service reads (see ``tokens.py``).
+* ``DEVREP_TOKEN``: a fresh token, published to a ``TokenSink`` the service reads (see ``tokens.py``);
+* with ``dev_userfaultfd``, the device ``/dev/userfaultfd`` (Linux 6.1+), so the container can create a
+  userfaultfd without any capability and without the ``userfaultfd(2)`` syscall (see docs/kubernetes.md).
 
 Life cycle: serve on ``<plugin_dir>/<endpoint>`` first, then ``Registration.Register`` with kubelet on
-``<plugin_dir>/kubelet.sock``. A watcher thread polls (every ``poll_interval`` seconds) for a new
-kubelet socket (kubelet restarted: it wipes the directory and forgets plugins), for our socket being
-deleted (serve again on a new one) and whether the service accepts connections (device health); it
-re-registers as needed. Polling stat() is enough here: kubelet restarts are rare and a second of
-delay only postpones scheduling, and it needs no inotify binding.
+``<plugin_dir>/kubelet.sock``. A watcher thread follows the plugin directory with inotify: a new
+``kubelet.sock`` (kubelet restarted: it wipes the directory and forgets plugins) makes it register again at once,
+and our socket being deleted makes it serve on a new one. Every ``poll_interval`` seconds it also checks whether
+the service accepts connections (device health) and, every ``pod_resources_interval`` seconds and on every
+``Allocate``, which pods still hold devices (kubelet's PodResources API): tokens of pods that are gone are revoked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import selectors
 import socket
 import stat
 import threading
@@ -34,9 +37,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from inotify_simple import INotify
+from inotify_simple import flags as IN
 
 from ..errors import InvalidArgumentError
 from ._gen import api_pb2, api_pb2_grpc
+from .podresources import PodKey, PodResources
 from .tokens import TokenSink
 
 log = logging.getLogger("devrep.kube")
@@ -53,6 +59,7 @@ SLOT_PREFIX = "replica-"
 MAX_BACKOFF = 30.0
 """Longest wait between Register attempts that the same kubelet refused."""
 LABEL_PREFIX = "kube-"
+DEV_USERFAULTFD = "/dev/userfaultfd"
 
 _RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
@@ -73,8 +80,18 @@ class PluginConfig:
     numa_nodes: Sequence[int] | None = None
     """NUMA nodes to spread slots over; ``None`` reads /sys/devices/system/node, empty means unknown."""
     poll_interval: float = 1.0
+    """Device health checks (connecting to the service socket); kubelet restarts are seen at once by inotify."""
     register_timeout: float = 10.0
     extra_envs: dict[str, str] = field(default_factory=dict)
+    pod_resources_socket: str | None = None
+    """Kubelet's PodResources socket; ``None``: no pod tracking, a token is revoked when its slot is reused."""
+    pod_resources_interval: float = 10.0
+    """Longest time between two PodResources ``List`` calls (one also runs on every ``Allocate``)."""
+    pending_grace: float = 600.0
+    """How long a token that no listed pod holds stays valid: kubelet lists a pod once it is admitted, but not a
+    pod whose only devrep user is a plain init container (see docs/kubernetes.md)."""
+    dev_userfaultfd: str | None = None
+    """Host path of ``/dev/userfaultfd`` to hand to every container (``None``: none)."""
 
     def check(self) -> None:
         if not _RESOURCE.fullmatch(self.resource_name):
@@ -83,8 +100,9 @@ class PluginConfig:
             raise InvalidArgumentError(f"slots must be 1..4096, not {self.slots}")
         if "/" in self.endpoint or not self.endpoint.endswith(".sock") or self.endpoint == KUBELET_SOCKET:
             raise InvalidArgumentError(f"bad endpoint {self.endpoint!r}: a socket file name ending in .sock")
-        if self.poll_interval <= 0 or self.register_timeout <= 0:
-            raise InvalidArgumentError("poll_interval and register_timeout must be positive")
+        if min(self.poll_interval, self.register_timeout, self.pod_resources_interval, self.pending_grace) <= 0:
+            raise InvalidArgumentError(
+                "poll_interval, register_timeout, pod_resources_interval and pending_grace must be positive")
         for name, path in (("socket_dir", self.socket_dir), ("container_socket_dir", self.container_socket_dir)):
             if not os.path.isabs(path):
                 raise InvalidArgumentError(f"{name} must be an absolute path, not {path!r}")
@@ -149,8 +167,15 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         self._cond = threading.Condition()
         self._healthy = False
         self._version = 0  # bumped whenever the device list changes; ListAndWatch streams follow it
-        self._slot_token: dict[str, str] = {}
         self._token_slots: dict[str, list[str]] = {}
+        self._token_pod: dict[str, PodKey] = {}
+        """Tokens a PodResources ``List`` tied to a pod: revoked when that pod no longer holds their slots."""
+        self._token_born: dict[str, float] = {}
+        self._pod_resources = (PodResources(config.pod_resources_socket, config.resource_name)
+                               if config.pod_resources_socket else None)
+        self._next_reconcile = 0.0
+        self._reconcile_lock = threading.Lock()
+        self._wake_r = self._wake_w = -1
         self._server: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._own_inode: tuple[int, int, int] | None = None
@@ -190,16 +215,72 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         existing = getattr(self.tokens, "tokens", None)
         if not callable(existing):
             return
+        now = time.monotonic()
         for label, token in existing().items():
             if not label.startswith(LABEL_PREFIX):
                 continue
-            slots = [s for s in label[len(LABEL_PREFIX):].split("+") if s in self._slot_node]
+            slot_part = label[len(LABEL_PREFIX):].partition(".")[0]  # kube-<slot>+<slot>.<nonce>
+            slots = [s for s in slot_part.split("+") if s in self._slot_node]
             if not slots:  # slots from a larger configuration: nobody can get them again, revoke now
                 self.tokens.remove(token)
                 continue
+            # Pending until the next PodResources List ties it to the pod that still holds its slots.
             self._token_slots[token] = slots
-            for slot in slots:
-                self._slot_token[slot] = token
+            self._token_born[token] = now
+
+    def _revoke(self, token: str) -> None:
+        """Forget ``token`` and take it from the sink (the server ends its session). Caller holds ``_cond``."""
+        self._token_slots.pop(token, None)
+        self._token_pod.pop(token, None)
+        self._token_born.pop(token, None)
+        self.tokens.remove(token)
+
+    def tokens_by_pod(self) -> dict[str, PodKey | None]:
+        """token -> the pod a PodResources List tied it to (``None``: pending). For tests and debugging."""
+        with self._cond:
+            return {t: self._token_pod.get(t) for t in self._token_slots}
+
+    def reconcile(self, holdings: dict[PodKey, set[str]] | None = None) -> bool:
+        """Revoke the tokens of pods that are gone; False when kubelet's PodResources did not answer.
+
+        A pending token (allocated, or adopted after a restart) is tied to the listed pod whose devices include all
+        its slots: slots are exclusive between live pods, and within a pod kubelet reuses an init container's
+        devices for the app containers, so init and app tokens of one pod tie to it together. A tied token is
+        revoked once its pod is no longer listed or no longer holds its slots (a new pod with the same name); a
+        pending one after ``pending_grace`` seconds if no listed pod holds its slots."""
+        # One at a time: an older List applied after a newer one could revoke a token the newer one tied to a pod.
+        with self._reconcile_lock:
+            asked = time.monotonic()
+            self._next_reconcile = asked + self.config.pod_resources_interval
+            if holdings is None:
+                if self._pod_resources is None:
+                    return False
+                holdings = self._pod_resources.holdings()
+                if holdings is None:
+                    return False  # kubelet unreachable: nobody is known to be gone
+            self._apply(holdings, asked)
+            return True
+
+    def _apply(self, holdings: dict[PodKey, set[str]], asked: float) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for token, slots in list(self._token_slots.items()):
+                held = set(slots)
+                pod = self._token_pod.get(token)
+                if pod is not None:
+                    if not held <= holdings.get(pod, set()):
+                        log.info("pod %s/%s no longer holds %s: revoking its token", *pod, "+".join(slots))
+                        self._revoke(token)
+                    continue
+                if self._token_born.get(token, 0.0) > asked:
+                    continue  # allocated after kubelet answered: the answer cannot know its pod yet
+                owner = next((p for p, ids in holdings.items() if held <= ids), None)
+                if owner is not None:
+                    self._token_pod[token] = owner
+                elif now - self._token_born.get(token, now) > self.config.pending_grace:
+                    log.info("no pod holds %s after %.0fs: revoking its token", "+".join(slots),
+                             self.config.pending_grace)
+                    self._revoke(token)
 
     def _refresh_health(self) -> None:
         try:
@@ -256,8 +337,10 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         chosen = list(dict.fromkeys(must))
         nodes = {self._slot_node[d] for d in chosen}
         rest = [d for d in available if d not in chosen]
+        with self._cond:
+            in_use = {s for slots in self._token_slots.values() for s in slots}
         # Same NUMA node first, then slots with no live token (keeps older tokens valid longer).
-        rest.sort(key=lambda d: (bool(nodes) and self._slot_node[d] not in nodes, d in self._slot_token,
+        rest.sort(key=lambda d: (bool(nodes) and self._slot_node[d] not in nodes, d in in_use,
                                  int(d[len(SLOT_PREFIX):])))
         return chosen + rest[: size - len(chosen)]
 
@@ -279,16 +362,20 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                                        f"{SLOT_PREFIX}0..{SLOT_PREFIX}{self.config.slots - 1}")
         slots = sorted(dict.fromkeys(slots), key=lambda s: int(s[len(SLOT_PREFIX):]))
         token = secrets.token_urlsafe(32)
+        # Pods that went away since the last List lose their tokens now. A slot being handed out again is no sign
+        # of that: kubelet gives an init container's slot to the same pod's app containers.
+        tracked = self.reconcile()
         with self._cond:
-            # Kubelet only hands out a slot it considers free, so whoever held it before is gone.
-            for old in {self._slot_token[s] for s in slots if s in self._slot_token}:
-                for s in self._token_slots.pop(old, []):
-                    self._slot_token.pop(s, None)
-                self.tokens.remove(old)
-            self.tokens.add(token, LABEL_PREFIX + "+".join(slots))
+            if not tracked:
+                # Without pod tracking (not configured, or kubelet did not answer): kubelet only hands out a slot it
+                # considers free, so whoever held it before is gone. This revokes a pod's init-container token
+                # when its app container gets the slot: the reason to give the plugin the PodResources socket.
+                for old in [t for t, held in self._token_slots.items() if set(held) & set(slots)]:
+                    self._revoke(old)
+            # A nonce keeps the labels of one slot's init- and app-container tokens apart.
+            self.tokens.add(token, f"{LABEL_PREFIX}{'+'.join(slots)}.{secrets.token_hex(4)}")
             self._token_slots[token] = slots
-            for s in slots:
-                self._slot_token[s] = token
+            self._token_born[token] = time.monotonic()
         cfg = self.config
         envs = {
             **cfg.extra_envs,
@@ -297,7 +384,11 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
             "DEVREP_SLOTS": ",".join(slots),
         }
         mount = api_pb2.Mount(container_path=cfg.container_socket_dir, host_path=cfg.socket_dir, read_only=True)
-        return api_pb2.ContainerAllocateResponse(envs=envs, mounts=[mount])
+        devices = []
+        if cfg.dev_userfaultfd:
+            devices.append(api_pb2.DeviceSpec(container_path=DEV_USERFAULTFD, host_path=cfg.dev_userfaultfd,
+                                              permissions="rw"))
+        return api_pb2.ContainerAllocateResponse(envs=envs, mounts=[mount], devices=devices)
 
     def PreStartContainer(self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
                           ) -> api_pb2.PreStartContainerResponse:
@@ -382,12 +473,47 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
                 return  # the same kubelet refused us recently
             self.register()
 
+    def _watch_dir(self, inotify: INotify) -> int | None:
+        """Watch the plugin directory for sockets appearing and going (None while it does not exist)."""
+        try:
+            return inotify.add_watch(self.config.plugin_dir, IN.CREATE | IN.DELETE | IN.MOVED_TO | IN.MOVED_FROM
+                                     | IN.DELETE_SELF | IN.MOVE_SELF)
+        except OSError:
+            return None
+
     def _watch(self) -> None:
-        while not self._stopping.wait(self.config.poll_interval):
-            try:
-                self.tick()
-            except Exception:  # keep watching: the next tick retries
-                log.exception("device plugin watcher step failed")
+        """Tick when kubelet's or our socket is created or removed (inotify: a kubelet restart is seen at once),
+        every ``poll_interval`` for device health, and run ``reconcile`` every ``pod_resources_interval``."""
+        cfg = self.config
+        with INotify() as inotify, selectors.DefaultSelector() as sel:
+            sel.register(inotify.fileno(), selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            wd = self._watch_dir(inotify)
+            next_tick = time.monotonic() + cfg.poll_interval
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                deadline = min(next_tick, self._next_reconcile) if self._pod_resources else next_tick
+                ready = sel.select(timeout=max(0.0, deadline - now))
+                if self._stopping.is_set():
+                    return
+                changed = False
+                if any(key.fd == inotify.fileno() for key, _ in ready):
+                    for event in inotify.read(timeout=0):
+                        changed = True
+                        if event.mask & IN.IGNORED:  # the directory itself went away
+                            wd = None
+                if wd is None:
+                    wd = self._watch_dir(inotify)
+                    changed = changed or wd is not None
+                try:
+                    now = time.monotonic()
+                    if changed or now >= next_tick:
+                        next_tick = now + cfg.poll_interval
+                        self.tick()
+                    if self._pod_resources is not None and time.monotonic() >= self._next_reconcile:
+                        self.reconcile()  # kubelet unreachable: tried again after pod_resources_interval
+                except Exception:  # keep watching: the next event or tick retries
+                    log.exception("device plugin watcher step failed")
 
     def start(self) -> DevicePlugin:
         """Serve, then register (retried by the watcher if kubelet is not there yet)."""
@@ -396,6 +522,7 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         self._serve()
         self._set_registered(False)
         self.register()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._watcher = threading.Thread(target=self._watch, name="devrep-kube-watch", daemon=True)
         self._watcher.start()
         return self
@@ -406,8 +533,11 @@ class DevicePlugin(api_pb2_grpc.DevicePluginServicer):
         with self._cond:
             self._cond.notify_all()
         if self._watcher is not None:
-            self._watcher.join(timeout=self.config.poll_interval + 10.0)
+            os.write(self._wake_w, b"x")  # wakes the watcher's select at once
+            self._watcher.join(timeout=10.0)
             self._watcher = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self._health.enter_graceful_shutdown()
         self._unserve()
         self._registered = False

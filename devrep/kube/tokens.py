@@ -9,8 +9,13 @@ The plugin hands each container a fresh token in ``DEVREP_TOKEN`` and gives the 
   holding the token, written atomically with mode 0600. The service reads the directory
   (``devrep serve --token-dir DIR``); a removed file is a revoked token.
 
-Kubelet never tells a device plugin that a pod has gone, so a token lives until one of its slots is
-allocated again; then the plugin revokes it. At most ``slots`` tokens are therefore valid at once.
+Kubelet never tells a device plugin that a pod has gone: the plugin asks kubelet's PodResources API which pods
+still hold its devices and revokes the tokens of the others (``DevicePlugin.reconcile``), or, without that API,
+revokes a token when one of its slots is allocated again.
+
+On a node the directory is a hostPath on disk (``/var/lib/devrep/tokens``), so tokens outlive the DaemonSet pod: a
+rollout, an eviction or a reboot starts a plugin and a server that re-adopt them, and running workloads (whose
+``DEVREP_TOKEN`` kubelet replays from its checkpoint without calling ``Allocate`` again) keep working.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class TokenDirectory:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Only root may read the tokens: a hostPath the kubelet created (DirectoryOrCreate) starts out 0755.
+        os.chmod(self.path, 0o700)
         self._lock = threading.Lock()
 
     def add(self, token: str, label: str) -> None:

@@ -250,7 +250,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             try:
                 if pid is None:
                     raise FailedPreconditionError("sync/async tracking needs fds sent on the side channel")
-                check_writer_mapping(pid, src.writer_base, pages_for(nbytes) * PAGE_SIZE, fds[0])
+                check_writer_mapping(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
                 tracking = remote_tracker(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
             except BaseException:
                 close_fds(fds)

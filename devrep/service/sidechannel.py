@@ -8,6 +8,7 @@ Every malformed packet gets an error reply and every fd received with it is clos
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -22,7 +23,6 @@ from typing import Any
 from ..backends import ExportHandle
 from ..errors import (
     DevrepError,
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -53,30 +53,64 @@ def _fd_target(fd: int) -> str:
         return "?"
 
 
-def check_writer_mapping(pid: int, writer_base: int, length: int, memfd: int) -> None:
-    """Raise ``InvalidArgumentError`` unless ``[writer_base, writer_base+length)`` in process ``pid`` maps ``memfd``
-    from offset 0, shared: a sync/async tracker trusts that address for every fault and scan."""
-    st = os.fstat(memfd)
+def check_writer_mapping(mode: str, fds: list[int], writer_base: int, length: int) -> None:
+    """Make the writer's userfaultfd (``fds[1]``) track ``[writer_base, writer_base+length)`` of the writer's own
+    address space, or raise ``InvalidArgumentError``: a sync/async tracker trusts that range for every fault and scan.
+
+    Everything goes through the fds the client sent, never ``/proc/<pid>``: the client may live in another PID
+    namespace (a pod; its SO_PEERCRED pid is then 0 here) and the server needs no ``CAP_SYS_PTRACE``.
+
+    * ``UFFDIO_REGISTER`` of the range for write-protect on the client's userfaultfd: a no-op when the client
+      registered it (as ``prepare_sync_client``/``prepare_async_client`` do); refused when the range is not fully
+      mapped (ENOMEM), not anonymous/shmem memory (EINVAL) or registered with another userfaultfd (EBUSY); a range
+      the client left unregistered is registered now. Then ``UFFDIO_WRITEPROTECT`` of the whole range, so from here
+      every write to it is reported, whatever the client did before.
+    * async: ``PAGEMAP_SCAN`` on the client's pagemap fd (``fds[2]``) must see every page of the range as
+      async-write-protectable (``PAGE_IS_WPALLOWED``): the pagemap is of the memory the userfaultfd protects, and the
+      userfaultfd has ``UFFD_FEATURE_WP_ASYNC``.
+
+    What no fd can tell is *which* memory is mapped there: a client may register some other mapping of its own, use
+    a user-mode-only or async userfaultfd for sync mode, or hand over another process's pagemap. Such a lying owner
+    only makes the replicas of its own region stale (writes the tracker does not see); readers of that region trust
+    its owner anyway, and the server's own memory is not involved (it reads the memfd through its own mapping)."""
+    from ..kernel.pagemap import PageCategory, PagemapScanner
+    from ..kernel.uffd import RegisterMode, Userfaultfd
+
+    if not writer_base or writer_base % os.sysconf("SC_PAGE_SIZE") or length <= 0:
+        raise InvalidArgumentError(f"{mode} tracking needs the page-aligned address of the writer's mapping "
+                                   f"(memfd.writer_base), got {writer_base:#x}")
+    where = f"memfd.writer_base {writer_base:#x}: the writer's {length} bytes there"
+    uffd = Userfaultfd(fds[1])  # borrowed: the tracker takes the fd over later
     try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError as exc:
-        raise FailedPreconditionError(f"cannot check the writer's mapping in pid {pid}: {exc.strerror}") from None
-    cursor, end = writer_base, writer_base + length
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) < 5:
-            continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        if hi <= cursor or lo > cursor or int(parts[4]) != st.st_ino or "s" not in parts[1]:
-            continue
-        if int(parts[2], 16) + (cursor - lo) != cursor - writer_base:
-            continue
-        cursor = hi
-        if cursor >= end:
-            return
-    raise InvalidArgumentError(
-        f"memfd.writer_base {writer_base:#x}: pid {pid} has no shared mapping of this memfd from offset 0 covering "
-        f"{length} bytes there; send the address of the mapping the userfaultfd was registered on")
+        try:
+            uffd.register(writer_base, length, RegisterMode.WP)
+        except OSError as exc:
+            why = {
+                errno.ENOMEM: "are not fully mapped",
+                errno.EINVAL: "are not all mapped memory this userfaultfd can write-protect (anonymous or "
+                              "shmem/memfd; shmem needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
+                errno.EBUSY: "are registered with another userfaultfd",
+                errno.EFAULT: "are outside the writer's address space",
+            }.get(exc.errno or 0, f"cannot be registered ({exc.strerror})")
+            raise InvalidArgumentError(f"{where} {why}; send the address of the mapping the userfaultfd was "
+                                       "registered on") from None
+        try:
+            uffd.writeprotect(writer_base, length, True)
+        except OSError as exc:
+            raise InvalidArgumentError(f"{where} cannot be write-protected: {exc.strerror}") from None
+    finally:
+        uffd.detach()  # never close the client's fd here
+    if mode == "async":
+        try:
+            unprotectable = PagemapScanner(fds[2]).scan(
+                writer_base, writer_base + length, category_mask=PageCategory.WPALLOWED,
+                category_inverted=PageCategory.WPALLOWED, return_mask=PageCategory.WPALLOWED)
+        except OSError as exc:
+            raise InvalidArgumentError(f"PAGEMAP_SCAN on the pagemap fd failed: {exc.strerror}") from None
+        if len(unprotectable):
+            raise InvalidArgumentError(
+                f"{where} are not async-write-protectable in the pagemap fd's process: send your own "
+                "/proc/self/pagemap and a userfaultfd with UFFD_FEATURE_WP_ASYNC")
 
 
 def check_fd(fd: int, role: str) -> None:
