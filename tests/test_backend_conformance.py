@@ -243,6 +243,24 @@ def test_bad_ranges(backend: Backend) -> None:
             backend.hash_pages(buf)
 
 
+@pytest.mark.parametrize("runs", [[[0, 1], [2, 1], [2, 1]], [[2, 2], [3, 1]], [[4, 1], [1, 1]], [[0, 3], [1, 1]]],
+                         ids=["repeated", "overlapping", "unsorted", "nested"])
+def test_overlapping_or_unsorted_runs_are_refused(backend: Backend, runs: list[list[int]]) -> None:
+    """Issue 15: ``[[0,1],[2,1],[2,1]]`` passed validation and a staged copy would put page 2 into page 1. Every
+    backend refuses such runs (one shared check), before anything is copied."""
+    host = random_host(8, seed=9)
+    buf = backend.allocate(0, host.nbytes)
+    try:
+        with pytest.raises(InvalidArgumentError, match="sorted"):
+            backend.copy_runs(host, np.array(runs, dtype=np.int64), [buf])
+        assert not backend.read(buf).any(), "a refused copy wrote into the buffer"
+        backend.copy_runs(host, np.array([[0, 2], [2, 1], [5, 3]], dtype=np.int64), [buf])  # touching is fine
+        back = backend.read(buf)
+        assert np.array_equal(back[:3 * PAGE_SIZE], host[:3 * PAGE_SIZE]) and not back[3 * PAGE_SIZE:5 * PAGE_SIZE].any()
+    finally:
+        backend.free(buf)
+
+
 # ---------------------------------------------------------------------------- OpenCL specifics
 
 @pytest.fixture
