@@ -243,7 +243,12 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.replica.region._release(self.replica, self._buffer_index)
+            buffer = self.replica.buffers[self._buffer_index]
+            try:
+                if buffer is not None:  # GPU kernels queued on the buffer before now must finish before a sync
+                    self.replica.backend.release_reader(buffer)
+            finally:
+                self.replica.region._release(self.replica, self._buffer_index)
 
     def __enter__(self) -> Lease:
         return self
