@@ -208,6 +208,13 @@ class FakeArray:
     def __len__(self) -> int:
         return self.size
 
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, int(self.data.device_id))  # kDLCUDA
+
+    def __dlpack__(self, **kwargs: Any) -> tuple[str, int, int]:
+        """Not a capsule: a marker naming the pointer, enough for tests of who calls it."""
+        return ("fake-dlpack", self.data.ptr, self.nbytes)
+
 
 class FakeStream(AbstractContextManager["FakeStream"]):
     _count = 0
