@@ -214,3 +214,20 @@ def test_free_waits_for_released_readers_and_own_streams(gpu: FakeGpu) -> None:
     drop = names.index("cuMemUnmap") if gpu.fd_sharing else len(names)
     assert names.index("stream_sync") < drop and gpu.log.index(("event_sync", event)) < drop
     b.close()
+
+
+def test_doctor_reports_vmm_fd_sharing_or_why_not() -> None:
+    from devrep.doctor import probe_cuda
+
+    gpu = FakeGpu(total=1 << 30, devices=2)
+    status = probe_cuda(FakeCupy(gpu), FakeVmmDriver(gpu))
+    assert status.available and [d.device for d in status.devices] == ["cuda:0", "cuda:1"]
+    assert all(d.sharing == "cuda_fd" for d in status.devices) and status.devices[1].uuid == gpu.uuids[1]
+    gpu.fd_sharing = False
+    (dev, _) = probe_cuda(FakeCupy(gpu), FakeVmmDriver(gpu)).devices
+    assert dev.sharing == "cuda_ipc" and "POSIX file descriptors" in dev.reason
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        missing = probe_cuda()
+        assert not missing.available and "devrep[cuda12]" in missing.reason
