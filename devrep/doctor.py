@@ -76,7 +76,7 @@ def probe_cuda(cupy_module: Any = None, vmm: Any = None) -> CudaStatus:
         backend = CudaBackend(cupy_module=cupy_module, vmm=vmm)
     except DevrepError as exc:
         return CudaStatus(reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a broken CUDA install is reported, not fatal to doctor
+    except Exception as exc:  # a broken CUDA install is reported, not fatal to doctor
         return CudaStatus(reason=f"{type(exc).__name__}: {exc}")
     try:
         if backend.device_count() == 0:
