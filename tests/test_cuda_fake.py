@@ -187,16 +187,15 @@ def test_inprocess_release_orders_the_next_sync_after_queued_readers(release_wai
         event = records[0][1]
         region.array[:PAGE_SIZE] = 2
         region.invalidate(0, PAGE_SIZE)
-        # both buffers may be written by syncs from now on: force the released one to be written
-        rep.sync("r")
+        rep.sync("r")  # no lease left: the sync writes the buffer the reader released
         with region.acquire("cuda:0") as again:
             assert np.array_equal(again.read(0, PAGE_SIZE), region.array[:PAGE_SIZE])
         writes = [i for i, e in enumerate(gpu.log) if e[0] == "memcpy_async"
                   and buffer.handle is not None and e[4] >= buffer.handle.ptr
                   and e[4] < buffer.handle.ptr + buffer.nbytes]
         waits = [i for i, e in enumerate(gpu.log) if e[0] == "wait_event" and e[2] == event]
-        if writes:  # the released buffer was written: the copy stream waited for the reader's event first
-            assert waits and waits[0] < writes[0], gpu.log
+        assert writes, "the sync did not write the released buffer: the test proves nothing"
+        assert waits and waits[0] < writes[0], "the copy into the released buffer did not wait for its readers"
         rep.unregister("r")
 
 
