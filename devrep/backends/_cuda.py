@@ -357,13 +357,16 @@ class CudaBackend(Backend):
             state = self._state.get(id(buffer))
         if state is None:
             return
-        with self._cp.cuda.Device(buffer.index):
-            event = self._cp.cuda.Event(disable_timing=True)
-            event.record(self._cp.cuda.get_current_stream())
-            with self._lock:
-                state.readers.append(event)
-            if self._release_wait == "device":
-                self._rt.deviceSynchronize()
+        try:
+            with self._cp.cuda.Device(buffer.index):
+                event = self._cp.cuda.Event(disable_timing=True)
+                event.record(self._cp.cuda.get_current_stream())
+                with self._lock:
+                    state.readers.append(event)
+                if self._release_wait == "device":
+                    self._rt.deviceSynchronize()
+        except Exception as exc:  # a sticky CUDA error: the context is dead, no kernel of ours reads it any more
+            raise BackendError(f"cuda:{buffer.index}: waiting for readers of a released lease failed: {exc}") from exc
 
     def _staging(self, d: _Device) -> None:
         if d.pinned:
