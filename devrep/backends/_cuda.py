@@ -316,6 +316,7 @@ class CudaBackend(Backend):
 
     def _new_memory(self, d: _Device, nbytes: int) -> _BufferState:
         if d.fd_sharing and self._vmm is not None:
+            self._rt.deviceSynchronize()  # a runtime call that makes the device's primary context current first
             return _BufferState(cvmm.allocate(self._vmm, d.index, nbytes))
         return _BufferState(self._cp.cuda.memory.Memory(nbytes))  # cudaMalloc, not the pool: IPC-exportable
 

@@ -460,6 +460,7 @@ class Client:
             if entry is None:
                 with cupy.cuda.Device(index):
                     if lease.export_kind == "cuda_fd":
+                        cupy.cuda.runtime.deviceSynchronize()  # makes the device's primary context current first
                         granularity = lease._granularity or lease._buffer_nbytes
                         mapping = _cuda_vmm.map_readonly(self._vmm(), lease._cuda_fd, lease._buffer_nbytes,
                                                          granularity, index)
