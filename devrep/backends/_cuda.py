@@ -281,6 +281,8 @@ class CudaBackend(Backend):
         d = self._dev(index)
         check_page_multiple("replica size", nbytes)
         capacity = self._capacity_of(d)
+        if nbytes > d.total:  # whatever the driver would answer (cuMemCreate may call it an invalid value)
+            raise ResourceExhaustedError(f"{d.label} cannot hold {nbytes} bytes: the device has {d.total}")
         with self._lock:
             if d.in_use + nbytes > capacity:
                 raise ResourceExhaustedError(
