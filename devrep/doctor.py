@@ -169,15 +169,14 @@ class Capabilities:
 
         if not self.cuda.available:
             console.print(f"CUDA backend: [red]not available[/]  {escape(self.cuda.reason)}")
-            return
-        gpus = Table(title="CUDA GPUs (cuda backend)")
-        for column in ("device", "name", "UUID", "VMM fd sharing (read-only)", "why"):
-            gpus.add_column(column)
-        for g in self.cuda.devices:
-            gpus.add_row(g.device, g.name, g.uuid, yes(g.sharing == "cuda_fd")
-                         + ("" if g.sharing == "cuda_fd" else "  (classic CUDA IPC: read-write, one PID namespace)"),
-                         escape(g.reason))
-        console.print(gpus)
+        else:
+            gpus = Table(title="CUDA GPUs (cuda backend)")
+            for column in ("device", "name", "UUID", "VMM fd sharing (read-only)", "why"):
+                gpus.add_column(column)
+            for g in self.cuda.devices:
+                fallback = "" if g.sharing == "cuda_fd" else "  (classic CUDA IPC: read-write, one PID namespace)"
+                gpus.add_row(g.device, g.name, g.uuid, yes(g.sharing == "cuda_fd") + fallback, escape(g.reason))
+            console.print(gpus)
 
 
 def _cap_sys_ptrace() -> bool:

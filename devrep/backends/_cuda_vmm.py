@@ -24,7 +24,8 @@ from typing import Any
 
 from ..errors import BackendError, DevrepError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 
-INSTALL_HINT = "pip install devrep[cuda12] (CUDA 12 drivers) or devrep[cuda13] (CUDA 13 drivers)"
+INSTALL_HINT = ("pip install devrep[cuda12] or devrep[cuda13] (CuPy, NVRTC and cuda-bindings for your driver's CUDA "
+                "major version, which nvidia-smi shows)")
 
 # CUresult codes that mean something to a caller (cuda.h); the rest become BackendError.
 CUDA_ERROR_INVALID_VALUE = 1
