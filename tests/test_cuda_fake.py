@@ -236,3 +236,17 @@ def test_doctor_reports_vmm_fd_sharing_or_why_not() -> None:
     except ImportError:
         missing = probe_cuda()
         assert not missing.available and "devrep[cuda12]" in missing.reason
+
+
+def test_release_without_local_readers_does_not_wait() -> None:
+    """What the service can use for a remote client's lease (the client waited for its own GPU work)."""
+    gpu = FakeGpu(total=1 << 30)
+    b = make(gpu)
+    with Replicator(backends={"cuda": b}) as rep:
+        region = rep.create_region("remote", 8 * PAGE_SIZE)
+        rep.replicate("remote", ["cuda:0"])
+        lease = region.acquire("cuda:0")
+        gpu.log.clear()
+        lease.release(local_readers=False)
+        assert "event_record" not in gpu.names() and "device_sync" not in gpu.names()
+        rep.unregister("remote")
