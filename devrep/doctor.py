@@ -55,6 +55,51 @@ class BackendStatus:
 
 
 @dataclass
+class CudaDevice:
+    device: str
+    name: str
+    uuid: str
+    sharing: str
+    """``"cuda_fd"`` (VMM fd, read-only mappings, works across PID namespaces) or ``"cuda_ipc"`` (classic IPC)."""
+    reason: str
+    """Why VMM fd sharing is or is not used on this device."""
+
+
+@dataclass
+class CudaStatus:
+    available: bool = False
+    reason: str = ""
+    """Why the CUDA backend is unavailable (no CuPy, no driver, no GPU)."""
+    devices: list[CudaDevice] = field(default_factory=list)
+
+
+def probe_cuda(cupy_module: Any = None, vmm: Any = None) -> CudaStatus:
+    """The CUDA backend's view of this machine: its GPUs, their UUIDs, and whether replicas are shared by VMM fd
+    (read-only, across pods) or fall back to classic CUDA IPC, and why. Never raises."""
+    from .errors import DevrepError
+
+    try:
+        from .backends._cuda import CudaBackend
+
+        backend = CudaBackend(cupy_module=cupy_module, vmm=vmm)
+    except DevrepError as exc:
+        return CudaStatus(reason=str(exc))
+    except Exception as exc:  # a broken CUDA install is reported, not fatal to doctor
+        return CudaStatus(reason=f"{type(exc).__name__}: {exc}")
+    try:
+        if backend.device_count() == 0:
+            return CudaStatus(reason="CuPy imports but the CUDA driver reports no GPU")
+        status = CudaStatus(available=True)
+        for i in range(backend.device_count()):
+            d = backend._devices[i]
+            sharing, why = backend.sharing(i)
+            status.devices.append(CudaDevice(f"cuda:{i}", d.name, d.uuid, sharing, why))
+        return status
+    finally:
+        backend.close()
+
+
+@dataclass
 class Capabilities:
     kernel: str
     machine: str
@@ -73,6 +118,7 @@ class Capabilities:
     modes: dict[str, ModeStatus] = field(default_factory=dict)
     numa: NumaStatus = field(default_factory=NumaStatus)
     backends: dict[str, BackendStatus] = field(default_factory=dict)
+    cuda: CudaStatus = field(default_factory=CudaStatus)
 
     @property
     def all_modes_work(self) -> bool:
@@ -137,6 +183,18 @@ class Capabilities:
                 devices.add_row(name, escape("\n".join(backend.devices)) if backend.devices
                                 else f"[yellow]none[/]  {escape(backend.error)}".rstrip())
             console.print(devices)
+        from rich.markup import escape  # reasons name extras like devrep[cuda12]
+
+        if not self.cuda.available:
+            console.print(f"CUDA backend: [red]not available[/]  {escape(self.cuda.reason)}")
+        else:
+            gpus = Table(title="CUDA GPUs (cuda backend)")
+            for column in ("device", "name", "UUID", "VMM fd sharing (read-only)", "why"):
+                gpus.add_column(column)
+            for g in self.cuda.devices:
+                fallback = "" if g.sharing == "cuda_fd" else "  (classic CUDA IPC: read-write, one PID namespace)"
+                gpus.add_row(g.device, g.name, g.uuid, yes(g.sharing == "cuda_fd") + fallback, escape(g.reason))
+            console.print(gpus)
 
 
 def _cap_sys_ptrace() -> bool:
@@ -378,6 +436,7 @@ def probe(backends: bool = False) -> Capabilities:
     caps.numa = _probe_numa()
     if backends:
         caps.backends = probe_backends()
+    caps.cuda = probe_cuda()
     return caps
 
 

@@ -299,10 +299,17 @@ class Lease:
     def export(self) -> ExportHandle:
         return self.replica.backend.export(self.buffer)
 
-    def release(self) -> None:
+    def release(self, *, local_readers: bool = True) -> None:
+        """End the lease. ``local_readers=False``: no work of this process reads the buffer (the service releasing
+        a remote client's lease, whose client already waited for its own GPU work), so skip waiting for it."""
         if not self.released:
             self.released = True
-            self.replica.region._release(self.replica, self._buffer_index)
+            buffer = self.replica.buffers[self._buffer_index]
+            try:
+                if buffer is not None and local_readers:  # GPU kernels queued on it before now finish before a sync
+                    self.replica.backend.release_reader(buffer)
+            finally:
+                self.replica.region._release(self.replica, self._buffer_index)
 
     def __enter__(self) -> Lease:
         return self

@@ -1,6 +1,7 @@
 """One conformance suite for every device backend: CPU, NUMA, OpenCL (PoCL in CI, zero-copy and staged data paths)
-and CUDA where a GPU and CuPy exist. Also the OpenCL backend's bad-input handling, end to end through
-``Replicator``."""
+and CUDA where a GPU and CuPy exist; ``cuda-fake`` runs the CUDA backend's host logic on ``devrep.testing.fake_cuda``
+(host memory for GPU memory, numpy kernels) everywhere, ``cuda-fake-ipc`` the same without VMM. Also the OpenCL
+backend's bad-input handling, end to end through ``Replicator``."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.backends import Backend, CpuBackend, DeviceBuffer, load_backend
 from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 
 pytestmark = pytest.mark.timeout(120)
 
-KINDS = ["cpu", "numa", "opencl", "opencl-staged", "cuda"]
+KINDS = ["cpu", "numa", "opencl", "opencl-staged", "cuda", "cuda-fake", "cuda-fake-ipc"]
 
 
 def _cuda_missing() -> str | None:
@@ -31,7 +33,7 @@ def _cuda_missing() -> str | None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install devrep[cuda])"
+        return "CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])"
     backend = load_backend("cuda")
     if backend.device_count() == 0:
         return "CuPy is installed but no NVIDIA GPU / CUDA driver is visible"
@@ -47,6 +49,10 @@ def make_backend(kind: str, **options: object) -> Backend:
         return load_backend("opencl", **options)
     if kind == "opencl-staged":  # the discrete-GPU path (pack, one transfer, scatter kernel), run on PoCL
         return load_backend("opencl", zero_copy=False, batch_bytes=1 << 20, **options)
+    if kind.startswith("cuda-fake"):
+        gpu = FakeGpu(total=1 << 30, fd_sharing=kind == "cuda-fake")
+        return load_backend("cuda", batch_bytes=1 << 20, cupy_module=FakeCupy(gpu), vmm=FakeVmmDriver(gpu),
+                            **options)
     missing = _cuda_missing()
     if missing:
         pytest.skip(f"CUDA backend not tested here: {missing}")
@@ -124,7 +130,8 @@ def test_copy_long_runs_with_progress(backend: Backend, kind: str) -> None:
     backend.copy_runs(host, runs, targets, reported.append)
     assert sum(reported) == int(runs[:, 1].sum()) * PAGE_SIZE
     assert all(r > 0 for r in reported)
-    if kind in ("opencl-staged", "cuda"):  # 1 MiB batches: progress moves during the long run
+    if kind in ("opencl-staged", "cuda", "cuda-fake", "cuda-fake-ipc"):  # 1 MiB batches: progress moves
+
         assert len(reported) >= 12
     mask = np.zeros(npages + 16, bool)
     mask[pages_from_runs(runs)] = True
@@ -196,11 +203,17 @@ def test_compare(backend: Backend) -> None:
 def test_export(backend: Backend, kind: str) -> None:
     buf = backend.allocate(0, 2 * PAGE_SIZE)
     handle = backend.export(buf)
-    assert handle.nbytes == 2 * PAGE_SIZE and handle.device == buf.device
-    expected = {"cpu": "fd", "numa": "fd", "opencl": "none", "opencl-staged": "none", "cuda": "cuda_ipc"}[kind]
+    assert handle.nbytes >= 2 * PAGE_SIZE and handle.device == buf.device
+    cuda = load_backend("cuda").sharing(0)[0] if kind == "cuda" else ""  # type: ignore[attr-defined]
+    expected = {"cpu": "fd", "numa": "fd", "opencl": "none", "opencl-staged": "none", "cuda": cuda,
+                "cuda-fake": "cuda_fd", "cuda-fake-ipc": "cuda_ipc"}[kind]
     assert handle.kind == expected
-    if kind == "cuda":
+    if handle.kind == "cuda_ipc":
         assert isinstance(handle.payload, bytes) and len(handle.payload) == 64
+    if handle.kind == "cuda_fd":  # the size to map: whole granules
+        assert isinstance(handle.payload, int) and handle.granularity > 0 and handle.nbytes % handle.granularity == 0
+    if handle.kind.startswith("cuda"):
+        assert handle.gpu_uuid.startswith("GPU-") and len(handle.gpu_uuid) == 40
     if kind in ("cpu", "numa"):
         assert isinstance(handle.payload, int) and os.fstat(handle.payload).st_size == 2 * PAGE_SIZE
     backend.free(buf)
@@ -241,6 +254,25 @@ def test_bad_ranges(backend: Backend) -> None:
     if not isinstance(backend, CpuBackend):
         with pytest.raises(InvalidArgumentError, match="freed"):
             backend.hash_pages(buf)
+
+
+@pytest.mark.parametrize("runs", [[[0, 1], [2, 1], [2, 1]], [[2, 2], [3, 1]], [[4, 1], [1, 1]], [[0, 3], [1, 1]]],
+                         ids=["repeated", "overlapping", "unsorted", "nested"])
+def test_overlapping_or_unsorted_runs_are_refused(backend: Backend, runs: list[list[int]]) -> None:
+    """Issue 15: ``[[0,1],[2,1],[2,1]]`` passed validation and a staged copy would put page 2 into page 1. Every
+    backend refuses such runs (one shared check), before anything is copied."""
+    host = random_host(8, seed=9)
+    buf = backend.allocate(0, host.nbytes)
+    try:
+        with pytest.raises(InvalidArgumentError, match="sorted"):
+            backend.copy_runs(host, np.array(runs, dtype=np.int64), [buf])
+        assert not backend.read(buf).any(), "a refused copy wrote into the buffer"
+        backend.copy_runs(host, np.array([[0, 2], [2, 1], [5, 3]], dtype=np.int64), [buf])  # touching is fine
+        back = backend.read(buf)
+        assert np.array_equal(back[:3 * PAGE_SIZE], host[:3 * PAGE_SIZE])
+        assert not back[3 * PAGE_SIZE:5 * PAGE_SIZE].any()
+    finally:
+        backend.free(buf)
 
 
 # ---------------------------------------------------------------------------- OpenCL specifics

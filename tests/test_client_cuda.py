@@ -1,4 +1,5 @@
-"""CUDA replicas through the service: the client opens them with CUDA IPC (``to_cupy``) and DLPack.
+"""CUDA replicas through the service: the client maps them (VMM fd read-only, or CUDA IPC) with ``to_cupy`` and
+DLPack.
 
 Runs only where CuPy and an NVIDIA GPU exist; the skip says which is missing. The server is its own process
 (a CUDA IPC handle cannot be opened in the process that exported it)."""
@@ -11,7 +12,8 @@ import pytest
 try:
     import cupy
 except ImportError:
-    pytest.skip("CUDA client test not run: CuPy is not installed (pip install devrep[cuda])", allow_module_level=True)
+    pytest.skip("CUDA client test not run: CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])",
+                allow_module_level=True)
 try:
     _GPUS = cupy.cuda.runtime.getDeviceCount()
 except cupy.cuda.runtime.CUDARuntimeError as _exc:
@@ -33,11 +35,16 @@ def test_cuda_replica_via_ipc_and_dlpack() -> None:
         region.invalidate()
         client.replicate("g", ["cuda:0"])
         with client.acquire("g", "cuda:0") as lease:
-            assert lease.export_kind == "cuda_ipc" and len(lease.cuda_ipc_handle) == 64
+            assert lease.export_kind in ("cuda_fd", "cuda_ipc") and lease.gpu_uuid.startswith("GPU-")
+            if lease.export_kind == "cuda_ipc":
+                assert len(lease.cuda_ipc_handle) == 64
             gpu = lease.to_cupy()
             assert gpu.size == region.array.size
             assert np.array_equal(cupy.asnumpy(gpu), region.array)
             assert np.array_equal(cupy.asnumpy(cupy.from_dlpack(lease)), region.array)
+            assert [e[2] for e in client._ipc.values()] == [1], "one mapping reference per lease"
+            del gpu
+        assert client._ipc == {}, "the mapping stayed open after release()"
         region.array[4096:8192] = 3
         region.invalidate(4096, 4096)
         with client.acquire("g", "cuda:0") as lease:  # fresh: the stale page was copied first

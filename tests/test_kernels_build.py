@@ -131,15 +131,18 @@ def test_stale_bitcode_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_cuda_kernels_compute_the_spec_on_the_host(tmp_path: Path) -> None:
-    """The .cu kernels, compiled for the CPU with shims for blockIdx/threadIdx/atomicAdd and run thread by
-    thread (tests/data/cuda_host_harness.cpp): hashes bit-identical to xxhash, compare and both page copies
-    exact. This checks the CUDA arithmetic and indexing where no GPU is; the GPU run is tests/gpu."""
+    """The .cu kernels, compiled for the CPU with shims for blockIdx/threadIdx/atomicAdd/__shfl_sync
+    (tests/data/cuda_host_harness.cpp): the warp hash kernels run warp by warp (32 host threads in lockstep),
+    the others thread by thread. Hashes bit-identical to xxhash under two launch geometries, compare and both
+    page copies exact. This checks the CUDA arithmetic, indexing and lane exchange where no GPU is; the GPU run
+    is tests/gpu."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/c++) on PATH: the CUDA kernels were not run on the host")
     harness = tmp_path / "harness"
     build = subprocess.run(
-        [cxx, "-O2", "-std=c++17", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{KERNELS}", "-o", str(harness),
+        [cxx, "-O2", "-std=c++20", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{KERNELS}", "-o",
+         str(harness),
          str(Path(__file__).parent / "data" / "cuda_host_harness.cpp")],
         capture_output=True, text=True, timeout=120,
     )
@@ -155,6 +158,7 @@ def test_cuda_kernels_compute_the_spec_on_the_host(tmp_path: Path) -> None:
     run = subprocess.run([str(harness), str(tmp_path / "data"), str(npages), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    assert "warp shuffles checked: " in run.stderr and int(run.stderr.split("checked: ")[1].split()[0]) > 0
     out = np.frombuffer((tmp_path / "out").read_bytes(), dtype=np.uint64)
     expected = np.array([xxhash.xxh64_intdigest(data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].tobytes())
                          for p in range(npages)], dtype=np.uint64)

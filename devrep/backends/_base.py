@@ -32,14 +32,19 @@ class ExportHandle:
     """What another process needs to map a buffer read-only.
 
     ``kind`` is ``"fd"`` (CPU backend: a sealed memfd; ``payload`` is the fd number, owned by the
-    buffer: dup it before passing it on), ``"cuda_ipc"`` (``payload`` is the 64-byte
+    buffer: dup it before passing it on), ``"cuda_fd"`` (CUDA VMM: ``payload`` is an fd from
+    ``cuMemExportToShareableHandle``, owned by the buffer; ``nbytes`` is the size to map, a multiple of
+    ``granularity``; readers map it read-only), ``"cuda_ipc"`` (``payload`` is the 64-byte
     ``cudaIpcMemHandle_t``), or ``"none"`` (the device memory cannot be shared across processes).
+    ``gpu_uuid`` (CUDA kinds) names the GPU, so a reader with other ``CUDA_VISIBLE_DEVICES`` finds it.
     """
 
     kind: str
     payload: int | bytes
     nbytes: int
     device: str
+    gpu_uuid: str = ""
+    granularity: int = 0
 
 
 Progress = Callable[[int], None]
@@ -114,6 +119,10 @@ class Backend(ABC):
         """The buffer as the backend's native read-only array (numpy for CPU, CuPy for CUDA)."""
         view = self.host_view(buffer)
         return view if view is not None else self.read(buffer)
+
+    def release_reader(self, buffer: DeviceBuffer) -> None:  # noqa: B027 - optional hook
+        """A lease on ``buffer`` ended in this process. Backends whose device work runs asynchronously make sure
+        the next write into the buffer waits for readers queued before the release (CUDA)."""
 
     def bytes_in_use(self, index: int) -> int:
         """Bytes currently allocated on a device by this backend."""

@@ -26,7 +26,7 @@ from ..memory import (
     memfd_create,
 )
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
-from ._staging import check_range
+from ._staging import check_range, check_runs
 
 # Copies at least this long go through one numpy copy (glibc memcpy with non-temporal stores past its
 # threshold); shorter runs are batched through a compiled loop so thousands of scattered pages cost one call.
@@ -40,11 +40,12 @@ _PARALLEL_MIN_PAGES = 8192
 
 def copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: RunArray) -> None:
     """Copy page runs between two page-aligned byte arrays at equal offsets."""
-    runs = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
-    if len(runs) and (src.size != dst.size or runs[:, 0].min() < 0 or runs[:, 1].min() <= 0
-                      or int((runs[:, 0] + runs[:, 1]).max()) * PAGE_SIZE > dst.size):
-        # The compiled loop copies raw memory: a run outside the arrays must never reach it.
-        raise InvalidArgumentError(f"page runs outside the {dst.size}-byte arrays (or arrays of different sizes)")
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    if len(runs) and src.size != dst.size:
+        raise InvalidArgumentError(f"cannot copy page runs between arrays of {src.size} and {dst.size} bytes")
+    # The compiled loop copies raw memory: a run outside the arrays must never reach it (the shared check also
+    # refuses overlapping or unsorted runs, as every backend does).
+    runs = check_runs(runs, dst.size // PAGE_SIZE)
     large = runs[:, 1] * PAGE_SIZE >= _LARGE_RUN_BYTES
     for first, count in runs[large].tolist():
         a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE

@@ -32,18 +32,36 @@ def aligned_empty(nbytes: int) -> npt.NDArray[np.uint8]:
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)[:nbytes]
 
 
+def check_runs(runs: npt.ArrayLike, npages: int) -> RunArray:
+    """Validate page runs ``[first, count]`` against ``npages`` pages; returns them as a contiguous ``(n, 2)``
+    int64 array. Shared by every backend's copy (CPU, NUMA, OpenCL, CUDA): runs must lie inside
+    ``[0, npages)``, have ``count > 0``, and be sorted by ``first`` without overlapping (touching is fine).
+    Overlapping or unsorted runs would let a packed batch land on the wrong pages (the staged paths scatter
+    page k of a batch to the k-th listed page) and copy pages twice, so they are refused here, once."""
+    arr = np.ascontiguousarray(np.asarray(runs, dtype=np.int64).reshape(-1, 2))
+    if not arr.size:
+        return arr
+    first, count = arr[:, 0], arr[:, 1]
+    if (first < 0).any() or (count <= 0).any() or (first + count > npages).any():
+        raise InvalidArgumentError(f"page runs must be [first, count] with count > 0 inside [0, {npages})")
+    if arr.shape[0] > 1:
+        bad = np.flatnonzero(first[1:] < first[:-1] + count[:-1])
+        if bad.size:
+            k = int(bad[0])
+            raise InvalidArgumentError(
+                f"page runs must be sorted and must not overlap: run {k + 1} {arr[k + 1].tolist()} starts before "
+                f"run {k} {arr[k].tolist()} ends"
+            )
+    return arr
+
+
 def check_copy(host: npt.NDArray[np.uint8], runs: RunArray, targets: list[DeviceBuffer]) -> RunArray:
     """Validate a ``copy_runs`` call; returns the runs as a contiguous ``(n, 2)`` int64 array."""
     if host.dtype != np.uint8 or host.ndim != 1 or host.nbytes % PAGE_SIZE:
         raise InvalidArgumentError(
             f"host memory must be a 1-d uint8 array of whole pages, got {host.dtype} shape {host.shape}"
         )
-    runs = np.ascontiguousarray(np.asarray(runs, dtype=np.int64).reshape(-1, 2))
-    npages = host.nbytes // PAGE_SIZE
-    if runs.size and (
-        (runs[:, 0] < 0).any() or (runs[:, 1] <= 0).any() or (runs[:, 0] + runs[:, 1] > npages).any()
-    ):
-        raise InvalidArgumentError(f"page runs must be [first, count] with count > 0 inside [0, {npages})")
+    runs = check_runs(runs, host.nbytes // PAGE_SIZE)
     for t in targets:
         if t.freed:
             raise InvalidArgumentError(f"buffer on {t.device} was freed")

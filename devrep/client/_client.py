@@ -163,12 +163,15 @@ class ClientLease:
         self._client = client
         self.region = name
         if isinstance(reply, dict):  # from the side channel's one-round-trip acquire
+            self.gpu_uuid = str(reply.get("gpu_uuid", ""))
+            self._granularity = int(reply.get("granularity", 0))
             reply = pb.AcquireResponse(
                 lease_id=reply["lease"], generation=reply["generation"], invalid_runs=reply["invalid_runs"],
                 nbytes=reply["nbytes"], device=reply["device"], export_kind=reply["export_kind"],
                 buffer_nbytes=reply["buffer_nbytes"], cuda_ipc_handle=bytes.fromhex(reply["cuda_ipc_handle"]))
             self._via_side_channel = True
         else:
+            self.gpu_uuid, self._granularity = "", 0
             self._via_side_channel = False
         self.lease_id = reply.lease_id
         self.generation = reply.generation
@@ -179,9 +182,12 @@ class ClientLease:
         self.cuda_ipc_handle = bytes(reply.cuda_ipc_handle)
         self._buffer_nbytes = reply.buffer_nbytes or pages_for(reply.nbytes) * PAGE_SIZE
         self._array: npt.NDArray[np.uint8] | None = None
-        self._ipc_opened = False
+        self._cuda_key: Any = None  # the client's mapping this lease holds one reference on (CUDA replicas)
+        self._cuda_fd = -1  # a CUDA VMM replica's fd until it is mapped
         self.released = False
-        if fd >= 0:
+        if fd >= 0 and self.export_kind == "cuda_fd":
+            self._cuda_fd = os.dup(fd)
+        elif fd >= 0:
             self._array = map_fd(fd, self._buffer_nbytes, writable=False)[: self.nbytes]
 
     def _map(self) -> None:
@@ -207,23 +213,26 @@ class ClientLease:
         return self._array
 
     def to_cupy(self) -> Any:
-        """The replica as a CuPy uint8 array in this process (CUDA IPC, zero-copy). CuPy has no read-only arrays:
-        do not write it (the next sync would overwrite it anyway). Valid until ``release()``.
+        """The replica as a CuPy uint8 array in this process, zero-copy: a CUDA VMM replica (``export_kind``
+        ``"cuda_fd"``) is mapped **read-only** from the fd the server sent; a classic CUDA IPC replica
+        (``"cuda_ipc"``, where the GPU or driver cannot share VMM fds) is opened read-write: do not write it (the
+        next sync would overwrite it anyway). Either way the GPU is the one with the replica's UUID, whatever
+        ``CUDA_VISIBLE_DEVICES`` says here. The mapping is opened once per lease however often this (or
+        ``__dlpack__``) is called, and closed by ``release()``; do not use the array after that.
 
         Kernels run asynchronously: when ``release()`` is called, kernels already queued on this process's streams
         (CuPy's, or a DLPack consumer's such as torch's) may still be reading the buffer, and once the server hears
         of the release its next sync may overwrite it. So ``release()`` first waits for all work this process has
         queued on the replica's GPU (``cudaDeviceSynchronize``), then tells the server: release costs as much as
         finishing that work. Do not queue work on the array after releasing."""
-        if self.export_kind != "cuda_ipc":
+        if self.export_kind not in ("cuda_ipc", "cuda_fd"):
             raise errors.FailedPreconditionError(f"replica on {self.device} is not a CUDA replica")
         if self.released:
             raise errors.FailedPreconditionError("lease already released")
-        import cupy  # optional dependency: devrep[cuda]
-
-        index = int(self.device.partition(":")[2])
-        ptr = self._client._ipc_open(self.cuda_ipc_handle, index)
-        self._ipc_opened = True
+        cupy = self._client._cuda()
+        if self._cuda_key is None:
+            self._cuda_key = self._client._cuda_open(self)
+        ptr, index = self._client._ipc[self._cuda_key][:2]
         with cupy.cuda.Device(index):
             mem = cupy.cuda.UnownedMemory(ptr, self._buffer_nbytes, self, device_id=index)
             return cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
@@ -257,38 +266,35 @@ class ClientLease:
         return torch_view(source, self.nbytes, dtype, shape, offset)
 
     def __dlpack__(self, **kwargs: Any) -> Any:
-        if self.export_kind == "cuda_ipc":
+        if self.export_kind in ("cuda_ipc", "cuda_fd"):
             return self.to_cupy().__dlpack__(**kwargs)
         kwargs.setdefault("max_version", (1, 0))  # DLPack >= 1.0 can flag the tensor read-only
         return self.array.__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> Any:
-        if self.export_kind == "cuda_ipc":
+        if self.export_kind in ("cuda_ipc", "cuda_fd"):
             return self.to_cupy().__dlpack_device__()
         return self.array.__dlpack_device__()
 
     def release(self) -> None:
         """End the lease: the server may then sync (overwrite) this buffer. For a CUDA replica opened in this
-        process, first wait until the GPU has finished every kernel queued here (see ``to_cupy``)."""
+        process, first wait until the GPU has finished every kernel queued here (see ``to_cupy``), then drop this
+        lease's reference on the mapping (closed when no lease of this client uses it)."""
         if not self.released:
             self.released = True
             self._array = None
             try:
-                if self._ipc_opened:
-                    self._wait_for_gpu_readers()
-                    self._client._ipc_close(self.cuda_ipc_handle)
+                if self._cuda_key is not None:
+                    key, self._cuda_key = self._cuda_key, None
+                    self._client._cuda_close(key)  # waits for the GPU before a mapping goes
             finally:  # a failed wait means the context is dead: no kernel of ours reads the buffer any more
+                if self._cuda_fd >= 0:
+                    os.close(self._cuda_fd)
+                    self._cuda_fd = -1
                 if self._via_side_channel and self._client._sc is not None:
                     self._client._sc.call({"op": "release", "lease": self.lease_id})
                 else:
                     self._client._call(self._client._stub.Release, pb.ReleaseRequest(lease_id=self.lease_id))
-
-    def _wait_for_gpu_readers(self) -> None:
-        # The whole device, not only CuPy's current stream: DLPack consumers (torch) read on their own streams.
-        import cupy
-
-        with cupy.cuda.Device(int(self.device.partition(":")[2])):
-            cupy.cuda.runtime.deviceSynchronize()
 
     def __enter__(self) -> ClientLease:
         return self
@@ -415,7 +421,7 @@ class Client:
                  credentials: grpc.ChannelCredentials | None = None, server_uid: int | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._ipc: dict[bytes, list[int]] = {}
+        self._ipc: dict[Any, list[Any]] = {}
         self._ipc_lock = threading.Lock()
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
@@ -452,33 +458,112 @@ class Client:
             self.close()
             raise
 
-    # ------------------------------------------------------------------ CUDA IPC
-    def _ipc_open(self, handle: bytes, index: int) -> int:
-        """Open a CUDA IPC handle once per process (a second cudaIpcOpenMemHandle of the same handle fails);
-        reference-counted across leases of the same replica buffer."""
-        import cupy
+    # ------------------------------------------------------------------ CUDA replicas
+    # ``_ipc`` maps a replica buffer (its IPC handle, or ("cuda_fd", st_dev, st_ino) of its VMM fd) to
+    # ``[ptr, device ordinal, references, VmmMapping | None]``: each buffer is mapped once per process (a second
+    # cudaIpcOpenMemHandle of one handle fails), and each lease holds at most one reference.
+    _cupy_module: Any = None
+    """CuPy, imported on first use (tests put ``devrep.testing.fake_cuda.FakeCupy`` here)."""
+    _vmm_driver: Any = None
+    """The CUDA VMM driver (``devrep.backends._cuda_vmm``), loaded on first use of a ``cuda_fd`` replica."""
 
+    def _cuda(self) -> Any:
+        if self._cupy_module is None:
+            try:
+                import cupy
+            except ImportError as exc:
+                raise errors.FailedPreconditionError(
+                    f"CUDA replicas need CuPy in the client: pip install devrep[cuda12] or devrep[cuda13] ({exc})"
+                ) from exc
+            self._cupy_module = cupy
+        return self._cupy_module
+
+    def _vmm(self) -> Any:
+        from ..backends import _cuda_vmm
+
+        if self._vmm_driver is None:
+            driver, why = _cuda_vmm.load_driver()
+            if driver is None:
+                raise errors.FailedPreconditionError(f"cannot map a CUDA VMM replica: {why}")
+            self._vmm_driver = driver
+        return self._vmm_driver
+
+    def _gpu_ordinal(self, uuid: str, device: str) -> int:
+        """This process's ordinal of the GPU with ``uuid`` (the server's ordinal when the server sent no UUID)."""
+        from ..backends import _cuda_vmm
+
+        if not uuid:
+            return int(device.partition(":")[2])
+        if self._vmm_driver is not None or _cuda_vmm.load_driver()[0] is not None:
+            return _cuda_vmm.ordinal_for_uuid(self._vmm(), uuid)
+        rt = self._cuda().cuda.runtime
+        seen = []
+        for i in range(rt.getDeviceCount()):
+            raw = rt.getDeviceProperties(i).get("uuid")
+            u = _cuda_vmm.format_uuid(bytes(raw)) if raw else ""
+            if u.lower() == uuid.lower():
+                return i
+            seen.append(u or f"cuda:{i} (no UUID)")
+        raise errors.FailedPreconditionError(
+            f"the replica is on GPU {uuid}, which this process does not see (its GPUs: {', '.join(seen) or 'none'}; "
+            "check CUDA_VISIBLE_DEVICES / the pod's GPU assignment)")
+
+    def _cuda_open(self, lease: ClientLease) -> Any:
+        """Map the lease's replica buffer (once per process) and take one reference; returns the key."""
+        from ..backends import _cuda_vmm
+
+        cupy = self._cuda()
+        index = self._gpu_ordinal(lease.gpu_uuid, lease.device)
+        if lease.export_kind == "cuda_fd":
+            if lease._cuda_fd < 0:
+                _, fds = self._side().call({"op": "lease_fd", "lease": lease.lease_id})
+                if len(fds) != 1:
+                    protocol.close_fds(fds)
+                    raise errors.DevrepError(f"expected one replica fd, got {len(fds)}")
+                lease._cuda_fd = fds[0]
+            st = os.fstat(lease._cuda_fd)
+            key: Any = ("cuda_fd", st.st_dev, st.st_ino)
+        else:
+            key = lease.cuda_ipc_handle
         with self._ipc_lock:
-            entry = self._ipc.get(handle)
+            entry = self._ipc.get(key)
             if entry is None:
                 with cupy.cuda.Device(index):
-                    ptr = int(cupy.cuda.runtime.ipcOpenMemHandle(handle))
-                entry = self._ipc[handle] = [ptr, index, 0]
+                    if lease.export_kind == "cuda_fd":
+                        cupy.cuda.runtime.deviceSynchronize()  # makes the device's primary context current first
+                        granularity = lease._granularity or lease._buffer_nbytes
+                        mapping = _cuda_vmm.map_readonly(self._vmm(), lease._cuda_fd, lease._buffer_nbytes,
+                                                         granularity, index)
+                        entry = [mapping.ptr, index, 0, mapping]
+                    else:
+                        entry = [int(cupy.cuda.runtime.ipcOpenMemHandle(key)), index, 0, None]
+                self._ipc[key] = entry
             entry[2] += 1
-            return entry[0]
+        return key
 
-    def _ipc_close(self, handle: bytes) -> None:
-        import cupy
-
+    def _cuda_close(self, key: Any) -> None:
+        """Drop one reference; the last one waits for the GPU (no kernel may still read it) and unmaps."""
         with self._ipc_lock:
-            entry = self._ipc.get(handle)
+            entry = self._ipc.get(key)
             if entry is None:
                 return
             entry[2] -= 1
-            if entry[2] == 0:
-                del self._ipc[handle]
-                with cupy.cuda.Device(entry[1]):
-                    cupy.cuda.runtime.deviceSynchronize()  # no kernel may still read it
+            if entry[2] > 0:
+                return
+            del self._ipc[key]
+        self._unmap(entry)
+
+    def _unmap(self, entry: list[Any]) -> None:
+        from ..backends import _cuda_vmm
+
+        cupy = self._cuda()
+        with cupy.cuda.Device(entry[1]):
+            try:
+                cupy.cuda.runtime.deviceSynchronize()  # kernels of any stream of ours may still read it
+            finally:
+                if entry[3] is not None:
+                    _cuda_vmm.unmap(self._vmm(), entry[3])
+                else:
                     cupy.cuda.runtime.ipcCloseMemHandle(entry[0])
 
     # ------------------------------------------------------------------ plumbing
@@ -700,7 +785,19 @@ class Client:
         return True
 
     def close(self) -> None:
-        """End the session (its regions and leases go) and close the connection."""
+        """End the session (its regions and leases go) and close the connection. CUDA replicas still mapped
+        here are closed first, after the GPU finished the work this process queued on them."""
+        with self._ipc_lock:
+            entries, self._ipc = list(self._ipc.values()), {}
+        try:
+            for entry in entries:
+                # A dead CUDA context has no kernels left to wait for: closing the session must still happen.
+                with contextlib.suppress(Exception):
+                    self._unmap(entry)
+        finally:
+            self._close_session()
+
+    def _close_session(self) -> None:
         if self._sc is not None:
             with contextlib.suppress(errors.DevrepError):
                 self._sc.call({"op": "bye"})

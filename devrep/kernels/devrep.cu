@@ -28,19 +28,25 @@ __device__ __forceinline__ u64 xxh_merge(u64 h, u64 v) {
     return h * P1 + P4;
 }
 
-// XXH64, seed 0, of one page: the four lanes v1..v4 read consecutive 32-byte stripes.
-__device__ u64 xxh64_page(const u64 *__restrict__ page) {
-    u64 v1 = P1 + P2, v2 = P2, v3 = 0, v4 = 0ULL - P1;
-    const ulonglong2 *s = reinterpret_cast<const ulonglong2 *>(page);
-#pragma unroll 4
-    for (int i = 0; i < PAGE_WORDS / 2; i += 2) {
-        ulonglong2 a = s[i];
-        ulonglong2 b = s[i + 1];
-        v1 = xxh_round(v1, a.x);
-        v2 = xxh_round(v2, a.y);
-        v3 = xxh_round(v3, b.x);
-        v4 = xxh_round(v4, b.y);
+#define FULL_MASK 0xffffffffu
+#define PAGES_PER_WARP 8  // 4 lanes per page (one per XXH64 accumulator) x 8 pages = 32 lanes
+
+// XXH64, seed 0, of one page, computed by a quad of lanes (lane j = 0..3 of the quad keeps accumulator v{j+1}).
+// Stripe s of the page is words 4s..4s+3 and lane j consumes word 4s+j, so the quad reads each stripe as one
+// 32-byte sector and a warp load touches 8 whole sectors (coalesced: every byte fetched is used), where one
+// thread per page read 8-16 bytes of a different page per lane. The four accumulator chains are sequential by
+// definition of XXH64; running them on four lanes is the parallelism a page has. Every lane returns the hash.
+// All 32 lanes of the warp must call this together (the shuffles take the full mask).
+__device__ __forceinline__ u64 xxh64_quad(const u64 *__restrict__ page, int j) {
+    u64 v = j == 0 ? P1 + P2 : j == 1 ? P2 : j == 2 ? 0ULL : 0ULL - P1;
+#pragma unroll 8
+    for (int s = 0; s < PAGE_WORDS / 4; ++s) {
+        v = xxh_round(v, page[4 * s + j]);
     }
+    u64 v1 = __shfl_sync(FULL_MASK, v, 0, 4);  // width 4: lane 0..3 of this quad
+    u64 v2 = __shfl_sync(FULL_MASK, v, 1, 4);
+    u64 v3 = __shfl_sync(FULL_MASK, v, 2, 4);
+    u64 v4 = __shfl_sync(FULL_MASK, v, 3, 4);
     u64 h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
     h = xxh_merge(h, v1);
     h = xxh_merge(h, v2);
@@ -55,29 +61,47 @@ __device__ u64 xxh64_page(const u64 *__restrict__ page) {
     return h;
 }
 
+// Hash launches: blockDim.x a multiple of 32; any grid (each warp takes PAGES_PER_WARP pages per pass and
+// grid-strides over the rest, so a grid sized from the SM count covers any page count). The loop condition is
+// the same for the whole warp, so all its lanes reach every shuffle.
+#define WARP_PAGES_LOOP(npages)                                                                  \
+    const int lane = threadIdx.x & 31, quad_lane = lane & 3;                                    \
+    const i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;                         \
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;                                       \
+    for (i64 first = warp * PAGES_PER_WARP; first < (npages); first += warps * PAGES_PER_WARP)
+
 // out[k] = XXH64(page k of data), k < npages.
 extern "C" __global__ void hash_all(const u64 *__restrict__ data, u64 *__restrict__ out, i64 npages) {
-    i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k < npages) {
-        out[k] = xxh64_page(data + k * PAGE_WORDS);
+    WARP_PAGES_LOOP(npages) {
+        const i64 k = first + (lane >> 2);
+        const bool live = k < npages;  // a partial last group hashes its first page again, and drops it
+        const u64 h = xxh64_quad(data + (live ? k : first) * PAGE_WORDS, quad_lane);
+        if (live && quad_lane == 0) {
+            out[k] = h;
+        }
     }
 }
 
 // out[k] = XXH64(page pages[k] of data), k < n.
 extern "C" __global__ void hash_list(const u64 *__restrict__ data, const i64 *__restrict__ pages,
                                      u64 *__restrict__ out, i64 n) {
-    i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k < n) {
-        out[k] = xxh64_page(data + pages[k] * PAGE_WORDS);
+    WARP_PAGES_LOOP(n) {
+        const i64 k = first + (lane >> 2);
+        const bool live = k < n;
+        const u64 h = xxh64_quad(data + pages[live ? k : first] * PAGE_WORDS, quad_lane);
+        if (live && quad_lane == 0) {
+            out[k] = h;
+        }
     }
 }
 
-// Every i < n with a[i] != b[i] lands in out[0..*count) in no particular order (the host sorts).
+// Every i < n with a[i] != b[i] lands in out[0..*count) in no particular order (the host sorts). Grid-stride.
 extern "C" __global__ void compare(const u64 *__restrict__ a, const u64 *__restrict__ b, i64 *__restrict__ out,
                                    unsigned int *count, i64 n) {
-    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n && a[i] != b[i]) {
-        out[atomicAdd(count, 1U)] = i;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        if (a[i] != b[i]) {
+            out[atomicAdd(count, 1U)] = i;
+        }
     }
 }
 

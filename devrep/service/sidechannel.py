@@ -336,7 +336,7 @@ class SideChannel:
         if op == "lease_fd":
             lease_id = _positive_int(message, "lease")
             handle = self.registry.lease(session, lease_id).export()
-            if handle.kind != "fd" or not isinstance(handle.payload, int):
+            if handle.kind not in ("fd", "cuda_fd") or not isinstance(handle.payload, int):
                 raise NotFoundError(f"lease {lease_id} is on {handle.device}, which exports {handle.kind!r}, "
                                     "not an fd")
             return {"ok": True, "nbytes": handle.nbytes}, [os.dup(handle.payload)]
@@ -353,14 +353,15 @@ class SideChannel:
             reply: dict[str, Any] = {"ok": True, "lease": lease_id, "generation": lease.generation,
                      "invalid_runs": lease.invalid_runs.reshape(-1).tolist(), "nbytes": lease.nbytes,
                      "device": lease.device, "export_kind": handle.kind, "buffer_nbytes": handle.nbytes,
-                     "cuda_ipc_handle": handle.payload.hex() if isinstance(handle.payload, bytes) else ""}
+                     "cuda_ipc_handle": handle.payload.hex() if isinstance(handle.payload, bytes) else "",
+                     "gpu_uuid": handle.gpu_uuid, "granularity": handle.granularity}
             if len(reply["invalid_runs"]) > 4096:
                 # Keep the packet small: one run covering them all (a superset of the stale pages is still safe;
                 # the gRPC Acquire returns the exact list).
                 runs = lease.invalid_runs
                 first, end = int(runs[0, 0]), int(runs[-1, 0] + runs[-1, 1])
                 reply["invalid_runs"], reply["invalid_runs_superset"] = [first, end - first], True
-            if handle.kind == "fd" and isinstance(handle.payload, int):
+            if handle.kind in ("fd", "cuda_fd") and isinstance(handle.payload, int):  # memfd / CUDA VMM fd
                 return reply, [os.dup(handle.payload)]
             return reply, []
         if op == "release":

@@ -1,4 +1,5 @@
-"""CUDA backend on a real GPU: IPC export mapped by another process, DLPack, large scattered copies, errors.
+"""CUDA backend on a real GPU: the export (VMM fd, read-only; or CUDA IPC) mapped by another process, in-process
+release waiting for kernels, DLPack, large scattered copies, errors.
 
 Runs only where CuPy and an NVIDIA GPU exist (``bench/gpu_check.sh`` runs it); the skip says which is missing.
 The backend-independent checks run for CUDA in ``tests/test_backend_conformance.py``.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, runs_from_pages
-from devrep.backends import Backend, load_backend
+from devrep.backends import Backend, ExportHandle, load_backend
 from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, ResourceExhaustedError, UnknownDeviceError
 from devrep.hashing import hash_pages
@@ -24,7 +24,8 @@ from devrep.hashing import hash_pages
 try:
     import cupy
 except ImportError:
-    pytest.skip("CUDA suite not run: CuPy is not installed (pip install devrep[cuda])", allow_module_level=True)
+    pytest.skip("CUDA suite not run: CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])",
+                allow_module_level=True)
 try:
     _GPUS = cupy.cuda.runtime.getDeviceCount()
 except cupy.cuda.runtime.CUDARuntimeError as _exc:
@@ -51,24 +52,89 @@ def _random(nbytes: int, seed: int = 0) -> np.ndarray:
     return host
 
 
-def test_ipc_handle_is_mapped_by_another_process(cuda: Backend) -> None:
+_MAP_CHILD = """
+import os, sys, cupy, numpy as np
+from devrep.backends import _cuda_vmm as v
+kind, payload, nbytes, gran, uuid, write = sys.argv[1:7]
+nbytes, gran = int(nbytes), int(gran)
+if kind == "cuda_fd":
+    drv = v.CudaBindingsDriver()
+    index = v.ordinal_for_uuid(drv, uuid)
+    cupy.cuda.Device(index).use()
+    m = v.map_readonly(drv, int(payload), nbytes, gran, index)
+    ptr = m.ptr
+else:
+    index = 0
+    ptr = cupy.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(payload))
+mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, device_id=index)
+arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+if write == "write":
+    arr[:8] = 1  # a read-only mapping must fault (the context dies: this child reports it)
+    cupy.cuda.runtime.deviceSynchronize()
+    sys.stdout.write("wrote")
+else:
+    sys.stdout.write(arr.get().tobytes().hex())
+"""
+
+
+def _map_in_child(handle: ExportHandle, write: bool) -> subprocess.CompletedProcess[str]:
+    payload = str(handle.payload) if isinstance(handle.payload, int) else handle.payload.hex()
+    fds = (handle.payload,) if isinstance(handle.payload, int) else ()
+    return subprocess.run([sys.executable, "-c", _MAP_CHILD, handle.kind, payload, str(handle.nbytes),
+                           str(handle.granularity), handle.gpu_uuid, "write" if write else "read"],
+                          capture_output=True, text=True, timeout=120, pass_fds=fds)
+
+
+def test_export_is_mapped_by_another_process(cuda: Backend) -> None:
     host = _random(64 * PAGE_SIZE)
     buf = cuda.allocate(0, host.nbytes)
     cuda.copy_runs(host, np.array([[0, 64]]), [buf])
     handle = cuda.export(buf)
-    assert handle.kind == "cuda_ipc" and isinstance(handle.payload, bytes) and len(handle.payload) == 64
-    child = textwrap.dedent(f"""
-        import sys, cupy, numpy as np
-        ptr = cupy.cuda.runtime.ipcOpenMemHandle({handle.payload!r})
-        mem = cupy.cuda.UnownedMemory(ptr, {handle.nbytes}, None)
-        arr = cupy.ndarray(({handle.nbytes},), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-        sys.stdout.write(arr.get().tobytes().hex())
-        cupy.cuda.runtime.ipcCloseMemHandle(ptr)
-    """)
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert handle.gpu_uuid.startswith("GPU-")
+    if handle.kind == "cuda_ipc":
+        assert isinstance(handle.payload, bytes) and len(handle.payload) == 64
+    else:
+        assert handle.kind == "cuda_fd" and isinstance(handle.payload, int)
+    out = _map_in_child(handle, write=False)
     assert out.returncode == 0, out.stderr
-    assert bytes.fromhex(out.stdout) == host.tobytes()
+    assert bytes.fromhex(out.stdout)[:host.nbytes] == host.tobytes()
     cuda.free(buf)
+
+
+def test_vmm_mapping_is_read_only(cuda: Backend) -> None:
+    kind, why = cuda.sharing(0)  # type: ignore[attr-defined]
+    if kind != "cuda_fd":
+        pytest.skip(f"replicas are shared by classic CUDA IPC here (read-write): {why}")
+    buf = cuda.allocate(0, 4 * PAGE_SIZE)
+    out = _map_in_child(cuda.export(buf), write=True)
+    assert out.returncode != 0 and "wrote" not in out.stdout, "a reader wrote through its read-only mapping"
+    assert not cuda.read(buf).any()
+    cuda.free(buf)
+
+
+SPIN = r"""
+extern "C" __global__ void spin(const unsigned char* p, long long cycles, unsigned int* out) {
+    long long start = clock64();
+    unsigned int acc = 0;
+    while (clock64() - start < cycles) acc += p[threadIdx.x];
+    out[threadIdx.x] = acc;
+}
+"""
+
+
+def test_inprocess_release_waits_for_kernels_reading_the_replica() -> None:
+    with Replicator() as rep:
+        region = rep.create_region("spin", 1 << 20)
+        region.array[:] = 1
+        rep.replicate("spin", ["cuda:0"])
+        lease = region.acquire("cuda:0")
+        out = cupy.zeros(32, dtype=cupy.uint32)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            cupy.RawKernel(SPIN, "spin")((1,), (32,), (lease.array, cupy.int64(1_000_000_000), out))
+        lease.release()
+        assert stream.done, "Lease.release() returned while a kernel still read the replica"
+        rep.unregister("spin")
 
 
 def test_device_array_is_cupy_and_dlpack_exports(cuda: Backend) -> None:

@@ -1,0 +1,8 @@
+"""Test doubles for the parts of devrep that need hardware this machine may not have.
+
+``devrep.testing.fake_cuda`` fakes the slice of the CuPy API and of the CUDA driver's VMM calls that the CUDA
+backend and client use, with host memory standing in for GPU memory and every stream / event / synchronize
+call recorded. The backend and client take these by injection (``load_backend("cuda", cupy_module=...,
+vmm=...)``), so their host-side logic (ordering, error mapping, cleanup) is tested without a GPU. They are
+not a GPU simulator: kernels run as numpy code at launch, and streams run nothing asynchronously.
+"""
