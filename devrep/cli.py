@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         metrics = Metrics(replicator)
         interceptors.append(metrics.interceptor())
-        metrics.serve(args.metrics_port)
+        metrics.serve(args.metrics_port, args.metrics_address)
     tokens = TokenStore(args.token_dir)
 
     def ready(server: Any) -> None:
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-regions", type=int, default=256, help="regions per session")
     p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address the metrics port binds (default 127.0.0.1: loopback only; e.g. 0.0.0.0 in a pod "
+                        "that Prometheus scrapes)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)
 
