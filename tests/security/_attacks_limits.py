@@ -10,7 +10,7 @@ import grpc
 
 def _code(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
-        return str(exc.code().name)  # type: ignore[attr-defined]
+        return str(exc.code().name)
     return str(getattr(exc, "grpc_code", type(exc).__name__))
 
 
