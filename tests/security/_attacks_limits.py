@@ -5,6 +5,12 @@ Each function returns plain JSON (codes as gRPC status names) so the test assert
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from typing import Any
+
 import grpc
 
 
@@ -28,3 +34,158 @@ def unknown_methods(address: str, count: int) -> dict[str, int]:
                 code = _code(exc)
             codes[code] = codes.get(code, 0) + 1
     return codes
+
+
+# ---------------------------------------------------------------------- helpers
+def _client(address: str, label: str | None = None, token: str | None = None) -> Any:
+    import devrep.client
+
+    return devrep.client.connect(address, label=label, token=token)
+
+
+def _raw(client: Any, method: str, request: Any, timeout: float = 30.0) -> tuple[str, Any]:
+    """``(status name, response)`` of one raw gRPC call with the client's token."""
+    try:
+        reply = getattr(client._stub, method)(request, metadata=client._metadata, timeout=timeout)
+        if isinstance(reply, grpc.Call):  # a stream: its status comes at the end
+            reply = list(reply)
+        return "OK", reply
+    except grpc.RpcError as exc:
+        return _code(exc), None
+
+
+def _sealed_memfd(size: int) -> int:
+    """A *sparse* sealed memfd (ftruncate only: devrep.memory.memfd_create would allocate every page)."""
+    from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals
+
+    fd = os.memfd_create("attack", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW)
+    return fd
+
+
+def _ticket(client: Any, size: int) -> str:
+    fd = _sealed_memfd(size)
+    try:
+        reply, _ = client._sc.call({"op": "put_fds", "kind": "memfd"}, [fd])
+    finally:
+        os.close(fd)
+    return str(reply["ticket"])
+
+
+def _register(client: Any, name: str, size: int, block_size: int = 0) -> str:
+    from devrep.service._gen import devrep_pb2 as pb
+
+    try:
+        ticket = _ticket(client, size)
+    except Exception as exc:
+        return _code(exc)
+    code, _ = _raw(client, "RegisterRegion", pb.RegisterRegionRequest(
+        name=name, memfd=pb.MemfdSource(fd_ticket=ticket), block_size=block_size))
+    return code
+
+
+def _mark(directory: str, name: str) -> None:
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w") as f:
+        f.write("1")
+    os.replace(path + ".tmp", path)
+
+
+def _wait_mark(directory: str, name: str, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(directory, name)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---------------------------------------------------------------------- bounded inputs (item 5)
+def huge_block_sizes(address: str) -> dict[str, str]:
+    """block_size 2^37 and 2^40 (each cost the server 0.5 GiB+ per Invalidate), then a fine one."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    out = {}
+    with _client(address) as c:
+        for exp in (37, 40, 62):
+            out[f"register 2^{exp}"] = _register(c, f"b{exp}", 1 << 20, 1 << exp)
+            out[f"invalidate 2^{exp}"] = _raw(c, "Invalidate", pb.InvalidateRequest(name=f"b{exp}"))[0]
+        out["register 2^30"] = _register(c, "ok", 1 << 20, 1 << 30)
+        out["invalidate 2^30"] = _raw(c, "Invalidate", pb.InvalidateRequest(name="ok"))[0]
+    return out
+
+
+def sparse_memfd(address: str, nbytes: int) -> dict[str, str]:
+    """Register a sparse memfd of ``nbytes`` (costs the attacker nothing), then invalidate it all."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    with _client(address) as c:
+        code = _register(c, "sparse", nbytes)
+        inval = _raw(c, "Invalidate", pb.InvalidateRequest(name="sparse"))[0] if code == "OK" else "-"
+        return {"register": code, "invalidate": inval}
+
+
+def deep_json(fd_socket: str) -> dict[str, Any]:
+    """A 64 KiB packet of nested arrays (the parser recursed until RecursionError killed the thread)."""
+    from devrep.service import protocol
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(fd_socket)
+    try:
+        depth = protocol.MAX_MESSAGE // 2 - 16
+        out: dict[str, Any] = {}
+        for i, payload in enumerate((b"[" * depth + b"]" * depth, b'{"op":' + b"[" * 30000 + b"]" * 30000 + b"}")):
+            sock.send(payload)
+            reply, _ = protocol.recv(sock)
+            out[f"deep{i}"] = reply.get("code") if reply else "closed"
+        sock.send(json.dumps({"op": "hello", "label": "after"}).encode())
+        reply, _ = protocol.recv(sock)
+        out["hello after"] = bool(reply and reply.get("ok"))
+        return out
+    finally:
+        sock.close()
+
+
+def big_unauthenticated(address: str, sizes_mib: list[int]) -> dict[str, str]:
+    """Invalidate requests of ``sizes_mib`` MiB of packed runs, with no token at all."""
+    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+
+    out = {}
+    options = [("grpc.max_send_message_length", 128 << 20)]
+    with grpc.insecure_channel(address, options) as channel:
+        stub = pb_grpc.DevrepServiceStub(channel)
+        for mib in sizes_mib:
+            request = pb.InvalidateRequest(name="x", runs=[1] * ((mib << 20) - 16))  # 1-byte varints
+            try:
+                stub.Invalidate(request, timeout=60)
+                out[str(mib)] = "OK"
+            except grpc.RpcError as exc:
+                out[str(mib)] = _code(exc)
+    return out
+
+
+def overflows(address: str) -> dict[str, str]:
+    """int64 extremes in runs and timeout_ms."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    big = (1 << 63) - 1
+    out = {}
+    with _client(address) as c:
+        assert _register(c, "r", 1 << 16) == "OK"
+        out["replicate"] = _raw(c, "Replicate", pb.ReplicateRequest(name="r", devices=["cpu:0"]))[0]
+        for label, runs in {"wrap": [1 << 62, 1 << 62], "max": [big, big], "first-max": [big, 1],
+                            "count-max": [0, big], "last-page+2": [15, 2]}.items():
+            out[f"runs {label}"] = _raw(c, "Invalidate", pb.InvalidateRequest(name="r", runs=runs))[0]
+        out["invalidate length max"] = _raw(c, "Invalidate", pb.InvalidateRequest(name="r", offset=0, length=big))[0]
+        for method, request in {
+            "Sync": pb.SyncRequest(name="r", timeout_ms=big),
+            "Acquire": pb.AcquireRequest(name="r", device="cpu:0", timeout_ms=big),
+            "Replicate": pb.ReplicateRequest(name="r", devices=["cpu:1"], timeout_ms=big),
+        }.items():
+            out[f"{method} timeout_ms max"] = _raw(c, method, request)[0]
+        out["Sync timeout_ms 1h"] = _raw(c, "Sync", pb.SyncRequest(name="r", timeout_ms=3_600_000))[0]
+        out["ping after"] = "OK" if c.ping() else "?"
+    return out
