@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
-                   quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions,
+                   quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions, max_fds=args.quota_fds,
                                **({} if args.quota_host_bytes is None else {"max_host_bytes": args.quota_host_bytes})),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
                    metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready)
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-regions", type=int, default=256, help="regions per session")
     p.add_argument("--quota-host-bytes", type=int, default=None,
                    help="bytes of regions one session may register (default: this host's RAM; 0 = unlimited)")
+    p.add_argument("--quota-fds", type=int, default=512,
+                   help="file descriptors the server may hold for one session (tickets and regions)")
     p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1",

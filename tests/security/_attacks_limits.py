@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -189,3 +190,192 @@ def overflows(address: str) -> dict[str, str]:
         out["Sync timeout_ms 1h"] = _raw(c, "Sync", pb.SyncRequest(name="r", timeout_ms=3_600_000))[0]
         out["ping after"] = "OK" if c.ping() else "?"
     return out
+
+
+# ---------------------------------------------------------------------- fair sharing (item 6)
+def long_syncs(address: str, marks: str, sessions: int, per_session: int, timeout_s: float) -> dict[str, Any]:
+    """Every thread of every session runs a Sync that waits ``timeout_s`` (both replica buffers leased), to hold
+    all the server's gRPC workers."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    clients = [_client(address, label=f"hog{i}") for i in range(sessions)]
+    leases = []
+    for c in clients:
+        name = f"r{c.session_id}"
+        c.create_region(name, 4096)
+        c.replicate(name, ["cpu:0"])
+        leases.append(c.acquire(name, "cpu:0"))
+        c.invalidate(name, 0, 4096)
+        c.sync(name)
+        leases.append(c.acquire(name, "cpu:0"))  # the other buffer: now a sync has nowhere to write
+        c.invalidate(name, 0, 4096)
+    results: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def hog(c: Any) -> None:
+        start = time.monotonic()
+        code, _ = _raw(c, "Sync", pb.SyncRequest(name=f"r{c.session_id}", timeout_ms=int(timeout_s * 1000)),
+                       timeout=timeout_s + 30)
+        with lock:
+            results.append((code, time.monotonic() - start))
+            if code != "RESOURCE_EXHAUSTED":
+                _mark(marks, "first-done")
+
+    threads = [threading.Thread(target=hog, args=(c,)) for c in clients for _ in range(per_session)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the refused calls come back at once; the rest are in the server
+        with lock:
+            if len(results) >= len(threads) - 8:
+                break
+        time.sleep(0.05)
+    _mark(marks, "holding")
+    for t in threads:
+        t.join()
+    for lease in leases:
+        lease.release()
+    for c in clients:
+        c.close()
+    codes: dict[str, int] = {}
+    for code, _ in results:
+        codes[code] = codes.get(code, 0) + 1
+    return {"codes": codes}
+
+
+def side_channel_flood(fd_socket: str, count: int, marks: str) -> dict[str, int]:
+    """Open ``count`` side-channel connections and never say hello."""
+    import select
+
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(fd_socket)
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    time.sleep(1.0)  # a refused connection gets its error reply and EOF at once
+    refused = sum(1 for s in socks if select.select([s], [], [], 0)[0])
+    _mark(marks, "holding")
+    _wait_mark(marks, "release", 30)
+    for s in socks:
+        s.close()
+    return {"connected": len(socks), "refused": refused, "held": len(socks) - refused}
+
+
+def hello_stalling(fd_socket: str, packet: dict[str, Any], interval: float, total: float) -> dict[str, Any]:
+    """Keep a connection without a session alive by sending ``packet`` (refused) every ``interval`` seconds;
+    returns when (seconds after connecting) the server cut it, or ``None``."""
+    from devrep.service import protocol
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(fd_socket)
+    start = time.monotonic()
+    codes = []
+    try:
+        while time.monotonic() - start < total:
+            try:
+                protocol.send(sock, packet)
+                sock.settimeout(interval + 5)
+                reply, _ = protocol.recv(sock)
+            except OSError:
+                return {"cut_after": time.monotonic() - start, "codes": codes}
+            if reply is None:
+                return {"cut_after": time.monotonic() - start, "codes": codes}
+            codes.append(reply.get("code"))
+            if reply.get("ok"):
+                return {"cut_after": None, "codes": codes, "session": True}
+            time.sleep(interval)
+        return {"cut_after": None, "codes": codes}
+    finally:
+        sock.close()
+
+
+def watch_flood(address: str, marks: str, sessions: int, per_session: int) -> dict[str, int]:
+    """Open as many Watch streams as the server lets this uid hold, from several sessions."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    clients = [_client(address, label=f"watch{i}") for i in range(sessions)]
+    calls = []
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def drain(call: Any) -> None:
+        try:
+            for _ in call:
+                pass
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = _code(exc)
+        with lock:
+            codes[code] = codes.get(code, 0) + 1
+
+    threads = []
+    for c in clients:
+        for _ in range(per_session):
+            call = c._stub.Watch(pb.WatchRequest(), metadata=c._metadata)
+            calls.append(call)
+            threads.append(threading.Thread(target=drain, args=(call,)))
+            threads[-1].start()
+    time.sleep(1.0)
+    with lock:
+        refused = codes.get("RESOURCE_EXHAUSTED", 0)
+    _mark(marks, "holding")
+    _wait_mark(marks, "release", 60)
+    for call in calls:
+        call.cancel()
+    for t in threads:
+        t.join(10)
+    for c in clients:
+        c.close()
+    return {"opened": len(calls), "refused": refused, "held": len(calls) - refused}
+
+
+def fd_hoard(address: str, regions: int) -> dict[str, Any]:
+    """Register up to ``regions`` memfd regions (1 fd each kept by the server) and pending tickets."""
+    registered = 0
+    code = "OK"
+    message = ""
+    with _client(address) as c:
+        for i in range(regions):
+            try:
+                ticket = _ticket(c, 4096)
+            except Exception as exc:
+                code, message = _code(exc), str(exc)
+                break
+            from devrep.service._gen import devrep_pb2 as pb
+
+            code, _ = _raw(c, "RegisterRegion", pb.RegisterRegionRequest(name=f"r{i}",
+                                                                      memfd=pb.MemfdSource(fd_ticket=ticket)))
+            if code != "OK":
+                break
+            registered += 1
+        c.unregister("r0")
+        freed = _register(c, "again", 4096)  # a region gone gives its fd back
+        return {"registered": registered, "code": code, "message": message, "after unregister": freed}
+
+
+def concurrent_replicates(address: str, regions: int, nbytes: int) -> dict[str, Any]:
+    """Replicate ``regions`` regions of ``nbytes`` at the same moment, each alone within the quota."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    with _client(address) as c:
+        for i in range(regions):
+            assert _register(c, f"q{i}", nbytes) == "OK"
+        barrier = threading.Barrier(regions)
+        codes: list[str] = []
+
+        def replicate(i: int) -> None:
+            barrier.wait()
+            codes.append(_raw(c, "Replicate", pb.ReplicateRequest(name=f"q{i}", devices=["cpu:0"]), timeout=120)[0])
+
+        threads = [threading.Thread(target=replicate, args=(i,)) for i in range(regions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _, info = _raw(c, "GetServerInfo", pb.GetServerInfoRequest())
+        return {"codes": sorted(codes), "used_bytes": int(info.quota.used_bytes),
+                "max_bytes": int(info.quota.max_bytes)}
