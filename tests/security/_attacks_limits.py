@@ -379,3 +379,48 @@ def concurrent_replicates(address: str, regions: int, nbytes: int) -> dict[str, 
         _, info = _raw(c, "GetServerInfo", pb.GetServerInfoRequest())
         return {"codes": sorted(codes), "used_bytes": int(info.quota.used_bytes),
                 "max_bytes": int(info.quota.max_bytes)}
+
+
+# ---------------------------------------------------------------------- labels (item 4)
+def label_squat(address: str, label: str, names: list[str], token: str | None = None) -> dict[str, Any]:
+    """Say hello with someone else's label (or present ``token``) and try to read the regions ``names``."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    with _client(address, label=label, token=token) as c:
+        listed = sorted(r.name for r in c.list_regions())
+        codes = {name: _raw(c, "Acquire", pb.AcquireRequest(name=name, device="cpu:0", fresh=False))[0]
+                 for name in names}
+        return {"label": c.label, "listed": listed, "codes": codes}
+
+
+# ---------------------------------------------------------------------- revocation (item 8)
+def watch_until(address: str, marks: str, names: list[str], token: str | None = None) -> dict[str, Any]:
+    """Watch ``names`` (all visible regions when empty) until the test says ``release``; every event's region and
+    runs, and how the stream ended if it ended by itself."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    with _client(address, token=token) as c:
+        call = c._stub.Watch(pb.WatchRequest(names=names, coalesce_ms=1), metadata=c._metadata)
+        call.initial_metadata()  # the server sends it once the watcher is registered
+        _mark(marks, "watching")
+        events: list[dict[str, Any]] = []
+        end: list[str] = []
+
+        def drain() -> None:
+            try:
+                for message in call:
+                    for e in message.events:
+                        events.append({"kind": e.kind, "region": e.region, "runs": list(e.runs)})
+                        _mark(marks, "got-event")
+                end.append("OK")
+            except grpc.RpcError as exc:
+                end.append(_code(exc))
+                _mark(marks, "ended")
+
+        thread = threading.Thread(target=drain)
+        thread.start()
+        _wait_mark(marks, "release", 90)
+        ended_by_server = list(end)
+        call.cancel()
+        thread.join(10)
+        return {"events": events, "end": ended_by_server[0] if ended_by_server else None}
