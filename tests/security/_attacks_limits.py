@@ -273,7 +273,7 @@ def hello_stalling(fd_socket: str, packet: dict[str, Any], interval: float, tota
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(fd_socket)
     start = time.monotonic()
-    codes = []
+    codes: list[Any] = []
     try:
         while time.monotonic() - start < total:
             try:
