@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ from .._pages import PAGE_SIZE, RunArray, check_block_size, pages_for, pages_fro
 from ..backends import ExportHandle
 from ..engine import Replicator
 from ..errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -31,7 +32,7 @@ from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .limits import Limiter, holding
 from .protocol import close_fds
-from .sessions import Session, SessionRegistry, UnauthenticatedError, readable_by
+from .sessions import Session, SessionRegistry, UnauthenticatedError, readable_by, view_name
 from .sidechannel import check_fd, check_writer_mapping
 from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
@@ -67,9 +68,16 @@ def token_of(context: grpc.ServicerContext) -> str | None:
     return None
 
 
+MAX_NAME = 200
+"""Longest region name over the service: the server keys it as ``<session id>/<name>``, which must stay within
+the engine's 255 characters."""
+
+
 def check_name(name: str) -> str:
     if not name:
         raise InvalidArgumentError("name is required")
+    if len(name) > MAX_NAME:
+        raise InvalidArgumentError(f"region names are at most {MAX_NAME} characters over the service, got {len(name)}")
     return check_region_name(name)
 
 
@@ -179,9 +187,10 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                        (self._busy_uid, session.principal, f"uid {session.uid}"))
 
     def _region(self, session: Session, name: str, *, write: bool) -> tuple[Region, bool]:
+        """The region ``name`` means to ``session`` (see ``SessionRegistry.resolve``) and whether it owns it."""
         check_name(name)
-        owned = self.reg.check(session, name, write=write)
-        return self.rep.region(name), owned
+        key, owned = self.reg.check(session, name, write=write)
+        return self.rep.region(key), owned
 
     @staticmethod
     def _guard_file(region: Region, *, check_only: bool = False) -> None:
@@ -197,12 +206,14 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                         "re-register the file")
             if check_only:
                 return
-            raise FailedPreconditionError(f"region {region.name!r} failed: {region.failed}")
+            raise FailedPreconditionError(f"region {view_name(region.name)!r} failed: {region.failed}")
 
     def _describe(self, session: Session, region: Region) -> pb.Region:
         self._guard_file(region, check_only=True)
         owned = self.reg.owners.get(region.name) is session
-        return region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
+        out = region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
+        out.name = view_name(region.name)
+        return out
 
     # ------------------------------------------------------------------ RPCs
     @unary
@@ -239,16 +250,20 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         if which is None:
             raise InvalidArgumentError("a region needs a source: memfd (an fd ticket) or file (a path)")
         self.reg.claim(session, name)
+        key = self.reg.key(session, name)  # the session's own namespace: no other session's name shows here
         charged = [0, 0]  # (host bytes, fds) reserved for the region by the registration below
         try:
             if which == "memfd":
-                region = self._register_memfd(session, name, request.memfd, mode, block_size, charged)
+                region = self._register_memfd(session, key, request.memfd, mode, block_size, charged)
             else:
-                region = self._register_file(session, name, request.file, mode, block_size, charged)
+                region = self._register_file(session, key, request.file, mode, block_size, charged)
+        except AlreadyExistsError:
+            self.reg.unclaim(session, *charged)
+            raise AlreadyExistsError(f"you already have a region named {name!r}") from None
         except BaseException:
             self.reg.unclaim(session, *charged)
             raise
-        self.reg.adopt(session, name, *charged)
+        self.reg.adopt(session, key, *charged)
         return pb.RegisterRegionResponse(region=self._describe(session, region))
 
     def _charge(self, session: Session, charged: list[int], host_bytes: int, fds: int) -> None:
@@ -344,8 +359,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
     def UnregisterRegion(self, request: pb.UnregisterRegionRequest, context: grpc.ServicerContext
                          ) -> pb.UnregisterRegionResponse:
         session = self._session(context)
-        self._region(session, request.name, write=True)
-        self.reg.drop_region(session, request.name)
+        region, _ = self._region(session, request.name, write=True)
+        self.reg.drop_region(session, region.name)
         return pb.UnregisterRegionResponse()
 
     @unary
@@ -396,7 +411,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
 
         def work() -> None:
             try:
-                outcome["report"] = self.rep.replicate(request.name, devices, progress=progress.put, timeout=timeout)
+                outcome["report"] = self.rep.replicate(region.name, devices, progress=progress.put, timeout=timeout)
             except BaseException as exc:
                 outcome["error"] = exc
 
@@ -495,11 +510,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         session = self._session(context)
         if not 0 <= request.coalesce_ms <= 1000:
             raise InvalidArgumentError(f"coalesce_ms must be in [0, 1000], got {request.coalesce_ms}")
-        names = set(request.names)
-        if len(names) > MAX_LIST:
+        if len(set(request.names)) > MAX_LIST:
             raise InvalidArgumentError(f"at most {MAX_LIST} names per watch")
-        for name in names:
-            self._region(session, name, write=False)
+        names = {self._region(session, name, write=False)[0].name for name in set(request.names)}
         principal = session.principal
         with session.lock:
             if session.watchers >= self.reg.quota.max_watchers:
@@ -537,7 +550,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                     return
                 events = [e for e in events if still_readable(e)]
                 if events or dropped:
-                    yield from _watch_messages(events, dropped)
+                    yield from _watch_messages(events, dropped, view_name)
         finally:
             self.hub.remove(watcher)
             self._streams.release()
@@ -547,7 +560,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 session.watchers -= 1
 
 
-def _watch_messages(events: list[Event], dropped: int) -> Iterator[pb.WatchResponse]:
+def _watch_messages(events: list[Event], dropped: int, view: Callable[[str], str] = str
+                    ) -> Iterator[pb.WatchResponse]:
     """Pack events into messages of at most ``MAX_RUNS_PER_MESSAGE`` runs (a huge event is split)."""
     out: list[pb.Event] = []
     budget = MAX_RUNS_PER_MESSAGE
@@ -556,7 +570,8 @@ def _watch_messages(events: list[Event], dropped: int) -> Iterator[pb.WatchRespo
         start = 0
         while True:
             part = runs[start:start + budget]
-            out.append(pb.Event(kind=event.kind, region=event.region, generation=event.generation, runs=flat(part),
+            out.append(pb.Event(kind=event.kind, region=view(event.region), generation=event.generation,
+                                runs=flat(part),
                                 device=event.device or "", pages=int(part[:, 1].sum()) if len(part) else 0,
                                 message=event.message))
             budget -= len(part)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .._pages import PAGE_SIZE
 from ..errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -300,8 +301,18 @@ class TokenStore:
             os.close(wake)
 
 
+def view_name(key: str) -> str:
+    """The name a client gave a region, from the server's key for it (``<session id>/<name>``)."""
+    return key.partition("/")[2]
+
+
 class SessionRegistry:
-    """Every session, region ownership and sharing. Region names are global (one namespace per server)."""
+    """Every session, region ownership and sharing.
+
+    Region names are per session: the ``Replicator`` knows a region as ``<session id>/<name>`` (``key``), so one
+    session's ``RegisterRegion("x")`` can neither collide with nor reveal another session's private ``x``
+    (``ALREADY_EXISTS`` only ever concerns the caller's own names). A name a session uses resolves to its own
+    region, else to the one region of that name shared with it (``resolve``)."""
 
     def __init__(self, replicator: Replicator, tokens: TokenStore, quota: Quota) -> None:
         self.replicator = replicator
@@ -499,6 +510,30 @@ class SessionRegistry:
                 del self.owners[name]
             self.shares.pop(name, None)
 
+    @staticmethod
+    def key(session: Session, name: str) -> str:
+        """The server's key for ``session``'s region ``name``."""
+        return f"{session.id}/{name}"
+
+    def resolve(self, session: Session, name: str) -> str:
+        """The key of the region ``name`` means to ``session``: its own, else the one shared with it under that
+        name (or under its full key ``<session id>/<name>``, which ``FAILED_PRECONDITION`` suggests when two
+        owners shared the same name). ``NOT_FOUND`` for anything it cannot read, whether it exists or not."""
+        own = self.key(session, name)
+        if self.owners.get(own) is session:
+            return own
+        if self.owners.get(name) is not None and self.can_read(session, name):
+            return name
+        with self._lock:
+            keys = list(self.owners)
+        matches = [k for k in keys if view_name(k) == name and self.can_read(session, k)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(f"no region named {name!r}")
+        raise FailedPreconditionError(f"{len(matches)} regions named {name!r} are shared with you; name one by its "
+                                      f"full key: {', '.join(sorted(matches))}")
+
     def can_read(self, session: Session, name: str) -> bool:
         owner = self.owners.get(name)
         if owner is None:
@@ -509,19 +544,17 @@ class SessionRegistry:
         return "*" in grants or f"label:{session.label}" in grants or (
             session.uid is not None and f"uid:{session.uid}" in grants)
 
-    def check(self, session: Session, name: str, *, write: bool) -> bool:
-        """Raise unless ``session`` may use region ``name``; returns whether it is the owner."""
-        owner = self.owners.get(name)
-        if owner is session:
-            return True
-        if owner is None or not self.can_read(session, name):
-            raise NotFoundError(f"no region named {name!r}")
+    def check(self, session: Session, name: str, *, write: bool) -> tuple[str, bool]:
+        """Raise unless ``session`` may use region ``name``; returns its key and whether ``session`` owns it."""
+        key = self.resolve(session, name)
+        if self.owners.get(key) is session:
+            return key, True
         if write:
             raise PermissionDeniedError(f"region {name!r} is shared with you read-only; only its owner may change it")
-        return False
+        return key, False
 
     def share(self, session: Session, name: str, grantee: str, revoke: bool) -> None:
-        self.check(session, name, write=True)
+        name, _ = self.check(session, name, write=True)
         kind, sep, value = grantee.partition(":")
         if grantee != "*" and not (sep and value and (kind == "label" or (kind == "uid" and value.isdigit()))):
             raise InvalidArgumentError(f"bad grantee {grantee!r}: use '*', 'uid:<number>' or 'label:<label>'")

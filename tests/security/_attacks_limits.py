@@ -424,3 +424,22 @@ def watch_until(address: str, marks: str, names: list[str], token: str | None = 
         call.cancel()
         thread.join(10)
         return {"events": events, "end": ended_by_server[0] if ended_by_server else None}
+
+
+def name_probe(address: str, names: list[str]) -> dict[str, Any]:
+    """Probe region names: DescribeRegion, then RegisterRegion (twice) of each; then what a shared name means."""
+    from devrep.service._gen import devrep_pb2 as pb
+
+    out: dict[str, Any] = {}
+    with _client(address) as c:
+        for name in names:
+            describe = _raw(c, "DescribeRegion", pb.DescribeRegionRequest(name=name))[0]
+            first, second = _register(c, name, 4096), _register(c, name, 4096)
+            _, mine = _raw(c, "DescribeRegion", pb.DescribeRegionRequest(name=name))
+            out[name] = {"describe": describe, "register": first, "again": second,
+                         "then": "own" if mine is not None and not mine.region.read_only else "other"}
+        code, _ = _raw(c, "DescribeRegion", pb.DescribeRegionRequest(name="dup"))
+        out["dup"] = code
+        listed = _raw(c, "ListRegions", pb.ListRegionsRequest())[1]
+        out["listed"] = sorted(r.name for r in listed.regions)
+    return out

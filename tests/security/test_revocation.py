@@ -110,3 +110,33 @@ def test_removed_token_ends_watch_streams(tmp_path: Path) -> None:
     print({"events": len(got["events"]), "end": got["end"]})
     assert got["end"] == "UNAUTHENTICATED", got["end"]
     assert secret_events(got["events"]) == [], "events reached the grantee after its token was removed"
+
+
+def test_region_names_reveal_nothing(server: RootServer) -> None:
+    """``ALREADY_EXISTS`` vs ``NOT_FOUND`` must not reveal another session's private names: each session has its
+    own namespace, so registering a name someone else holds privately succeeds exactly like a free name."""
+    with devrep.client.connect(server.address, label="owner") as owner, \
+            devrep.client.connect(server.address, label="other") as other:
+        secret = owner.create_region("secret-model", 4096)
+        secret.array[:] = 5
+        owner.replicate("secret-model", ["cpu:0"])
+        owner.create_region("public-model", 4096)
+        owner.share("public-model", "*")
+        for who in (owner, other):  # two owners share the same name with everyone: ambiguous for a grantee
+            who.create_region("dup", 4096)
+            who.share("dup", "*")
+        got = run_as_attacker(ATTACKS, "name_probe", server.address, ["secret-model", "never-existed",
+                                                                      "public-model"])
+        print(got)
+        assert got["secret-model"] == got["never-existed"], got
+        assert got["secret-model"] == {"describe": "NOT_FOUND", "register": "OK", "again": "ALREADY_EXISTS",
+                                       "then": "own"}, got
+        # A shared name is visible before; once the attacker has its own, its own comes first.
+        assert got["public-model"] == {"describe": "OK", "register": "OK", "again": "ALREADY_EXISTS",
+                                       "then": "own"}, got
+        assert got["dup"] == "FAILED_PRECONDITION", got
+        assert got["listed"] == ["dup", "dup", "never-existed", "public-model", "public-model", "secret-model"], got
+        # The owner's regions are untouched.
+        with owner.acquire("secret-model", "cpu:0") as lease:
+            assert int(lease.array[0]) == 5
+        assert not owner.describe("public-model").read_only
