@@ -88,7 +88,8 @@ def test_long_syncs_cannot_take_every_worker(server: RootServer) -> None:
 
 
 def test_side_channel_slots_are_capped_per_uid(server: RootServer) -> None:
-    attack = Attack("side_channel_flood", str(server.fd_socket), MAX_CONNECTIONS + 44, "MARKS").start()
+    attack = Attack("side_channel_flood", str(server.fd_socket), MAX_CONNECTIONS + 44, "MARKS",
+                    MAX_CONNECTIONS_PER_UID).start()
     attack.wait_holding()
     victim_served(server)
     got = attack.result()
@@ -114,7 +115,7 @@ def test_require_token_cuts_tokenless_clients() -> None:
 
 
 def test_watch_streams_are_capped_per_uid(server: RootServer) -> None:
-    attack = Attack("watch_flood", server.address, "MARKS", 3, 8).start()
+    attack = Attack("watch_flood", server.address, "MARKS", 3, 8, 8).start()
     attack.wait_holding()
 
     def watch(victim: Any) -> None:
