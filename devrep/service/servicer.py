@@ -184,7 +184,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
     def _waiting(self, session: Session) -> contextlib.AbstractContextManager[None]:
         """Hold one of the session's (and its uid's) slots for a call that may wait (``Quota.max_blocking``)."""
         return holding((self._busy, session, f"session {session.label}"),
-                       (self._busy_uid, session.principal, f"uid {session.uid}"))
+                       (self._busy_uid, session.principal, _principal_name(session)))
 
     def _region(self, session: Session, name: str, *, write: bool) -> tuple[Region, bool]:
         """The region ``name`` means to ``session`` (see ``SessionRegistry.resolve``) and whether it owns it."""
@@ -519,7 +519,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 raise self.reg.quota_error("watchers", f"session already has {session.watchers} watch streams "
                                                        f"(limit {self.reg.quota.max_watchers})")
             if principal is not None:
-                self._watch_uid.acquire(principal, f"uid {session.uid}")
+                self._watch_uid.acquire(principal, _principal_name(session))
             if not self._streams.acquire(blocking=False):
                 if principal is not None:
                     self._watch_uid.release(principal)
@@ -558,6 +558,10 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 self._watch_uid.release(principal)
             with session.lock:
                 session.watchers -= 1
+
+
+def _principal_name(session: Session) -> str:
+    return f"uid {session.uid} (all its sessions)" if session.uid is not None else f"session {session.label}"
 
 
 def _watch_messages(events: list[Event], dropped: int, view: Callable[[str], str] = str
