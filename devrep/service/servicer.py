@@ -170,9 +170,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         self.max_streams = max_streams
         # Fair sharing (see limits.py): calls that may wait, and watch streams, per session and per uid.
         q = registry.quota
-        self._busy = Limiter("waiting calls (Replicate, Sync, Acquire, Verify)", q.max_blocking,
+        self._busy = Limiter("waiting calls (RegisterRegion, Replicate, Sync, Acquire, Verify)", q.max_blocking,
                              functools.partial(registry.quota_error, "blocking"))
-        self._busy_uid = Limiter("waiting calls (Replicate, Sync, Acquire, Verify)", q.max_blocking,
+        self._busy_uid = Limiter("waiting calls (RegisterRegion, Replicate, Sync, Acquire, Verify)", q.max_blocking,
                                  functools.partial(registry.quota_error, "blocking"))
         self._watch_uid = Limiter("watch streams", min(q.max_watchers, max(1, max_streams // 2)),
                                   functools.partial(registry.quota_error, "watchers"))
@@ -253,10 +253,11 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         key = self.reg.key(session, name)  # the session's own namespace: no other session's name shows here
         charged = [0, 0]  # (host bytes, fds) reserved for the region by the registration below
         try:
-            if which == "memfd":
-                region = self._register_memfd(session, key, request.memfd, mode, block_size, charged)
-            else:
-                region = self._register_file(session, key, request.file, mode, block_size, charged)
+            with self._waiting(session):  # file tracking hashes the whole file: this may take a while
+                if which == "memfd":
+                    region = self._register_memfd(session, key, request.memfd, mode, block_size, charged)
+                else:
+                    region = self._register_file(session, key, request.file, mode, block_size, charged)
         except AlreadyExistsError:
             self.reg.unclaim(session, *charged)
             raise AlreadyExistsError(f"you already have a region named {name!r}") from None

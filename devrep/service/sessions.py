@@ -64,9 +64,9 @@ class Quota:
     file costs nothing to its owner but the server keeps 8 bytes of state per page and maps it, so a 1 TiB sparse
     memfd would cost 2 GiB of server memory (default: this host's RAM; 0 = unlimited). ``max_fds`` bounds the
     file descriptors the server holds for the session (pending tickets and its regions' memfds, userfaultfds,
-    pagemaps, files). ``max_blocking`` bounds the session's RPCs that may wait (Replicate, Sync, Acquire, Verify),
-    and the same number bounds them per uid (all its sessions together; see ``limits``), so one client cannot
-    hold every gRPC worker. ``max_connections`` bounds the side-channel connections of one session."""
+    pagemaps, files). ``max_blocking`` bounds the session's RPCs that may wait (RegisterRegion, Replicate, Sync,
+    Acquire, Verify), and the same number bounds them per uid (all its sessions together; see ``limits``), so one
+    client cannot hold every gRPC worker. ``max_connections`` bounds the side-channel connections of one session."""
 
     max_bytes: int = 0
     max_regions: int = 256
