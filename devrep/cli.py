@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         metrics = Metrics(replicator)
         interceptors.append(metrics.interceptor())
-        metrics.serve(args.metrics_port)
+        metrics.serve(args.metrics_port, args.metrics_address)
     tokens = TokenStore(args.token_dir)
 
     def ready(server: Any) -> None:
@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
-                   quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions),
+                   quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions, max_fds=args.quota_fds,
+                               **({} if args.quota_host_bytes is None else {"max_host_bytes": args.quota_host_bytes})),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
                    metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready)
     finally:
@@ -355,8 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-bytes", type=size_arg, default=0, metavar="SIZE",
                    help="replica bytes per session, e.g. 16G (region size x replicas; 0 = unlimited)")
     p.add_argument("--quota-regions", type=int, default=256, help="regions per session (default 256)")
+    p.add_argument("--quota-host-bytes", type=size_arg, default=None, metavar="SIZE",
+                   help="bytes of regions one session may register, e.g. 64G (default: this host's RAM; "
+                        "0 = unlimited)")
+    p.add_argument("--quota-fds", type=int, default=512,
+                   help="file descriptors the server may hold for one session (tickets and regions; default 512)")
     p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices (default 4)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address the metrics port binds (default 127.0.0.1: loopback only; e.g. 0.0.0.0 in a pod "
+                        "that Prometheus scrapes)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_serve)
 

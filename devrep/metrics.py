@@ -49,6 +49,13 @@ SYNC_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5
 FAULT_BUCKETS = (1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2, 0.1)
 RPC_BUCKETS = (1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
+DEFAULT_ADDRESS = "127.0.0.1"
+"""Where ``/metrics`` listens unless told otherwise (``devrep serve --metrics-address``)."""
+OTHER_METHOD = "other"
+"""The ``method`` label of every request for a method this server does not serve: a client chooses method names,
+so counting them verbatim would let it create any number of series (unbounded memory in the server and in
+Prometheus)."""
+
 _live: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 
@@ -206,8 +213,11 @@ class Metrics:
         """The text exposition format, as ``/metrics`` serves it."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``addr:port`` in a daemon thread; returns the bound port (``port=0`` picks one)."""
+    def serve(self, port: int, addr: str = DEFAULT_ADDRESS) -> int:
+        """Serve ``/metrics`` on ``addr:port`` in a daemon thread; returns the bound port (``port=0`` picks one).
+
+        Loopback by default: the metrics name devices, regions' sizes and request rates, which is nobody else's
+        business on a shared host; a Prometheus elsewhere needs ``addr`` given explicitly (``--metrics-address``)."""
         if not 0 <= port <= 65535:
             raise InvalidArgumentError(f"metrics port must be 0..65535, not {port}")
         if self._http is not None:
@@ -240,8 +250,8 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
-            self.metrics.grpc_requests.labels(_method_name(handler_call_details.method), "UNIMPLEMENTED").inc()
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself; the label value stays bounded
+            self.metrics.grpc_requests.labels(OTHER_METHOD, "UNIMPLEMENTED").inc()
             return None
         method = _method_name(handler_call_details.method)
         if handler.unary_unary:

@@ -86,7 +86,7 @@ def test_watch_streams_coalesced_runs(client: Client) -> None:
 def test_share_list_describe_unregister(server: DevrepServer, client: Client) -> None:
     client.create_region("d", 4096)
     desc = client.describe("d")
-    assert (desc.name, desc.kind, desc.owner, desc.read_only) == ("d", "memfd", "test", False)
+    assert (desc.name, desc.kind, desc.owner, desc.read_only) == ("d", "memfd", f"uid:{os.getuid()}/test", False)
     with connect(server.address, label="other") as other:
         assert other.list_regions() == []
         client.share("d", "*")

@@ -267,6 +267,8 @@ def test_values_reach_the_containers() -> None:
     defaults = containers(defaults_ds)
     default_args = build_parser().parse_args(defaults["server"]["args"])
     assert default_args.metrics_port == defaults["server"]["ports"][0]["containerPort"] == 9464
+    # The server's metrics bind loopback unless told otherwise; Prometheus scrapes the pod's own address.
+    assert default_args.metrics_address == "0.0.0.0"
     assert default_args.socket_group is None and "securityContext" not in defaults_ds["spec"]["template"]["spec"]
 
 

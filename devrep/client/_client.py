@@ -434,6 +434,9 @@ class Client:
             else protocol.side_channel_path(sock) if sock else None)
         self._fd_path = fd_path
         self._sc: _SideChannel | None = None
+        self.label = ""
+        """The session's label as the server knows it (``uid:<uid>/<label>`` for a label chosen in ``hello``, the
+        operator's for a pre-authorized token): share with it as ``label:<that>``."""
         token = token or os.environ.get("DEVREP_TOKEN") or None
         try:
             if fd_path is not None and fd_path.exists():
@@ -444,6 +447,7 @@ class Client:
                 reply, _ = self._sc.call(hello)
                 token = str(reply["token"])
                 self.session_id = str(reply["session"])
+                self.label = str(reply.get("label", ""))
             elif fd_path is not None and sock is not None and not token:
                 raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path})")
             if not token:

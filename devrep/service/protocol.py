@@ -68,6 +68,8 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             message = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProtocolError(f"side-channel message is not JSON: {exc}") from None
+        except RecursionError:  # [[[[...]]]]: 64 KiB nest far deeper than the parser's recursion limit
+            raise ProtocolError("side-channel message nests too deeply") from None
         if not isinstance(message, dict):
             raise ProtocolError("side-channel message must be a JSON object")
     except BaseException:

@@ -31,7 +31,7 @@ from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import side_channel_path
 from .servicer import DevrepServicer
-from .sessions import Quota, SessionRegistry, TokenStore
+from .sessions import Quota, SessionRegistry, TokenStore, UnauthenticatedError
 from .sidechannel import SideChannel, set_group
 from .sockdir import check_socket_directory
 from .watch import WatchHub
@@ -43,6 +43,48 @@ log = logging.getLogger("devrep.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DevrepService"].full_name
 MAX_MESSAGE = 64 << 20
+"""Largest message the server sends (a Watch batch, a ListRegions)."""
+MAX_REQUEST = 16 << 20
+"""Largest request the server reads: the biggest legitimate one, an Invalidate of 10^6 runs, is ~10 MiB of
+varints. gRPC buffers a whole request before any handler runs, so this bounds what a caller can make the server
+hold per call (larger: RESOURCE_EXHAUSTED); ``AuthenticateFirst`` keeps it from being parsed without a token."""
+
+
+class AuthenticateFirst(grpc.ServerInterceptor):
+    """Refuse a DevrepService call without a valid session token *before its request is parsed*.
+
+    Parsing costs several times the message's size in memory (a packed list of 10^7 varints becomes a list of
+    10^7 integers); an unauthenticated caller gets ``UNAUTHENTICATED`` from a handler that takes the request as
+    raw bytes, so it can cost the server at most ``MAX_REQUEST`` per call. Health and reflection need no token.
+    """
+
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
+        self._prefix = f"/{SERVICE_NAME}/"
+
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        token = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+                token = value[7:].strip()
+            elif key == "x-devrep-token" and isinstance(value, str):
+                token = value.strip()
+        try:
+            self.registry.authenticate(token)
+        except UnauthenticatedError as exc:
+            message = str(exc)
+        else:
+            return handler
+
+        def refuse(request: bytes, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def default_socket_path() -> Path:
@@ -155,8 +197,8 @@ class DevrepServer:
         self._socket_identity: sockets.Identity | None = None
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="devrep-rpc"),
-            interceptors=list(interceptors),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+            interceptors=[*interceptors, AuthenticateFirst(self.registry)],
+            options=[("grpc.max_receive_message_length", MAX_REQUEST),
                      ("grpc.max_send_message_length", MAX_MESSAGE),
                      ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_workers * 4,

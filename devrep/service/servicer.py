@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 
 from .. import __version__, numa
-from .._pages import PAGE_SIZE, RunArray, pages_for, pages_from_runs
+from .._pages import PAGE_SIZE, RunArray, check_block_size, pages_for, pages_from_runs
 from ..backends import ExportHandle
 from ..engine import Replicator
 from ..errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -28,8 +30,9 @@ from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracke
 from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .fileaccess import check_file_fd, kernel_path, open_as_peer
+from .limits import Limiter, holding
 from .protocol import close_fds
-from .sessions import Session, SessionRegistry
+from .sessions import Session, SessionRegistry, UnauthenticatedError, view_name
 from .sidechannel import check_writer_mapping
 from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
@@ -43,6 +46,11 @@ MODES = {
 }
 MAX_LIST = 64
 MAX_RUNS_IN = 1_000_000
+MAX_BLOCK_SIZE = 1 << 30
+"""Largest ``block_size``: invalidating one block materialises its page numbers (8 bytes a page), so 2^37 cost
+0.5 GiB of server memory per Invalidate and 2^40 got the server OOM-killed; 1 GiB blocks cost 2 MiB."""
+MAX_TIMEOUT_MS = 3_600_000
+"""Largest ``timeout_ms`` (one hour, as on the side channel): beyond it a wait overflowed the thread API."""
 PROGRESS_INTERVAL = 0.05
 
 
@@ -60,9 +68,16 @@ def token_of(context: grpc.ServicerContext) -> str | None:
     return None
 
 
+MAX_NAME = 200
+"""Longest region name over the service: the server keys it as ``<session id>/<name>``, which must stay within
+the engine's 255 characters."""
+
+
 def check_name(name: str) -> str:
     if not name:
         raise InvalidArgumentError("name is required")
+    if len(name) > MAX_NAME:
+        raise InvalidArgumentError(f"region names are at most {MAX_NAME} characters over the service, got {len(name)}")
     return check_region_name(name)
 
 
@@ -85,7 +100,8 @@ def runs_in(flat: Any, npages: int) -> RunArray:
     runs = values.reshape(-1, 2)
     if np.any(runs[:, 0] < 0) or np.any(runs[:, 1] <= 0):
         raise InvalidArgumentError("every run needs first >= 0 and count > 0")
-    if np.any(runs[:, 0] + runs[:, 1] > npages):
+    # first + count could wrap around int64 (and look small): compare without adding.
+    if np.any(runs[:, 0] >= npages) or np.any(runs[:, 1] > npages - runs[:, 0]):
         raise InvalidArgumentError(f"a run reaches past the region's {npages} pages")
     return runs
 
@@ -97,8 +113,8 @@ def flat(runs: RunArray) -> list[int]:
 
 def timeout_of(timeout_ms: int, context: grpc.ServicerContext) -> float:
     """The request's timeout, bounded by the RPC deadline (default 30 s)."""
-    if timeout_ms < 0:
-        raise InvalidArgumentError(f"timeout_ms must be >= 0, got {timeout_ms}")
+    if not 0 <= timeout_ms <= MAX_TIMEOUT_MS:
+        raise InvalidArgumentError(f"timeout_ms must be in [0, {MAX_TIMEOUT_MS}], got {timeout_ms}")
     timeout = timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT
     remaining = context.time_remaining()
     if remaining is not None:
@@ -152,15 +168,29 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         # Watch streams hold a server thread each: cap them so unary calls always find a free thread.
         self._streams = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+        # Fair sharing (see limits.py): calls that may wait, and watch streams, per session and per uid.
+        q = registry.quota
+        self._busy = Limiter("waiting calls (RegisterRegion, Replicate, Sync, Acquire, Verify)", q.max_blocking,
+                             functools.partial(registry.quota_error, "blocking"))
+        self._busy_uid = Limiter("waiting calls (RegisterRegion, Replicate, Sync, Acquire, Verify)", q.max_blocking,
+                                 functools.partial(registry.quota_error, "blocking"))
+        self._watch_uid = Limiter("watch streams", min(q.max_watchers, max(1, max_streams // 2)),
+                                  functools.partial(registry.quota_error, "watchers"))
 
     # ------------------------------------------------------------------ helpers
     def _session(self, context: grpc.ServicerContext) -> Session:
         return self.reg.authenticate(token_of(context))
 
+    def _waiting(self, session: Session) -> contextlib.AbstractContextManager[None]:
+        """Hold one of the session's (and its uid's) slots for a call that may wait (``Quota.max_blocking``)."""
+        return holding((self._busy, session, f"session {session.label}"),
+                       (self._busy_uid, session.principal, _principal_name(session)))
+
     def _region(self, session: Session, name: str, *, write: bool) -> tuple[Region, bool]:
+        """The region ``name`` means to ``session`` (see ``SessionRegistry.resolve``) and whether it owns it."""
         check_name(name)
-        owned = self.reg.check(session, name, write=write)
-        return self.rep.region(name), owned
+        key, owned = self.reg.check(session, name, write=write)
+        return self.rep.region(key), owned
 
     @staticmethod
     def _guard_file(region: Region, *, check_only: bool = False) -> None:
@@ -176,12 +206,14 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                         "re-register the file")
             if check_only:
                 return
-            raise FailedPreconditionError(f"region {region.name!r} failed: {region.failed}")
+            raise FailedPreconditionError(f"region {view_name(region.name)!r} failed: {region.failed}")
 
     def _describe(self, session: Session, region: Region) -> pb.Region:
         self._guard_file(region, check_only=True)
         owned = self.reg.owners.get(region.name) is session
-        return region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
+        out = region_pb(region.describe(), region, self.reg.owner_label(region.name), not owned)
+        out.name = view_name(region.name)
+        return out
 
     # ------------------------------------------------------------------ RPCs
     @unary
@@ -208,8 +240,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         session = self._session(context)
         name = check_name(request.name)
         block_size = request.block_size or PAGE_SIZE
-        if request.block_size < 0:
-            raise InvalidArgumentError(f"block_size must be >= 0, got {request.block_size}")
+        if not 0 <= request.block_size <= MAX_BLOCK_SIZE:
+            raise InvalidArgumentError(f"block_size must be in [0, {MAX_BLOCK_SIZE}], got {request.block_size}")
+        check_block_size(block_size)
         if request.tracking not in MODES:
             raise InvalidArgumentError(f"unknown tracking mode {request.tracking}")
         mode = MODES[request.tracking]
@@ -217,14 +250,30 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         if which is None:
             raise InvalidArgumentError("a region needs a source: memfd (an fd ticket) or file (a path)")
         self.reg.claim(session, name)
-        if which == "memfd":
-            region = self._register_memfd(session, name, request.memfd, mode, block_size)
-        else:
-            region = self._register_file(session, name, request.file, mode, block_size)
+        key = self.reg.key(session, name)  # the session's own namespace: no other session's name shows here
+        charged = [0, 0]  # (host bytes, fds) reserved for the region by the registration below
+        try:
+            with self._waiting(session):  # file tracking hashes the whole file: this may take a while
+                if which == "memfd":
+                    region = self._register_memfd(session, key, request.memfd, mode, block_size, charged)
+                else:
+                    region = self._register_file(session, key, request.file, mode, block_size, charged)
+        except AlreadyExistsError:
+            self.reg.unclaim(session, *charged)
+            raise AlreadyExistsError(f"you already have a region named {name!r}") from None
+        except BaseException:
+            self.reg.unclaim(session, *charged)
+            raise
+        self.reg.adopt(session, key, *charged)
         return pb.RegisterRegionResponse(region=self._describe(session, region))
 
+    def _charge(self, session: Session, charged: list[int], host_bytes: int, fds: int) -> None:
+        """Reserve a region's host bytes and fds against the session's quota before the server maps anything."""
+        self.reg.charge(session, host_bytes, fds)
+        charged[:] = [host_bytes, fds]
+
     def _register_memfd(self, session: Session, name: str, src: pb.MemfdSource, mode: str,
-                        block_size: int) -> Region:
+                        block_size: int, charged: list[int]) -> Region:
         if src.nbytes < 0:
             raise InvalidArgumentError(f"nbytes must be >= 0, got {src.nbytes}")
         if not src.fd_ticket:
@@ -242,6 +291,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             nbytes = src.nbytes or size
             if nbytes > size:
                 raise InvalidArgumentError(f"nbytes {nbytes} exceeds the memfd's size {size}")
+            # A sparse memfd costs its owner nothing: count its size at registration (Quota.max_host_bytes).
+            self._charge(session, charged, pages_for(nbytes) * PAGE_SIZE, len(fds))
         except BaseException:
             close_fds(fds)
             raise
@@ -262,10 +313,10 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 with contextlib.suppress(Exception):
                     tracking.close()
             raise
-        self.reg.adopt(session, name)
         return region
 
-    def _register_file(self, session: Session, name: str, src: pb.FileSource, mode: str, block_size: int) -> Region:
+    def _register_file(self, session: Session, name: str, src: pb.FileSource, mode: str, block_size: int,
+                       charged: list[int]) -> Region:
         if not src.path:
             raise InvalidArgumentError("file.path is required")
         if not os.path.isabs(src.path) or "\0" in src.path or len(src.path) > 4096:
@@ -289,17 +340,22 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                 close_fds(fds)
         else:
             fd = open_as_peer(src.path, session.uid, session.gid, session.groups)
+        try:
+            # The mapping's fd, plus the inotify watch of file tracking; sized from the file actually opened.
+            self._charge(session, charged, pages_for(os.fstat(fd).st_size) * PAGE_SIZE, 2 if mode == "file" else 1)
+        except BaseException:
+            os.close(fd)
+            raise
         region = self.rep.register_file_fd(name, fd, kernel_path(fd) or src.path, block_size=block_size,
                                            tracking=tracking)
-        self.reg.adopt(session, name)
         return region
 
     @unary
     def UnregisterRegion(self, request: pb.UnregisterRegionRequest, context: grpc.ServicerContext
                          ) -> pb.UnregisterRegionResponse:
         session = self._session(context)
-        self._region(session, request.name, write=True)
-        self.reg.drop_region(session, request.name)
+        region, _ = self._region(session, request.name, write=True)
+        self.reg.drop_region(session, region.name)
         return pb.UnregisterRegionResponse()
 
     @unary
@@ -343,7 +399,11 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         for device in devices:
             self.rep.resolve(device)
         new = [d for d in dict.fromkeys(devices) if d not in region.devices]
-        self.reg.check_bytes(session, len(new) * region.npages * PAGE_SIZE)
+        with self._waiting(session), self.reg.reserve_bytes(session, len(new) * region.npages * PAGE_SIZE):
+            yield from self._replicate(request, region, devices, new, timeout, context)
+
+    def _replicate(self, request: pb.ReplicateRequest, region: Region, devices: list[str], new: list[str],
+                   timeout: float, context: grpc.ServicerContext) -> Iterator[pb.ReplicateResponse]:
         total = region.npages * PAGE_SIZE if new else 0
         total += sum(int(region.invalid_runs(d)[:, 1].sum()) * PAGE_SIZE for d in region.devices)
         progress: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -351,7 +411,7 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
 
         def work() -> None:
             try:
-                outcome["report"] = self.rep.replicate(request.name, devices, progress=progress.put, timeout=timeout)
+                outcome["report"] = self.rep.replicate(region.name, devices, progress=progress.put, timeout=timeout)
             except BaseException as exc:
                 outcome["error"] = exc
 
@@ -376,7 +436,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         region, _ = self._region(session, request.name, write=True)
         self._guard_file(region)
         devices = check_devices(request.devices, required=False)
-        report = region.sync(devices or None, timeout=timeout_of(request.timeout_ms, context))
+        timeout = timeout_of(request.timeout_ms, context)
+        with self._waiting(session):
+            report = region.sync(devices or None, timeout=timeout)
         return pb.SyncResponse(report=report_pb(report))
 
     def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float
@@ -403,8 +465,10 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
     @unary
     def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
         session = self._session(context)
-        lease_id, lease, handle = self.acquire_lease(session, request.name, request.device, request.fresh,
-                                                     timeout_of(request.timeout_ms, context))
+        timeout = timeout_of(request.timeout_ms, context)
+        with self._waiting(session):
+            lease_id, lease, handle = self.acquire_lease(session, request.name, request.device, request.fresh,
+                                                         timeout)
         return pb.AcquireResponse(
             lease_id=lease_id, generation=lease.generation, invalid_runs=flat(lease.invalid_runs),
             nbytes=lease.nbytes, device=lease.device, export_kind=handle.kind, buffer_nbytes=handle.nbytes,
@@ -438,7 +502,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         region, _ = self._region(session, request.name, write=request.resync)
         self._guard_file(region)
         devices = check_devices(request.devices, required=False)
-        reports = region.verify(devices or None, resync=request.resync)
+        with self._waiting(session):
+            reports = region.verify(devices or None, resync=request.resync)
         return pb.VerifyResponse(reports=[
             pb.VerifyReport(device=r.device, pages_checked=r.pages_checked, mismatched_runs=flat(r.mismatched),
                             resynced=r.resynced, stale_pages=r.stale_pages) for r in reports])
@@ -448,39 +513,62 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         session = self._session(context)
         if not 0 <= request.coalesce_ms <= 1000:
             raise InvalidArgumentError(f"coalesce_ms must be in [0, 1000], got {request.coalesce_ms}")
-        names = set(request.names)
-        if len(names) > MAX_LIST:
+        if len(set(request.names)) > MAX_LIST:
             raise InvalidArgumentError(f"at most {MAX_LIST} names per watch")
-        for name in names:
-            self._region(session, name, write=False)
+        names = {self._region(session, name, write=False)[0].name for name in set(request.names)}
+        principal = session.principal
         with session.lock:
             if session.watchers >= self.reg.quota.max_watchers:
                 raise self.reg.quota_error("watchers", f"session already has {session.watchers} watch streams "
                                                        f"(limit {self.reg.quota.max_watchers})")
+            if principal is not None:
+                self._watch_uid.acquire(principal, _principal_name(session))
             if not self._streams.acquire(blocking=False):
+                if principal is not None:
+                    self._watch_uid.release(principal)
                 raise self.reg.quota_error("streams", f"the server already serves {self.max_streams} watch streams")
             session.watchers += 1
 
+        def readable(region: str) -> bool:
+            # Checked live for every event: a revoked share (or a revoked token, which ends the session) stops
+            # the delivery at once, even for a stream that named the region when it was still shared.
+            return not session.closed and self.reg.can_read(session, region)
+
         def accept(event: Event) -> bool:
-            return (event.region in names) if names else self.reg.can_read(session, event.region)
+            return (event.region in names if names else True) and readable(event.region)
+
+        def still_readable(event: Event) -> bool:
+            # Queued before a revocation, sent after it: drop it. A region that is gone altogether (its
+            # region_removed event) was readable when the event was queued.
+            return self.reg.owners.get(event.region) is None or readable(event.region)
 
         watcher = self.hub.add(accept)
         context.add_callback(watcher.close)
         try:
             context.send_initial_metadata(())
             for events, dropped in watcher.batches((request.coalesce_ms or 2) / 1000):
-                if session.closed or not context.is_active() or self.stopping.is_set():
+                if session.closed:
+                    raise UnauthenticatedError("session ended (its token was revoked, or its client left)")
+                if not context.is_active() or self.stopping.is_set():
                     return
+                events = [e for e in events if still_readable(e)]
                 if events or dropped:
-                    yield from _watch_messages(events, dropped)
+                    yield from _watch_messages(events, dropped, view_name)
         finally:
             self.hub.remove(watcher)
             self._streams.release()
+            if principal is not None:
+                self._watch_uid.release(principal)
             with session.lock:
                 session.watchers -= 1
 
 
-def _watch_messages(events: list[Event], dropped: int) -> Iterator[pb.WatchResponse]:
+def _principal_name(session: Session) -> str:
+    return f"uid {session.uid} (all its sessions)" if session.uid is not None else f"session {session.label}"
+
+
+def _watch_messages(events: list[Event], dropped: int, view: Callable[[str], str] = str
+                    ) -> Iterator[pb.WatchResponse]:
     """Pack events into messages of at most ``MAX_RUNS_PER_MESSAGE`` runs (a huge event is split)."""
     out: list[pb.Event] = []
     budget = MAX_RUNS_PER_MESSAGE
@@ -489,7 +577,8 @@ def _watch_messages(events: list[Event], dropped: int) -> Iterator[pb.WatchRespo
         start = 0
         while True:
             part = runs[start:start + budget]
-            out.append(pb.Event(kind=event.kind, region=event.region, generation=event.generation, runs=flat(part),
+            out.append(pb.Event(kind=event.kind, region=view(event.region), generation=event.generation,
+                                runs=flat(part),
                                 device=event.device or "", pages=int(part[:, 1].sum()) if len(part) else 0,
                                 message=event.message))
             budget -= len(part)

@@ -17,13 +17,14 @@ import select
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._pages import PAGE_SIZE
 from ..errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -49,16 +50,33 @@ class UnauthenticatedError(PermissionDeniedError):
     grpc_code = "UNAUTHENTICATED"
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this host (the default cap on the host bytes one session may register)."""
+    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
 @dataclass(frozen=True)
 class Quota:
     """Per-session limits. ``max_bytes`` counts device memory held by the session's replicas (bytes of the
-    region times its replicas); ``0`` means unlimited."""
+    region times its replicas); ``0`` means unlimited.
+
+    ``max_host_bytes`` counts the bytes of the regions a session registered, at registration: a sparse memfd or
+    file costs nothing to its owner but the server keeps 8 bytes of state per page and maps it, so a 1 TiB sparse
+    memfd would cost 2 GiB of server memory (default: this host's RAM; 0 = unlimited). ``max_fds`` bounds the
+    file descriptors the server holds for the session (pending tickets and its regions' memfds, userfaultfds,
+    pagemaps, files). ``max_blocking`` bounds the session's RPCs that may wait (RegisterRegion, Replicate, Sync,
+    Acquire, Verify), and the same number bounds them per uid (all its sessions together; see ``limits``), so one
+    client cannot hold every gRPC worker. ``max_connections`` bounds the side-channel connections of one session."""
 
     max_bytes: int = 0
     max_regions: int = 256
     max_leases: int = 4096
     max_tickets: int = 16
     max_watchers: int = 8
+    max_host_bytes: int = field(default_factory=physical_memory)
+    max_fds: int = 512
+    max_blocking: int = 8
+    max_connections: int = 8
 
 
 @dataclass(eq=False)
@@ -80,11 +98,29 @@ class Session:
     """The pid that sent each ticket's fds (SO_PEERCRED): whose address space ``writer_base`` refers to."""
     watchers: int = 0
     closed: bool = False
+    region_slots: int = 0
+    """Regions registered or being registered (the region quota is reserved before the work, released on failure)."""
+    host_bytes: int = 0
+    """Host bytes of those regions (``Quota.max_host_bytes``)."""
+    fds: int = 0
+    """Descriptors the server holds for this session: pending tickets and its regions' (``Quota.max_fds``)."""
+    pending_bytes: int = 0
+    """Replica bytes reserved by Replicates under way (so concurrent ones cannot all pass the quota)."""
+    charges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per owned region: ``(host_bytes, fds)`` charged for it, given back when it goes."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> str:
         who = f"uid {self.uid} pid {self.pid}" if self.uid is not None else "pre-authorized"
         return f"{self.label} ({who})"
+
+    @property
+    def principal(self) -> object:
+        """Who is limited per uid: the side channel's uid, or the session itself for pre-authorized sessions (an
+        operator-issued token is one principal); ``None`` for root (see ``limits.ROOT_UID``)."""
+        if self.uid is None:
+            return self
+        return None if self.uid == 0 else ("uid", self.uid)
 
 
 class TokenStore:
@@ -269,8 +305,18 @@ class TokenStore:
             os.close(wake)
 
 
+def view_name(key: str) -> str:
+    """The name a client gave a region, from the server's key for it (``<session id>/<name>``)."""
+    return key.partition("/")[2]
+
+
 class SessionRegistry:
-    """Every session, region ownership and sharing. Region names are global (one namespace per server)."""
+    """Every session, region ownership and sharing.
+
+    Region names are per session: the ``Replicator`` knows a region as ``<session id>/<name>`` (``key``), so one
+    session's ``RegisterRegion("x")`` can neither collide with nor reveal another session's private ``x``
+    (``ALREADY_EXISTS`` only ever concerns the caller's own names). A name a session uses resolves to its own
+    region, else to the one region of that name shared with it (``resolve``)."""
 
     def __init__(self, replicator: Replicator, tokens: TokenStore, quota: Quota) -> None:
         self.replicator = replicator
@@ -384,6 +430,7 @@ class SessionRegistry:
                     f"session holds {len(session.tickets)} unused fd tickets (limit {self.quota.max_tickets}); "
                     "register regions with them first"
                 )
+            self._charge_locked(session, fds=len(fds))
             ticket = secrets.token_hex(8)
             session.tickets[ticket] = fds
             if pid is not None:
@@ -397,37 +444,99 @@ class SessionRegistry:
         with session.lock:
             fds = session.tickets.pop(ticket, None)
             pid = session.ticket_pids.pop(ticket, None)
+            if fds is not None:  # the caller owns them now; a region that keeps them charges them again
+                session.fds -= len(fds)
         if fds is None:
             raise NotFoundError(f"no fd ticket {ticket!r} in this session (tickets are single-use)")
         return fds, pid
 
     # ------------------------------------------------------------------ regions
     def claim(self, session: Session, name: str) -> None:
-        """Reserve a region slot for ``session`` (quota) before registering it."""
+        """Reserve a region slot for ``session`` (quota) before registering it; ``adopt`` keeps it, ``unclaim``
+        gives it back when the registration fails. Reserving (not just checking) makes concurrent registrations
+        unable to pass the quota together."""
         with session.lock:
-            if len(session.regions) >= self.quota.max_regions:
+            if session.closed:
+                raise UnauthenticatedError("session ended")
+            if session.region_slots >= self.quota.max_regions:
                 raise self.quota_error(
                     "regions",
-                    f"session {session.label} already has {len(session.regions)} regions "
+                    f"session {session.label} already has {session.region_slots} regions "
                     f"(limit {self.quota.max_regions})"
                 )
+            session.region_slots += 1
 
-    def adopt(self, session: Session, name: str) -> None:
+    def unclaim(self, session: Session, host_bytes: int = 0, fds: int = 0) -> None:
+        """Give back a slot from ``claim`` (and what ``charge`` reserved) after a failed registration."""
+        with session.lock:
+            session.region_slots -= 1
+            session.host_bytes -= host_bytes
+            session.fds -= fds
+
+    def _charge_locked(self, session: Session, host_bytes: int = 0, fds: int = 0) -> None:
+        q = self.quota
+        if host_bytes and q.max_host_bytes and session.host_bytes + host_bytes > q.max_host_bytes:
+            raise self.quota_error(
+                "host_bytes", f"session {session.label}: a region of {host_bytes} bytes would exceed its quota of "
+                              f"{q.max_host_bytes} registered host bytes ({session.host_bytes} in use)")
+        if fds and session.fds + fds > q.max_fds:
+            raise self.quota_error(
+                "fds", f"session {session.label}: {fds} more file descriptors would exceed its budget of "
+                       f"{q.max_fds} held by the server ({session.fds} in use: pending tickets and regions)")
+        session.host_bytes += host_bytes
+        session.fds += fds
+
+    def charge(self, session: Session, host_bytes: int = 0, fds: int = 0) -> None:
+        """Reserve a region's host bytes and fds (``Quota.max_host_bytes``, ``max_fds``) before it is built."""
+        with session.lock:
+            self._charge_locked(session, host_bytes, fds)
+
+    def adopt(self, session: Session, name: str, host_bytes: int = 0, fds: int = 0) -> None:
+        """``session`` owns the registered region ``name``, which keeps the slot and the charges reserved for it."""
         with self._lock, session.lock:
             self.owners[name] = session
             session.regions.add(name)
+            session.charges[name] = (host_bytes, fds)
 
     def drop_region(self, session: Session, name: str) -> None:
         with self._lock, session.lock:
             if self.owners.get(name) is not session:
                 return
             session.regions.discard(name)
+            host_bytes, fds = session.charges.pop(name, (0, 0))
+            session.region_slots -= 1
+            session.host_bytes -= host_bytes
+            session.fds -= fds
         with contextlib.suppress(NotFoundError):
             self.replicator.unregister(name)
         with self._lock:
             if self.owners.get(name) is session:
                 del self.owners[name]
             self.shares.pop(name, None)
+
+    @staticmethod
+    def key(session: Session, name: str) -> str:
+        """The server's key for ``session``'s region ``name``."""
+        return f"{session.id}/{name}"
+
+    def resolve(self, session: Session, name: str) -> str:
+        """The key of the region ``name`` means to ``session``: its own, else the one shared with it under that
+        name (or under its full key ``<session id>/<name>``, which ``FAILED_PRECONDITION`` suggests when two
+        owners shared the same name). ``NOT_FOUND`` for anything it cannot read, whether it exists or not."""
+        own = self.key(session, name)
+        if self.owners.get(own) is session:
+            return own
+        if self.owners.get(name) is not None and self.can_read(session, name):
+            return name
+        with self._lock:
+            keys = list(self.owners)
+        matches = [k for k in keys if view_name(k) == name and self.can_read(session, k)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(f"no region named {name!r}")
+        raise FailedPreconditionError(f"{len(matches)} regions named {name!r} are shared with you; name one by its "
+                                      f"full key: {', '.join(sorted(matches))}")
 
     def can_read(self, session: Session, name: str) -> bool:
         owner = self.owners.get(name)
@@ -439,19 +548,17 @@ class SessionRegistry:
         return "*" in grants or f"label:{session.label}" in grants or (
             session.uid is not None and f"uid:{session.uid}" in grants)
 
-    def check(self, session: Session, name: str, *, write: bool) -> bool:
-        """Raise unless ``session`` may use region ``name``; returns whether it is the owner."""
-        owner = self.owners.get(name)
-        if owner is session:
-            return True
-        if owner is None or not self.can_read(session, name):
-            raise NotFoundError(f"no region named {name!r}")
+    def check(self, session: Session, name: str, *, write: bool) -> tuple[str, bool]:
+        """Raise unless ``session`` may use region ``name``; returns its key and whether ``session`` owns it."""
+        key = self.resolve(session, name)
+        if self.owners.get(key) is session:
+            return key, True
         if write:
             raise PermissionDeniedError(f"region {name!r} is shared with you read-only; only its owner may change it")
-        return False
+        return key, False
 
     def share(self, session: Session, name: str, grantee: str, revoke: bool) -> None:
-        self.check(session, name, write=True)
+        name, _ = self.check(session, name, write=True)
         kind, sep, value = grantee.partition(":")
         if grantee != "*" and not (sep and value and (kind == "label" or (kind == "uid" and value.isdigit()))):
             raise InvalidArgumentError(f"bad grantee {grantee!r}: use '*', 'uid:<number>' or 'label:<label>'")
@@ -484,12 +591,29 @@ class SessionRegistry:
         return total
 
     def check_bytes(self, session: Session, extra: int) -> None:
-        if self.quota.max_bytes and self.device_bytes(session) + extra > self.quota.max_bytes:
-            raise self.quota_error(
-                "bytes",
-                f"session {session.label}: {extra} more bytes of replicas would exceed its quota of "
-                f"{self.quota.max_bytes} bytes ({self.device_bytes(session)} in use)"
-            )
+        with self.reserve_bytes(session, extra):
+            pass
+
+    @contextlib.contextmanager
+    def reserve_bytes(self, session: Session, extra: int) -> Iterator[None]:
+        """Hold ``extra`` replica bytes of the quota while the replicas are made: checked and reserved under the
+        session's lock, so concurrent Replicates cannot each see the same free space (the check alone let four
+        64 MiB Replicates pass a 64 MiB quota together). Replicas already added while the reservation is held
+        count twice until it ends: briefly conservative, never over the quota."""
+        with session.lock:
+            used = self.device_bytes(session) + session.pending_bytes
+            if self.quota.max_bytes and used + extra > self.quota.max_bytes:
+                raise self.quota_error(
+                    "bytes",
+                    f"session {session.label}: {extra} more bytes of replicas would exceed its quota of "
+                    f"{self.quota.max_bytes} bytes ({used} in use or being replicated)"
+                )
+            session.pending_bytes += extra
+        try:
+            yield
+        finally:
+            with session.lock:
+                session.pending_bytes -= extra
 
     # ------------------------------------------------------------------ leases
     def add_lease(self, session: Session, lease: Lease) -> int:

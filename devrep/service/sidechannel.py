@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,17 @@ from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
 from . import protocol, sockets
 from .fileaccess import check_file_fd
+from .limits import ROOT_UID, Limiter
 from .sessions import Session, SessionRegistry, UnauthenticatedError
 
 log = logging.getLogger("devrep.service")
 
 HELLO_TIMEOUT = 5.0
+"""Seconds from connecting to a successful ``hello``, all packets together (not restarted by each packet)."""
 MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_UID = 32
+"""Side-channel connections one unprivileged uid may hold at a time (root is not limited per uid, see
+``limits.ROOT_UID``); the rest of ``MAX_CONNECTIONS`` stays for everyone else."""
 
 # What put_fds accepts: the roles of the fds, in order.
 FD_KINDS: dict[str, tuple[str, ...]] = {
@@ -203,6 +210,10 @@ class SideChannel:
                 raise
         self._sock.listen(64)
         self._conns: set[socket.socket] = set()
+        self._per_uid = Limiter("side-channel connections", MAX_CONNECTIONS_PER_UID,
+                                functools.partial(registry.quota_error, "connections"))
+        self._per_session = Limiter("side-channel connections", registry.quota.max_connections,
+                                    functools.partial(registry.quota_error, "connections"))
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="devrep-fd-accept", daemon=True)
@@ -233,26 +244,48 @@ class SideChannel:
                 if self._closed:
                     return
                 continue
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                uid = struct.unpack("3i", creds)[1]
+            except OSError:
+                conn.close()
+                continue
+            key = None if uid == ROOT_UID else uid
             with self._lock:
+                refusal: DevrepError | None = None
                 if len(self._conns) >= MAX_CONNECTIONS:
+                    refusal = self.registry.quota_error(
+                        "connections", f"too many side-channel connections ({MAX_CONNECTIONS})")
+                elif key is not None and not self._per_uid.try_acquire(key):
+                    refusal = self.registry.quota_error(
+                        "connections", f"uid {uid} already holds {MAX_CONNECTIONS_PER_UID} side-channel connections")
+                if refusal is not None:
                     with contextlib.suppress(OSError):
-                        protocol.send(conn, protocol.error_reply(
-                            self.registry.quota_error(
-                                "connections", f"too many side-channel connections ({MAX_CONNECTIONS})")))
+                        protocol.send(conn, protocol.error_reply(refusal))
                     conn.close()
                     continue
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="devrep-fd-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, key), name="devrep-fd-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, uid_key: int | None) -> None:
         session: Session | None = None
         owns_session = False
         try:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
             groups = peer_groups(conn)
-            conn.settimeout(HELLO_TIMEOUT)
+            # Absolute: a client that keeps sending packets (bad ones, or hellos refused under --require-token)
+            # is still cut when the time is up, instead of holding a slot forever.
+            hello_deadline = time.monotonic() + HELLO_TIMEOUT
             while not self._closed:
+                if session is None:
+                    left = hello_deadline - time.monotonic()
+                    if left <= 0:
+                        with contextlib.suppress(OSError):
+                            protocol.send(conn, protocol.error_reply(UnauthenticatedError(
+                                f"no successful hello within {HELLO_TIMEOUT:g} s of connecting")))
+                        return
+                    conn.settimeout(left)
                 try:
                     message, fds = protocol.recv(conn)
                 except protocol.ProtocolError as exc:
@@ -274,7 +307,15 @@ class SideChannel:
                     protocol.send(conn, protocol.error_reply(exc))
                     continue
                 if isinstance(reply.get("_session"), Session):
-                    session = reply.pop("_session")
+                    joined: Session = reply.pop("_session")
+                    if not self._per_session.try_acquire(joined):
+                        protocol.send(conn, protocol.error_reply(self.registry.quota_error(
+                            "connections", f"session {joined.label} already has "
+                                           f"{self._per_session.limit} side-channel connections")))
+                        if reply.pop("_owns"):
+                            self.registry.close(joined)
+                        return
+                    session = joined
                     owns_session = bool(reply.pop("_owns"))
                     conn.settimeout(None)  # from now on the connection lives as long as the client
                 try:
@@ -288,6 +329,10 @@ class SideChannel:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                if uid_key is not None:
+                    self._per_uid.release(uid_key)
+            if session is not None:
+                self._per_session.release(session)
             conn.close()
             if session is not None and owns_session:
                 self.registry.close(session)
@@ -301,9 +346,13 @@ class SideChannel:
             if session is not None:
                 raise InvalidArgumentError("hello was already sent on this connection")
             token = message.get("token")
-            label = message.get("label") or f"uid{uid}-pid{pid}"
-            if not isinstance(label, str) or len(label) > 128:
+            chosen = message.get("label") or f"pid{pid}"
+            if not isinstance(chosen, str) or len(chosen) > 128:
                 raise InvalidArgumentError("label must be a string of at most 128 characters")
+            # A label the client chose is namespaced by its uid: it can never equal an operator-set token label
+            # (token file names hold no '/') nor another uid's label, so ShareRegion(grantee="label:X") grants
+            # nothing to a stranger who says hello with label X. See docs/security.md (4. Labels are not identities).
+            label = f"uid:{uid}/{chosen}"
             if token:
                 if not isinstance(token, str):
                     raise InvalidArgumentError("token must be a string")

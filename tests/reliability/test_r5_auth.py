@@ -78,13 +78,13 @@ def test_r5_other_session_sees_nothing(srv: ServerProcess) -> None:
             assert int(lease.array[0]) == 42
 
         # Shared read-only: mallory may now see and acquire, but still not change or remove it.
-        alice.share("secret", "label:mallory")
+        alice.share("secret", f"label:{mallory.label}")
         assert [r.name for r in mallory.list_regions()] == ["secret"]
         with mallory.acquire("secret", "cpu:0") as lease:
             assert int(lease.array[0]) == 42
         for name in ("invalidate", "replicate", "share", "unregister"):
             assert denied(attempts[name]) == "PermissionDeniedError", name
-        alice.share("secret", "label:mallory", revoke=True)
+        alice.share("secret", f"label:{mallory.label}", revoke=True)
         assert denied(attempts["acquire"]) == "NotFoundError"
         assert alice.describe("secret").name == "secret"
 

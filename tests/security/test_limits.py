@@ -1,0 +1,86 @@
+"""Issue 10 item 5: bounded inputs. Each hostile size or number gets a clean INVALID_ARGUMENT /
+RESOURCE_EXHAUSTED / UNAUTHENTICATED (never INTERNAL, an OOM or a dead thread), the server's memory stays bounded,
+and it keeps serving other clients afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import devrep.client
+from devrep.service.sessions import physical_memory
+
+from ._harness import RootServer, run_as_attacker
+
+ATTACKS = Path(__file__).with_name("_attacks_limits.py")
+RSS_BOUND = 200 << 20
+"""A generous bound on what one attack may add to the server's resident memory (the attacks below cost 0.5 GiB to
+OOM before the fixes)."""
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def still_serves(server: RootServer) -> None:
+    """A victim (another client) is served normally after the attack."""
+    assert server.alive(), server.log()[-3000:]
+    with devrep.client.connect(server.address, label="victim") as victim:
+        region = victim.create_region("victim", 1 << 16)
+        region.array[:] = 3
+        victim.replicate("victim", ["cpu:0"])
+        with victim.acquire("victim", "cpu:0") as lease:
+            assert int(lease.array[-1]) == 3
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_block_size_is_bounded(server: RootServer) -> None:
+    before = rss(server.pid)
+    got = run_as_attacker(ATTACKS, "huge_block_sizes", server.address)
+    grown = rss(server.pid) - before
+    print(got, f"server RSS +{grown >> 20} MiB")
+    for exp in (37, 40, 62):
+        assert got[f"register 2^{exp}"] == "INVALID_ARGUMENT", got
+        assert got[f"invalidate 2^{exp}"] == "NOT_FOUND", got
+    assert got["register 2^30"] == "OK" and got["invalidate 2^30"] == "OK", got
+    assert grown < RSS_BOUND, f"server RSS grew by {grown >> 20} MiB"
+    still_serves(server)
+
+
+def test_sparse_memfd_counts_against_the_host_bytes_quota(server: RootServer) -> None:
+    before = rss(server.pid)
+    got = run_as_attacker(ATTACKS, "sparse_memfd", server.address, 1 << 40)
+    grown = rss(server.pid) - before
+    print(got, f"server RSS +{grown >> 20} MiB")
+    assert physical_memory() < 1 << 40, "this host has 1 TiB of RAM: pick a bigger sparse size"
+    assert got == {"register": "RESOURCE_EXHAUSTED", "invalidate": "-"}, got
+    assert grown < RSS_BOUND, f"server RSS grew by {grown >> 20} MiB"
+    still_serves(server)
+
+
+def test_nested_json_on_the_side_channel(server: RootServer) -> None:
+    got = run_as_attacker(ATTACKS, "deep_json", str(server.fd_socket))
+    assert got == {"deep0": "INVALID_ARGUMENT", "deep1": "INVALID_ARGUMENT", "hello after": True}, got
+    still_serves(server)
+
+
+def test_big_requests_before_authentication(server: RootServer) -> None:
+    before = rss(server.pid)
+    got = run_as_attacker(ATTACKS, "big_unauthenticated", server.address, [60, 15, 15, 15, 15])
+    grown = rss(server.pid) - before
+    print(got, f"server RSS +{grown >> 20} MiB")
+    assert got == {"60": "RESOURCE_EXHAUSTED", "15": "UNAUTHENTICATED"}, got
+    assert grown < RSS_BOUND, f"server RSS grew by {grown >> 20} MiB"
+    still_serves(server)
+
+
+def test_int64_overflow_in_runs_and_timeouts(server: RootServer) -> None:
+    got = run_as_attacker(ATTACKS, "overflows", server.address)
+    print(got)
+    assert got.pop("replicate") == "OK" and got.pop("ping after") == "OK", got
+    assert got.pop("Sync timeout_ms 1h") == "OK", got
+    assert got.pop("invalidate length max") == "OK", got  # "to the end of the region": clipped, fine
+    assert set(got.values()) == {"INVALID_ARGUMENT"}, got
+    still_serves(server)
