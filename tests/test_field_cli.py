@@ -92,7 +92,7 @@ def test_ls_admin_view_for_root() -> None:
             assert admin.returncode == 0, admin.stderr
             got = [(r["name"], r["owner"]) for r in json.loads(admin.stdout)]
             assert [name for name, _ in got] == ["theirs"], got
-            assert got[0][1].startswith("pid"), got  # the owner's label
+            assert got[0][1].startswith("uid:0/pid"), got  # the owner's label, namespaced by its uid
             explicit = cli("ls", "--all", address=address)
             assert explicit.returncode == 0 and "theirs" in explicit.stdout, explicit.stdout
             mine = cli("ls", "--mine", "--json", address=address)
