@@ -72,7 +72,11 @@ def test_big_requests_before_authentication(server: RootServer) -> None:
     grown = rss(server.pid) - before
     print(got, f"server RSS +{grown >> 20} MiB")
     assert got == {"60": "RESOURCE_EXHAUSTED", "15": "UNAUTHENTICATED"}, got
-    assert grown < RSS_BOUND, f"server RSS grew by {grown >> 20} MiB"
+    # Before the fix the 60 MiB request alone cost ~1 GiB (parsed into a list of 10^7 integers). Now each refused
+    # request is at most MAX_REQUEST (16 MiB) held as bytes by gRPC's core and by Python while it is refused; how
+    # much of that the allocator keeps mapped afterwards varies from run to run (+61 to +221 MiB seen on a loaded
+    # 2-vCPU VM), so the bound is what holding all five at once would cost, far below the unfixed ~1 GiB.
+    assert grown < 5 * 2 * (16 << 20) + RSS_BOUND, f"server RSS grew by {grown >> 20} MiB"
     still_serves(server)
 
 
