@@ -52,7 +52,9 @@ $(BUF):
 
 lint: $(STAMP) $(BUF)
 	$(VENV)/bin/ruff check devrep tests bench examples
-	$(VENV)/bin/mypy devrep
+	$(VENV)/bin/mypy devrep bench examples/cupy_reader.py
+	MYPYPATH=tests $(VENV)/bin/mypy --explicit-package-bases tests
+	for d in examples/embeddings_online examples/weights_hot_swap; do $(VENV)/bin/mypy $$d || exit 1; done
 	$(BUF) lint
 
 serve: $(STAMP)

@@ -46,8 +46,10 @@ def p1_replicate(results: dict[str, Any]) -> None:
 
         ours = median_seconds(replicate, repeat=3, setup=drop)
         dst: list[np.ndarray] = []
-        base = median_seconds(lambda: np.copyto(dst[0], region.array), repeat=3,
-                              setup=lambda: (dst.clear(), dst.append(_aligned(GiB))))
+        def fresh_destination() -> None:
+            dst[:] = [_aligned(GiB)]
+
+        base = median_seconds(lambda: np.copyto(dst[0], region.array), repeat=3, setup=fresh_destination)
         # Warm: the replica exists and every page is stale; the baseline copies into a warm buffer.
         ours_warm = median_seconds(region.sync, repeat=5, setup=lambda: region.invalidate())
         base_warm = median_seconds(lambda: np.copyto(dst[0], region.array), repeat=5)
@@ -62,7 +64,7 @@ def p2_hash(results: dict[str, Any]) -> None:
     _random_fill(data)
     hash_pages(data[: 64 * PAGE_SIZE])  # compile outside the timing
     ours = median_seconds(lambda: hash_pages(data), repeat=5)
-    view = memoryview(data)
+    view = memoryview(data.data)  # the array's buffer
     n = data.size // PAGE_SIZE
 
     def per_page() -> None:

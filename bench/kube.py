@@ -47,7 +47,8 @@ def k1_metrics_overhead(results: dict[str, Any], rounds: int = 7, n: int = 2000)
         rep.create_region("k1", 4 << 20)
         rep.replicate("k1", ["cpu:0", "cpu:1"])
         _sync_loop_seconds(rep, "k1", 200)  # warm up (numba, allocator)
-        without, with_ = [], []
+        without: list[float] = []
+        with_: list[float] = []
         for i in range(rounds):  # alternate the order so neither side always runs second
             for attached in ((False, True) if i % 2 else (True, False)):
                 metrics = Metrics(rep) if attached else None

@@ -49,7 +49,7 @@ def inproc_server(quota: Quota | None = None, tokens: TokenStore | None = None, 
     """A real gRPC server + side channel in this process (fast; for status-code and protocol tests)."""
     with short_tmpdir() as tmp:
         server = build_server(f"unix:{tmp}/devrep.sock", replicator=Replicator(cpu_devices=4),
-                              quota=quota, tokens=tokens, **options)  # type: ignore[arg-type]
+                              quota=quota, tokens=tokens, **options)
         server.start()
         try:
             yield server

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from _devrep_service import inproc_server
 
 import devrep
 from devrep.client import Client, connect
-from tests._devrep_service import inproc_server
 
 
 @pytest.fixture

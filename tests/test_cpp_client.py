@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _devrep_service import read_line, server_process, short_tmpdir
 
 from devrep.client import connect
 from devrep.doctor import probe
-from tests._devrep_service import read_line, server_process, short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "examples" / "cpp_client" / "client.cc"

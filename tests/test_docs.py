@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _devrep_service import server_process
 from markdown_it import MarkdownIt
-
-from tests._devrep_service import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TAGS = {"python", "py", "bash", "sh", "shell", "console"}

@@ -93,6 +93,7 @@ def test_dead_sync_handler_does_not_wedge_the_replica() -> None:
         tracker = SyncTracker()
         region = rep.create_region("r", 8 * PAGE_SIZE, tracking=tracker)
         rep.replicate("r", ["cpu:0"])
+        assert tracker.helper_pid is not None
         os.kill(tracker.helper_pid, signal.SIGKILL)
         time.sleep(0.5)
         with pytest.raises(DevrepError):

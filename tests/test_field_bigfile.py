@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from _devrep_service import server_process, short_tmpdir
 
 import devrep
 from devrep._pages import PAGE_SIZE
 from devrep._warmup import compile_kernels
 from devrep.client import connect
 from devrep.memory import MAX_IO
-from tests._devrep_service import server_process, short_tmpdir
 
 GIB = 1 << 30
 SIZE = 3 * GIB + 1234  # a partial last page too

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _devrep_service import client_process, inproc_server, read_line, server_process, tell
 
 from devrep.client import connect
 from devrep.errors import PermissionDeniedError
 from devrep.service import TokenStore
-from tests._devrep_service import client_process, inproc_server, read_line, server_process, tell
 
 DEADLINE = 60.0
 

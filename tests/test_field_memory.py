@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _devrep_service import client_process, read_line, short_tmpdir
 
 from devrep.client import connect
 from devrep.demo import stop_server
-from tests._devrep_service import client_process, read_line, short_tmpdir
 
 MIB = 1 << 20
 REGION = 256 * MIB

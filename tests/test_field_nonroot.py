@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
-
-from tests._devrep_service import ROOT, short_tmpdir
+from _devrep_service import ROOT, short_tmpdir
 
 NOBODY = 65534
 

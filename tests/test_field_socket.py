@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from _devrep_service import short_tmpdir
 
 import devrep
 from devrep.client import connect
 from devrep.demo import server_process
 from devrep.service.sockets import SocketInUseError, claim
-from tests._devrep_service import short_tmpdir
 
 START = 120.0
 

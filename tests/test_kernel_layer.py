@@ -57,7 +57,7 @@ def test_sync_wp_fault_round_trip_kernel_mode_write() -> None:
     r, w = os.pipe()
     os.write(w, b"hello")
     result: list[int] = []
-    target = memoryview(host.array)[2 * PAGE + 10: 2 * PAGE + 15]
+    target = memoryview(host.array.data)[2 * PAGE + 10: 2 * PAGE + 15]
     reader = threading.Thread(target=lambda: result.append(os.readv(r, [target])))
     reader.start()
     assert select.select([uffd], [], [], 10)[0], "no fault event within 10 s"

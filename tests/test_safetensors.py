@@ -28,7 +28,7 @@ NUMPY_TYPES = [np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.float16, np.
 
 def test_every_numpy_dtype_round_trips_zero_copy() -> None:
     rng = np.random.default_rng(1)
-    tensors = {f"t{i}": (rng.integers(0, 100, size=(3, 5)) > 50 if t is np.bool_ else
+    tensors: dict[str, np.ndarray] = {f"t{i}": (rng.integers(0, 100, size=(3, 5)) > 50 if t is np.bool_ else
                          rng.integers(0, 100, size=(3, 5))).astype(t) for i, t in enumerate(NUMPY_TYPES)}
     tensors["scalar"] = np.array(3.5, dtype=np.float32)
     tensors["empty"] = np.zeros((0, 4), dtype=np.int32)

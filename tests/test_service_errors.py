@@ -39,7 +39,7 @@ def status(fn: object, request: object, metadata: object = None) -> grpc.StatusC
         if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
             list(result)
     except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
+        return exc.code()
     return C.OK
 
 

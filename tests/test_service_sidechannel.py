@@ -67,13 +67,15 @@ def test_malformed_packets_get_error_replies_and_leak_nothing(server: DevrepServ
     sock = connect_raw(server)
     baseline = None
     try:
-        for payload, code in [(b"\xff\xfe not json", "INVALID_ARGUMENT"), (b"[1, 2]", "INVALID_ARGUMENT"),
-                              (b'{"op": "hel', "INVALID_ARGUMENT"),  # truncated
-                              (b"x" * (protocol.MAX_MESSAGE + 10), "INVALID_ARGUMENT"),
-                              ({"op": "put_fds"}, "UNAUTHENTICATED"),
-                              ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]:
+        packets: list[tuple[bytes | dict[str, Any], str]] = [
+            (b"\xff\xfe not json", "INVALID_ARGUMENT"), (b"[1, 2]", "INVALID_ARGUMENT"),
+            (b'{"op": "hel', "INVALID_ARGUMENT"),  # truncated
+            (b"x" * (protocol.MAX_MESSAGE + 10), "INVALID_ARGUMENT"),
+            ({"op": "put_fds"}, "UNAUTHENTICATED"),
+            ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]
+        for payload, code in packets:
             reply, _ = call(sock, payload)
-            assert (reply["ok"], reply["code"]) == (False, code), (payload[:40], reply)
+            assert (reply["ok"], reply["code"]) == (False, code), (str(payload)[:40], reply)
         hello(sock)
         baseline = open_fds()
         tmp = tempfile.NamedTemporaryFile()  # noqa: SIM115 - closed after the fd cases below

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         region = client.create_region(f"w{wid}-{n}", NPAGES * PAGE_SIZE, tracking="sync")
         old = state.get("array")
         if old is not None:
-            region.array[:] = old  # type: ignore[index]  # the host bytes the lost server had replicated
+            region.array[:] = old  # type: ignore[call-overload]  # the host bytes the lost server had replicated
         client.replicate(region.name, DEVICES)
         ok = True
         for device in DEVICES:

@@ -145,8 +145,9 @@ def truncate_under_the_service(server: ServerProcess, owner: devrep.client.Clien
             break
         time.sleep(0.05)
     stop.set()
-    assert server.proc is not None and server.proc.poll() is None, \
-        f"the service died (exit status {server.proc.poll()}; -7 is SIGBUS)"
+    proc = server.proc
+    assert proc is not None and proc.poll() is None, \
+        f"the service died (exit status {proc.poll() if proc else None}; -7 is SIGBUS)"
     assert failed, "the region was not marked failed"
     with pytest.raises(devrep.FailedPreconditionError):
         owner.acquire(name, "cpu:0")
