@@ -15,8 +15,10 @@ from _devrep_service import short_tmpdir
 
 from devrep.backends import load_backend
 from devrep.client import Client, connect
+from devrep.client._client import ClientLease
 from devrep.engine import Replicator
 from devrep.service import build_server
+from devrep.service._gen import devrep_pb2 as pb
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,4 +123,32 @@ def test_client_close_waits_for_the_gpu_and_closes_mappings(fd_sharing: bool) ->
         client.close()  # the server then frees the replica too (same process here): count the client's mapping
         closes = [i for i, e in enumerate(gpu.log) if e[0] in ("cuMemUnmap", "ipc_close") and e[1] == ptr]
         assert len(closes) == 1 and gpu.names().index("device_sync") < closes[0], gpu.log
+        assert client._ipc == {}
+
+
+@pytest.mark.parametrize("fd_sharing", [True, False])
+def test_grpc_acquire_carries_the_gpu_uuid_and_granularity(fd_sharing: bool) -> None:
+    """The gRPC Acquire (the path of clients without the side channel's acquire, e.g. over TCP or from C++)
+    names the replica's GPU by UUID and, for VMM fds, the granularity, like the side channel's acquire; the
+    client maps on the GPU with that UUID (reordered: another CUDA_VISIBLE_DEVICES) and reserves in multiples
+    of that granularity."""
+    gpu = FakeGpu(total=1 << 30, devices=2, fd_sharing=fd_sharing)
+    with served(gpu, reorder=True) as (client, driver):
+        host = fill(client, "g", "cuda:1")
+        reply = client._call(client._stub.Acquire, pb.AcquireRequest(name="g", device="cuda:1", fresh=True))
+        want_gran = driver.granularity(1) if fd_sharing else 0
+        print(f"expected uuid {gpu.uuids[1]} granularity {want_gran}; got {reply.gpu_uuid!r} {reply.granularity}")
+        assert reply.export_kind == ("cuda_fd" if fd_sharing else "cuda_ipc")
+        assert reply.gpu_uuid == gpu.uuids[1] and reply.granularity == want_gran
+        with ClientLease(client, "g", reply) as lease:  # what Client.acquire builds from a gRPC reply
+            assert lease.gpu_uuid == gpu.uuids[1] and not lease._via_side_channel
+            gpu.log.clear()
+            assert np.array_equal(lease.to_cupy().get(), host)
+            (entry,) = client._ipc.values()
+            assert entry[1] == 0, f"opened on ordinal {entry[1]}, want 0 (the server's cuda:1 in this client's order)"
+            if fd_sharing:
+                (access,) = [e for e in gpu.log if e[0] == "cuMemSetAccess"]
+                assert access[3] == 0 and access[4] == "read", f"mapped on the wrong ordinal: {access}"
+                (reserve,) = [e for e in gpu.log if e[0] == "cuMemAddressReserve"]
+                assert reserve[2] == want_gran, f"reserved with alignment {reserve[2]}, want {want_gran}"
         assert client._ipc == {}

@@ -205,3 +205,49 @@ def test_every_pocl_bitcode_variant_this_cpu_runs_is_exact(tmp_path: Path) -> No
         out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, f"{variant}: {out.stdout}{out.stderr}"
         assert out.stdout.strip() == f"devrep-{variant}.bc"
+
+
+def test_opencl_hash_kernels_do_one_page_per_work_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work-item k hashes exactly page k (a launch covering only the first 3 work-items hashes only pages 0..2),
+    and the backend launches at least one work-item per page, so a large GPU has enough work-items to fill it
+    (the former kernel did four pages per work-item and was launched with n / 4)."""
+    import pyopencl as cl
+
+    from devrep.backends._staging import aligned_empty
+
+    backend = load_backend("opencl", platform="portable")
+    try:
+        device = backend._devices[0]  # type: ignore[attr-defined]
+        npages = 10
+        host = aligned_empty(npages * PAGE_SIZE)
+        host[:] = np.random.default_rng(9).integers(0, 256, host.size, dtype=np.uint8)
+        buf = backend.allocate(0, host.nbytes)
+        backend.copy_runs(host, np.array([[0, npages]]), [buf])
+        want = [xxhash.xxh64_intdigest(host[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].tobytes()) for p in range(npages)]
+        sentinel = np.full(npages, 7, dtype=np.uint64)
+        out_buf = cl.Buffer(device.ctx.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
+                            hostbuf=sentinel)
+        kernel = backend._kernel(device, "hash_all")  # type: ignore[attr-defined]
+        kernel.set_args(buf.handle, out_buf, np.int64(npages))
+        cl.enqueue_nd_range_kernel(device.queue, kernel, (3,), (1,))
+        out = np.empty(npages, dtype=np.uint64)
+        cl.enqueue_copy(device.queue, out, out_buf).wait()
+        out_buf.release()
+        assert out.tolist() == want[:3] + [7] * (npages - 3), f"expected pages 0..2 hashed, rest 7; got {out}"
+
+        launched: list[int] = []
+        real = cl.enqueue_nd_range_kernel
+
+        def record(queue: object, k: object, global_size: tuple[int, ...], *args: object, **kw: object) -> object:
+            if getattr(k, "function_name", "") in ("hash_all", "hash_list"):
+                launched.append(int(global_size[0]))
+            return real(queue, k, global_size, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(cl, "enqueue_nd_range_kernel", record)
+        big = backend.allocate(0, 1000 * PAGE_SIZE)
+        assert backend.hash_pages(big).size == 1000
+        assert backend.hash_pages(big, np.arange(0, 1000, 2)).size == 500
+        assert len(launched) == 2 and launched[0] >= 1000 and launched[1] >= 500, f"global sizes {launched}"
+        assert backend.hash_pages(buf).tolist() == want
+    finally:
+        backend.close()

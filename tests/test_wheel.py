@@ -114,10 +114,14 @@ def test_wheel_metadata_declares_what_each_command_needs(installed: Installed) -
     # devrep demo writes a safetensors file; serve/doctor/the client need the rest.
     assert {"numpy", "numba", "xxhash", "rich", "grpcio", "protobuf", "safetensors", "inotify_simple"} <= set(runtime)
 
-    # CuPy and an NVRTC of the same CUDA major version (the driver has no NVRTC).
+    # CuPy, an NVRTC and the driver bindings (VMM fd sharing) of the same CUDA major version (the driver has no
+    # NVRTC; cuda-bindings pulls cuda-pathfinder itself).
     for major in ("12", "13"):
         reqs = _extra(meta, f"cuda{major}")
-        assert set(reqs) == {f"cupy-cuda{major}x", "cuda-toolkit"}, reqs
+        assert set(reqs) == {f"cupy-cuda{major}x", "cuda-toolkit", "cuda-bindings"}, reqs
+        bindings = reqs["cuda-bindings"].specifier
+        assert bindings.contains(f"{major}.9.10") and not bindings.contains(f"{int(major) + 1}.0.0"), bindings
+        assert not bindings.contains(f"{int(major) - 1}.9.0"), bindings
         assert {"nvrtc", "cudart"} <= reqs["cuda-toolkit"].extras
         assert reqs["cuda-toolkit"].specifier.contains(f"{major}.9.0")
         assert not reqs["cuda-toolkit"].specifier.contains(f"{int(major) + 1}.0.0")

@@ -86,7 +86,7 @@ import pyopencl as cl  # noqa: E402 - after POCL_CACHE_DIR
 
 _PAGE_WORDS = PAGE_SIZE // 8
 _LOCAL = 64  # work-group size of every kernel launch (fixed, so PoCL compiles each kernel once)
-# The hash kernels do four pages per work-item (see devrep/kernels/README.md).
+# The hash kernels do one page per work-item, so a launch has a work-item per page (devrep/kernels/README.md).
 _OOM = {-4, -5, -6, -61}  # MEM_OBJECT_ALLOCATION_FAILURE, OUT_OF_RESOURCES, OUT_OF_HOST_MEMORY, INVALID_BUFFER_SIZE
 _DIRECT_RUN_BYTES = 8 << 20  # a run this long is copied with its own transfer rather than packed
 _DEVICE_TYPES = {
@@ -468,12 +468,12 @@ class OpenCLBackend(Backend):
                     if index is None:
                         k = self._kernel(d, "hash_all")
                         k.set_args(buffer.handle, out_buf, np.int64(n))
-                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(-(-n // 4), _LOCAL),), (_LOCAL,))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
                     else:
                         pages_buf = self._pages_buffer(d, index)
                         k = self._kernel(d, "hash_list")
                         k.set_args(buffer.handle, pages_buf, out_buf, np.int64(n))
-                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(-(-n // 4), _LOCAL),), (_LOCAL,))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
                     cl.enqueue_copy(d.queue, out, out_buf).wait()
                     if index is not None:
                         pages_buf.release()

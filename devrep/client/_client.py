@@ -170,8 +170,8 @@ class ClientLease:
                 nbytes=reply["nbytes"], device=reply["device"], export_kind=reply["export_kind"],
                 buffer_nbytes=reply["buffer_nbytes"], cuda_ipc_handle=bytes.fromhex(reply["cuda_ipc_handle"]))
             self._via_side_channel = True
-        else:
-            self.gpu_uuid, self._granularity = "", 0
+        else:  # the gRPC Acquire carries the same GPU UUID and VMM granularity
+            self.gpu_uuid, self._granularity = reply.gpu_uuid, int(reply.granularity)
             self._via_side_channel = False
         self.lease_id = reply.lease_id
         self.generation = reply.generation

@@ -17,15 +17,13 @@
 #define ATOMIC_INC(p) atomic_inc(p)
 #endif
 
-#define MINL(a, b) ((a) < (b) ? (a) : (b))  // not min(): no builtins in the bitcode
-
 #define P1 11400714785074694791UL
 #define P2 14029467366897019727UL
 #define P3 1609587929392839161UL
 #define P4 9650029242287828579UL
 
-// XXH64's four accumulators v1..v4 are the components of a 4-wide vector (two pages side by side in an
-// 8-wide one), so a page is read as consecutive 32-byte stripes exactly as XXH64 defines it.
+// XXH64's four accumulators v1..v4 are the components of a 4-wide vector, so a page is read as consecutive
+// 32-byte stripes exactly as XXH64 defines it.
 ulong xxh_merge(ulong h, ulong v) {
     v *= P2;
     v = ROTL(v, 31UL);
@@ -51,62 +49,38 @@ ulong xxh64_finish(ulong4 v) {
 
 #define XXH_INIT ((ulong4)(P1 + P2, P2, 0UL, 0UL - P1))
 
-ulong8 xxh_round8(ulong8 acc, ulong8 lane) {
+ulong4 xxh_round4(ulong4 acc, ulong4 lane) {
     acc += lane * P2;                      // ulong arithmetic wraps mod 2^64, as XXH64 requires
-    acc = ROTL(acc, (ulong8)(31UL));
+    acc = ROTL(acc, (ulong4)(31UL));
     return acc * P1;
 }
 
-// Four pages per work-item: two pages' lanes share one 8-wide vector and two such vectors advance together,
-// so a CPU device keeps two independent multiply chains in flight on full-width registers (1.5x the
-// throughput of one page per work-item on PoCL/AVX-512). A GPU has parallelism to spare either way.
-void xxh64_pages4(__global const ulong *p0, __global const ulong *p1, __global const ulong *p2,
-                         __global const ulong *p3, ulong *h) {
-    __global const ulong4 *s0 = (__global const ulong4 *)p0;
-    __global const ulong4 *s1 = (__global const ulong4 *)p1;
-    __global const ulong4 *s2 = (__global const ulong4 *)p2;
-    __global const ulong4 *s3 = (__global const ulong4 *)p3;
-    ulong8 v = (ulong8)(XXH_INIT, XXH_INIT);
-    ulong8 w = (ulong8)(XXH_INIT, XXH_INIT);
+// One page per work-item, its four XXH64 lanes in one vector: the host launches a work-item per page, so a
+// large GPU gets n work-items to schedule instead of n / 4 (the former four-pages-per-work-item layout left
+// a large device's compute units idle on small batches).
+ulong xxh64_page(__global const ulong *p) {
+    __global const ulong4 *s = (__global const ulong4 *)p;
+    ulong4 v = XXH_INIT;
     for (int i = 0; i < PAGE_WORDS / 4; ++i) {
-        v = xxh_round8(v, (ulong8)(s0[i], s1[i]));
-        w = xxh_round8(w, (ulong8)(s2[i], s3[i]));
+        v = xxh_round4(v, s[i]);
     }
-    h[0] = xxh64_finish(v.lo);
-    h[1] = xxh64_finish(v.hi);
-    h[2] = xxh64_finish(w.lo);
-    h[3] = xxh64_finish(w.hi);
+    return xxh64_finish(v);
 }
 
-// out[k] = XXH64(page k of data), k < npages; work-item j does pages 4j..4j+3 (the host launches
-// ceil(npages / 4) work-items, rounded up to the work-group size). Past the end it rehashes the last page
-// and discards the result, so every work-item runs the same code.
+// out[k] = XXH64(page k of data), k < npages; work-item k does page k (the host launches npages work-items,
+// rounded up to the work-group size).
 __kernel void hash_all(__global const ulong *data, __global ulong *out, const long npages) {
-    long k = 4 * get_global_id(0);
-    if (k >= npages) {
-        return;
-    }
-    long last = npages - 1;
-    ulong h[4];
-    xxh64_pages4(data + k * PAGE_WORDS, data + MINL(k + 1, last) * PAGE_WORDS, data + MINL(k + 2, last) * PAGE_WORDS,
-                 data + MINL(k + 3, last) * PAGE_WORDS, h);
-    for (int j = 0; j < 4 && k + j < npages; ++j) {
-        out[k + j] = h[j];
+    long k = get_global_id(0);
+    if (k < npages) {
+        out[k] = xxh64_page(data + k * PAGE_WORDS);
     }
 }
 
-// out[k] = XXH64(page pages[k] of data), k < n; four list entries per work-item as in hash_all.
+// out[k] = XXH64(page pages[k] of data), k < n; one list entry per work-item as in hash_all.
 __kernel void hash_list(__global const ulong *data, __global const long *pages, __global ulong *out, const long n) {
-    long k = 4 * get_global_id(0);
-    if (k >= n) {
-        return;
-    }
-    long last = n - 1;
-    ulong h[4];
-    xxh64_pages4(data + pages[k] * PAGE_WORDS, data + pages[MINL(k + 1, last)] * PAGE_WORDS,
-                 data + pages[MINL(k + 2, last)] * PAGE_WORDS, data + pages[MINL(k + 3, last)] * PAGE_WORDS, h);
-    for (int j = 0; j < 4 && k + j < n; ++j) {
-        out[k + j] = h[j];
+    long k = get_global_id(0);
+    if (k < n) {
+        out[k] = xxh64_page(data + pages[k] * PAGE_WORDS);
     }
 }
 

@@ -472,7 +472,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         return pb.AcquireResponse(
             lease_id=lease_id, generation=lease.generation, invalid_runs=flat(lease.invalid_runs),
             nbytes=lease.nbytes, device=lease.device, export_kind=handle.kind, buffer_nbytes=handle.nbytes,
-            cuda_ipc_handle=handle.payload if isinstance(handle.payload, bytes) else b"")
+            cuda_ipc_handle=handle.payload if isinstance(handle.payload, bytes) else b"",
+            gpu_uuid=handle.gpu_uuid, granularity=handle.granularity)
 
     @unary
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:

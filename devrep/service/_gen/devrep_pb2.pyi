@@ -297,7 +297,7 @@ class AcquireRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., fresh: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
-    __slots__ = ("lease_id", "generation", "invalid_runs", "nbytes", "device", "export_kind", "cuda_ipc_handle", "buffer_nbytes")
+    __slots__ = ("lease_id", "generation", "invalid_runs", "nbytes", "device", "export_kind", "cuda_ipc_handle", "buffer_nbytes", "gpu_uuid", "granularity")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     INVALID_RUNS_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,8 @@ class AcquireResponse(_message.Message):
     EXPORT_KIND_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     BUFFER_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
     generation: int
     invalid_runs: _containers.RepeatedScalarFieldContainer[int]
@@ -314,7 +316,9 @@ class AcquireResponse(_message.Message):
     export_kind: str
     cuda_ipc_handle: bytes
     buffer_nbytes: int
-    def __init__(self, lease_id: _Optional[int] = ..., generation: _Optional[int] = ..., invalid_runs: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., export_kind: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., buffer_nbytes: _Optional[int] = ...) -> None: ...
+    gpu_uuid: str
+    granularity: int
+    def __init__(self, lease_id: _Optional[int] = ..., generation: _Optional[int] = ..., invalid_runs: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., device: _Optional[str] = ..., export_kind: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., buffer_nbytes: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., granularity: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)
