@@ -56,7 +56,8 @@ def _kernels_in(text: str, pattern: str) -> set[str]:
 def test_cuda_and_opencl_define_the_same_kernels() -> None:
     cl = _kernels_in((KERNELS / "devrep.cl").read_text(), r"__kernel\s+void\s+(\w+)")
     cu = _kernels_in((KERNELS / "devrep.cu").read_text(), r'extern\s+"C"\s+__global__\s+void\s+(\w+)')
-    assert cl == cu == KERNEL_NAMES
+    # OpenCL also runs on CPU devices, where the hash kernels do four pages per work-item (hash_all4/hash_list4).
+    assert cl == KERNEL_NAMES | {"hash_all4", "hash_list4"} and cu == KERNEL_NAMES, (cl, cu)
 
 
 @pytest.mark.parametrize("source", sorted(KERNELS.glob("*.cl")), ids=lambda p: p.name)
@@ -207,14 +208,18 @@ def test_every_pocl_bitcode_variant_this_cpu_runs_is_exact(tmp_path: Path) -> No
         assert out.stdout.strip() == f"devrep-{variant}.bc"
 
 
-def test_opencl_hash_kernels_do_one_page_per_work_item(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Work-item k hashes exactly page k (a launch covering only the first 3 work-items hashes only pages 0..2),
-    and the backend launches at least one work-item per page, so a large GPU has enough work-items to fill it
-    (the former kernel did four pages per work-item and was launched with n / 4)."""
+def test_opencl_hash_kernel_geometry_per_device_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUs get one page per work-item (``hash_all``: work-item k hashes exactly page k, a launch of n
+    work-items), so a large GPU has enough work-items to fill it; CPU devices get four (``hash_all4``), which
+    keeps two multiply chains in flight per core. Both kernels are bit-exact with xxhash."""
     import pyopencl as cl
 
+    from devrep.backends._opencl import hash_geometry
     from devrep.backends._staging import aligned_empty
 
+    assert hash_geometry(int(cl.device_type.GPU)) == (1, "")
+    assert hash_geometry(int(cl.device_type.ACCELERATOR)) == (1, "")
+    assert hash_geometry(int(cl.device_type.CPU)) == (4, "4")
     backend = load_backend("opencl", platform="portable")
     try:
         device = backend._devices[0]  # type: ignore[attr-defined]
@@ -224,30 +229,34 @@ def test_opencl_hash_kernels_do_one_page_per_work_item(monkeypatch: pytest.Monke
         buf = backend.allocate(0, host.nbytes)
         backend.copy_runs(host, np.array([[0, npages]]), [buf])
         want = [xxhash.xxh64_intdigest(host[p * PAGE_SIZE:(p + 1) * PAGE_SIZE].tobytes()) for p in range(npages)]
-        sentinel = np.full(npages, 7, dtype=np.uint64)
-        out_buf = cl.Buffer(device.ctx.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
-                            hostbuf=sentinel)
-        kernel = backend._kernel(device, "hash_all")  # type: ignore[attr-defined]
-        kernel.set_args(buf.handle, out_buf, np.int64(npages))
-        cl.enqueue_nd_range_kernel(device.queue, kernel, (3,), (1,))
-        out = np.empty(npages, dtype=np.uint64)
-        cl.enqueue_copy(device.queue, out, out_buf).wait()
-        out_buf.release()
-        assert out.tolist() == want[:3] + [7] * (npages - 3), f"expected pages 0..2 hashed, rest 7; got {out}"
+        for name, items, pages in (("hash_all", 3, 3), ("hash_all4", 1, 4)):
+            sentinel = np.full(npages, 7, dtype=np.uint64)
+            out_buf = cl.Buffer(device.ctx.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
+                                hostbuf=sentinel)
+            kernel = backend._kernel(device, name)  # type: ignore[attr-defined]
+            kernel.set_args(buf.handle, out_buf, np.int64(npages))
+            cl.enqueue_nd_range_kernel(device.queue, kernel, (items,), (1,))
+            out = np.empty(npages, dtype=np.uint64)
+            cl.enqueue_copy(device.queue, out, out_buf).wait()
+            out_buf.release()
+            assert out.tolist() == want[:pages] + [7] * (npages - pages), f"{name}: {out}"
 
-        launched: list[int] = []
+        launched: list[tuple[str, int]] = []
         real = cl.enqueue_nd_range_kernel
 
         def record(queue: object, k: object, global_size: tuple[int, ...], *args: object, **kw: object) -> object:
-            if getattr(k, "function_name", "") in ("hash_all", "hash_list"):
-                launched.append(int(global_size[0]))
+            if getattr(k, "function_name", "").startswith("hash_"):
+                launched.append((getattr(k, "function_name", ""), int(global_size[0])))
             return real(queue, k, global_size, *args, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(cl, "enqueue_nd_range_kernel", record)
         big = backend.allocate(0, 1000 * PAGE_SIZE)
         assert backend.hash_pages(big).size == 1000
         assert backend.hash_pages(big, np.arange(0, 1000, 2)).size == 500
-        assert len(launched) == 2 and launched[0] >= 1000 and launched[1] >= 500, f"global sizes {launched}"
+        per_item, suffix = hash_geometry(int(device.device.type))
+        assert [name for name, _ in launched] == ["hash_all" + suffix, "hash_list" + suffix], launched
+        assert launched[0][1] * per_item >= 1000 and launched[1][1] * per_item >= 500, launched
         assert backend.hash_pages(buf).tolist() == want
+        assert backend.hash_pages(buf, np.array([9, 0, 5])).tolist() == [want[9], want[0], want[5]]
     finally:
         backend.close()

@@ -86,7 +86,16 @@ import pyopencl as cl  # noqa: E402 - after POCL_CACHE_DIR
 
 _PAGE_WORDS = PAGE_SIZE // 8
 _LOCAL = 64  # work-group size of every kernel launch (fixed, so PoCL compiles each kernel once)
-# The hash kernels do one page per work-item, so a launch has a work-item per page (devrep/kernels/README.md).
+# Hash kernels (devrep/kernels/README.md): on GPUs and accelerators one page per work-item, so a launch has a
+# work-item per page and a large device fills; on CPU devices four pages per work-item (hash_all4/hash_list4),
+# which keeps two multiply chains in flight per core and hashes 1.05-1.9x faster on PoCL than one page would.
+
+
+def hash_geometry(device_type: int) -> tuple[int, str]:
+    """``(pages per work-item, kernel-name suffix)`` of the hash kernels for an OpenCL device type."""
+    return (4, "4") if device_type & cl.device_type.CPU else (1, "")
+
+
 _OOM = {-4, -5, -6, -61}  # MEM_OBJECT_ALLOCATION_FAILURE, OUT_OF_RESOURCES, OUT_OF_HOST_MEMORY, INVALID_BUFFER_SIZE
 _DIRECT_RUN_BYTES = 8 << 20  # a run this long is copied with its own transfer rather than packed
 _DEVICE_TYPES = {
@@ -465,15 +474,17 @@ class OpenCLBackend(Backend):
             try:
                 out_buf = cl.Buffer(d.ctx.context, cl.mem_flags.WRITE_ONLY, n * 8)
                 try:
+                    per_item, suffix = hash_geometry(int(d.device.type))
+                    items = _round_up(-(-n // per_item), _LOCAL)
                     if index is None:
-                        k = self._kernel(d, "hash_all")
+                        k = self._kernel(d, "hash_all" + suffix)
                         k.set_args(buffer.handle, out_buf, np.int64(n))
-                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (items,), (_LOCAL,))
                     else:
                         pages_buf = self._pages_buffer(d, index)
-                        k = self._kernel(d, "hash_list")
+                        k = self._kernel(d, "hash_list" + suffix)
                         k.set_args(buffer.handle, pages_buf, out_buf, np.int64(n))
-                        cl.enqueue_nd_range_kernel(d.queue, k, (_round_up(n, _LOCAL),), (_LOCAL,))
+                        cl.enqueue_nd_range_kernel(d.queue, k, (items,), (_LOCAL,))
                     cl.enqueue_copy(d.queue, out, out_buf).wait()
                     if index is not None:
                         pages_buf.release()
