@@ -44,7 +44,7 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_EXHAUSTED
     if isinstance(exc, errors.FailedPreconditionError):
         return EXIT_PRECONDITION
-    if isinstance(exc, errors.LeaseTimeoutError):
+    if isinstance(exc, errors.LeaseTimeoutError | errors.DeadlineExceededError):
         return EXIT_TIMEOUT
     if isinstance(exc, errors.InvalidArgumentError):
         return EXIT_USAGE

@@ -1,4 +1,6 @@
-"""Exception types. Each maps to one documented gRPC status in the service (see ``GRPC_CODE``)."""
+"""Exception types. Each maps to one documented gRPC status in the service (``grpc_code``); the service also sends
+the class name (trailing metadata ``devrep-error``, the side channel's ``class``), so the client raises the same
+class the server did (``AlignmentError``, not just ``InvalidArgumentError``)."""
 
 from __future__ import annotations
 
@@ -62,6 +64,13 @@ class UnsupportedModeError(FailedPreconditionError):
 
 class LeaseTimeoutError(DevrepError, TimeoutError):
     """A sync or acquire waited longer than its timeout for readers or writers."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class DeadlineExceededError(DevrepError, TimeoutError):
+    """A call's own gRPC deadline passed before the server answered (a slow or stuck server, a lost connection),
+    as opposed to ``LeaseTimeoutError``, which the server raises when a sync or acquire waited too long."""
 
     grpc_code = "DEADLINE_EXCEEDED"
 

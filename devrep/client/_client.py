@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,9 @@ from ..service import protocol
 from ..service._gen import devrep_pb2 as pb
 from ..service._gen import devrep_pb2_grpc as pb_grpc
 from ..service.server import default_address, unix_path
+from ..service.servicer import HOLDER_KEY, HOLDER_TTL_KEY
 from ..service.sessions import UnauthenticatedError
+from ..service.status import ERROR_CLASS_KEY
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
@@ -52,9 +55,35 @@ _ERRORS: dict[grpc.StatusCode, type[errors.DevrepError]] = {
 _BY_NAME: dict[str, type[errors.DevrepError]] = {code.name: cls for code, cls in _ERRORS.items()}
 
 
+def _error_classes() -> dict[str, type[errors.DevrepError]]:
+    """Every class the server may name in ``devrep-error`` / the side channel's ``class``."""
+    found = {value.__name__: value for value in vars(errors).values()
+             if isinstance(value, type) and issubclass(value, errors.DevrepError)}
+    for cls in (UnauthenticatedError, ServiceUnavailableError):
+        found[cls.__name__] = cls
+    return found
+
+
+_CLASSES = _error_classes()
+
+
+def error_class(code_name: str, class_name: str | None) -> type[errors.DevrepError]:
+    """The most specific class for a status: the class the server named when it belongs to that status, else the
+    status's class. A DEADLINE_EXCEEDED the server did not name is the call's own gRPC deadline (transport), not a
+    lease timeout."""
+    named = _CLASSES.get(class_name or "")
+    if named is not None and named.grpc_code == code_name:
+        return named
+    if code_name == "DEADLINE_EXCEEDED":
+        return errors.DeadlineExceededError
+    return _BY_NAME.get(code_name, errors.DevrepError)
+
+
 def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    cls = _ERRORS.get(code, errors.DevrepError)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
+    cls = error_class(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", class_name)
     err = cls(exc.details() if hasattr(exc, "details") else str(exc))
     err.status = code  # type: ignore[attr-defined]
     return err
@@ -130,7 +159,7 @@ class _SideChannel:
             raise ServiceUnavailableError("the devrep server closed the side channel")
         if not reply.get("ok"):
             protocol.close_fds(got)
-            cls = _BY_NAME.get(str(reply.get("code")), errors.DevrepError)
+            cls = error_class(str(reply.get("code")), str(reply.get("class") or ""))
             raise cls(str(reply.get("error")))
         return reply, got
 
@@ -349,6 +378,8 @@ class Client:
         self.timeout = timeout
         self._ipc: dict[bytes, list[int]] = {}
         self._ipc_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -375,7 +406,10 @@ class Client:
             if not token:
                 raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
                                            "pre-authorized token")
-            self._metadata = (("authorization", f"Bearer {token}"),)
+            # The holder id names this process's gRPC-acquired leases: the server releases them when this client
+            # stops calling for the holder TTL (it died), see _heartbeat.
+            self._holder = secrets.token_hex(16)
+            self._metadata = (("authorization", f"Bearer {token}"), (HOLDER_KEY, self._holder))
             self.token = token
             self.session_id = self._call(self._stub.Ping, pb.PingRequest()).session_id
         except BaseException:
@@ -549,10 +583,29 @@ class Client:
             finally:
                 protocol.close_fds(fds)
             return lease
-        reply = self._call(self._stub.Acquire, pb.AcquireRequest(
-            name=name, device=device, fresh=fresh, timeout_ms=int(timeout * 1000) if timeout else 0),
-            timeout=(timeout or 30.0) + self.timeout)
+        try:
+            reply, call = self._stub.Acquire.with_call(pb.AcquireRequest(
+                name=name, device=device, fresh=fresh, timeout_ms=int(timeout * 1000) if timeout else 0),
+                metadata=self._metadata, timeout=(timeout or 30.0) + self.timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        ttl_ms = next((int(v) for k, v in call.trailing_metadata() or () if k == HOLDER_TTL_KEY), 0)
+        if ttl_ms > 0:
+            self._start_heartbeat(ttl_ms / 1000)
         return ClientLease(self, name, reply)
+
+    def _start_heartbeat(self, ttl: float) -> None:
+        """Keep this process's gRPC leases: a ``Ping`` carrying the holder id every quarter TTL until ``close()``."""
+        if self._heartbeat_thread is not None:
+            return
+
+        def beat() -> None:
+            while not self._closed.wait(max(0.05, ttl / 4)):
+                with contextlib.suppress(errors.DevrepError):
+                    self._call(self._stub.Ping, pb.PingRequest(), timeout=max(1.0, ttl / 2))
+
+        self._heartbeat_thread = threading.Thread(target=beat, name="devrep-lease-heartbeat", daemon=True)
+        self._heartbeat_thread.start()
 
     def invalidate(self, name: str, offset: int = 0, length: int | None = None, *,
                    runs: npt.ArrayLike | None = None) -> int:
@@ -589,6 +642,10 @@ class Client:
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """End the session (its regions and leases go) and close the connection."""
+        self._closed.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=5)
+            self._heartbeat_thread = None
         if self._sc is not None:
             with contextlib.suppress(errors.DevrepError):
                 self._sc.call({"op": "bye"})

@@ -41,6 +41,10 @@ log = logging.getLogger("devrep.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DevrepService"].full_name
 MAX_MESSAGE = 64 << 20
+DEFAULT_MAX_LEASE_S = 300.0
+"""``devrep serve --max-lease-s``: a lease held longer is revoked (0 = no limit)."""
+DEFAULT_HOLDER_TTL = 30.0
+"""``devrep serve --holder-timeout-s``: a gRPC lease holder silent this long has its leases released."""
 
 
 def default_socket_path() -> Path:
@@ -113,8 +117,8 @@ class DevrepServer:
                  quota: Quota | None = None, fd_socket: str | os.PathLike[str] | None = None,
                  require_token: bool = False, interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: TlsFiles | None = None, insecure: bool = False, max_workers: int = 32,
-                 socket_mode: int = 0o660, socket_group: int | None = None, metrics: Metrics | None = None
-                 ) -> None:
+                 socket_mode: int = 0o660, socket_group: int | None = None, metrics: Metrics | None = None,
+                 max_lease_s: float = DEFAULT_MAX_LEASE_S, holder_ttl: float = DEFAULT_HOLDER_TTL) -> None:
         self.address = address if unix_path(address) is None else f"unix:{unix_path(address)}"
         self.replicator = replicator if replicator is not None else Replicator()
         self.tokens = tokens if tokens is not None else TokenStore()
@@ -126,6 +130,13 @@ class DevrepServer:
         if max_workers < 8:
             raise InvalidArgumentError(f"max_workers must be >= 8, got {max_workers}")
         self.servicer = DevrepServicer(self.replicator, self.registry, self.hub, max_streams=max_workers // 2)
+        if max_lease_s < 0 or holder_ttl <= 0:
+            raise InvalidArgumentError(f"max_lease_s must be >= 0 (0 = no limit) and holder_ttl > 0, got "
+                                       f"{max_lease_s}, {holder_ttl}")
+        self.max_lease_s = max_lease_s
+        self.holder_ttl = holder_ttl
+        self.servicer.holder_ttl = holder_ttl
+        self._reaper: threading.Thread | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         if not 0 <= socket_mode <= 0o777:
             raise InvalidArgumentError(f"socket mode must be within 0o000..0o777, got {socket_mode:#o}")
@@ -190,15 +201,30 @@ class DevrepServer:
         self._token_watch = not self.tokens.watching
         if self._token_watch:
             self.tokens.start()  # removed token files end their sessions without waiting for a call
+        self._reaper = threading.Thread(target=self._reap_loop, name="devrep-lease-reaper", daemon=True)
+        self._reaper.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _reap_loop(self) -> None:
+        """Release leases whose gRPC holder went silent, and leases held past ``max_lease_s`` (the last resort:
+        a reader, e.g. a read-only grantee, can never block the owner's syncs for longer)."""
+        limits = [self.holder_ttl / 4, 1.0] + ([self.max_lease_s / 4] if self.max_lease_s else [])
+        interval = max(0.05, min(limits))
+        while not self._stopped.wait(interval):
+            try:
+                self.registry.reap(holder_ttl=self.holder_ttl, max_lease_s=self.max_lease_s)
+            except Exception:  # never let the reaper die: leases would then leak
+                log.exception("lease reaper")
 
     def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown; idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING
         self.servicer.stopping.set()
         self.hub.close()  # end Watch streams so draining does not wait for them

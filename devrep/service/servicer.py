@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +47,24 @@ PROGRESS_INTERVAL = 0.05
 def available_modes() -> list[str]:
     _register_kernel_trackers()
     return sorted(TRACKERS)
+
+
+HOLDER_KEY = "x-devrep-holder"
+"""Metadata naming the client process (connection) that holds gRPC-acquired leases; see ``holder_of``."""
+HOLDER_TTL_KEY = "x-devrep-holder-ttl-ms"
+MAX_HOLDER_LEN = 128
+
+
+def holder_of(context: grpc.ServicerContext) -> str | None:
+    """The ``x-devrep-holder`` id of a call: a client that takes leases over plain gRPC names itself with a random id
+    and repeats it on a call (e.g. ``Ping``) at least every holder TTL; leases it acquired with that id are released
+    once it falls silent for the TTL (its process died or its connection broke). See docs/api.md."""
+    for key, value in context.invocation_metadata() or ():
+        if key == HOLDER_KEY and isinstance(value, str):
+            if not 0 < len(value) <= MAX_HOLDER_LEN:
+                raise InvalidArgumentError(f"{HOLDER_KEY} must be 1..{MAX_HOLDER_LEN} characters")
+            return value
+    return None
 
 
 def token_of(context: grpc.ServicerContext) -> str | None:
@@ -152,10 +168,16 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         # Watch streams hold a server thread each: cap them so unary calls always find a free thread.
         self._streams = threading.BoundedSemaphore(max_streams)
         self.max_streams = max_streams
+        self.holder_ttl = 30.0
+        """Seconds a gRPC lease holder may stay silent before its leases are released (``DevrepServer``)."""
 
     # ------------------------------------------------------------------ helpers
     def _session(self, context: grpc.ServicerContext) -> Session:
-        return self.reg.authenticate(token_of(context))
+        session = self.reg.authenticate(token_of(context))
+        holder = holder_of(context)
+        if holder is not None:
+            self.reg.touch_holder(session, holder)  # any authenticated call is the holder's heartbeat
+        return session
 
     def _region(self, session: Session, name: str, *, write: bool) -> tuple[Region, bool]:
         check_name(name)
@@ -349,31 +371,31 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             self.rep.resolve(device)
         new = [d for d in dict.fromkeys(devices) if d not in region.devices]
         self.reg.check_bytes(session, len(new) * region.npages * PAGE_SIZE)
-        total = region.npages * PAGE_SIZE if new else 0
-        total += sum(int(region.invalid_runs(d)[:, 1].sum()) * PAGE_SIZE for d in region.devices)
-        progress: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Progress in the units of the final report: replica bytes, every replica counted (the region's callback).
+        latest: list[tuple[int, int]] = []
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["report"] = self.rep.replicate(request.name, devices, progress=progress.put, timeout=timeout)
+                outcome["report"] = self.rep.replicate(request.name, devices, timeout=timeout,
+                                                       progress=lambda done, total: latest.append((done, total)))
             except BaseException as exc:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=work, name="devrep-replicate", daemon=True)
         worker.start()
-        done = 0
-        last = 0.0
+        sent = (-1, -1)
         while worker.is_alive():
             worker.join(PROGRESS_INTERVAL)
-            while not progress.empty():
-                done += progress.get()
-            if done and time.monotonic() - last >= PROGRESS_INTERVAL and context.is_active():
-                last = time.monotonic()
-                yield pb.ReplicateResponse(bytes_copied=done, bytes_total=max(total, done))
+            if latest and latest[-1] != sent and context.is_active():
+                sent = latest[-1]
+                del latest[:-1]
+                yield pb.ReplicateResponse(bytes_copied=sent[0], bytes_total=sent[1])
         if "error" in outcome:
             raise outcome["error"]
-        yield pb.ReplicateResponse(report=report_pb(outcome["report"]), bytes_total=total)
+        report = outcome["report"]
+        # bytes_copied and report share a oneof: the final message's total equals report.bytes_copied.
+        yield pb.ReplicateResponse(report=report_pb(report), bytes_total=report.bytes_copied)
 
     @unary
     def Sync(self, request: pb.SyncRequest, context: grpc.ServicerContext) -> pb.SyncResponse:
@@ -384,8 +406,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         report = region.sync(devices or None, timeout=timeout_of(request.timeout_ms, context))
         return pb.SyncResponse(report=report_pb(report))
 
-    def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float
-                      ) -> tuple[int, Lease, ExportHandle]:
+    def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float,
+                      holder: str | None = None) -> tuple[int, Lease, ExportHandle]:
         """Acquire for the gRPC call and the side channel's one-round-trip ``acquire`` alike."""
         region, _ = self._region(session, name, write=False)
         self._guard_file(region)
@@ -400,13 +422,16 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         except BaseException:
             lease.release()
             raise
-        return self.reg.add_lease(session, lease), lease, handle
+        return self.reg.add_lease(session, lease, holder), lease, handle
 
     @unary
     def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
         session = self._session(context)
+        holder = holder_of(context)
         lease_id, lease, handle = self.acquire_lease(session, request.name, request.device, request.fresh,
-                                                     timeout_of(request.timeout_ms, context))
+                                                     timeout_of(request.timeout_ms, context), holder)
+        if holder is not None:  # tells the holder how often it must call (Ping) to keep its leases
+            context.set_trailing_metadata(((HOLDER_TTL_KEY, str(int(self.holder_ttl * 1000))),))
         return pb.AcquireResponse(
             lease_id=lease_id, generation=lease.generation, invalid_runs=flat(lease.invalid_runs),
             nbytes=lease.nbytes, device=lease.device, export_kind=handle.kind, buffer_nbytes=handle.nbytes,
