@@ -155,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run(address, replicator=replicator, tokens=tokens, tls=tls, insecure=args.insecure,
                    quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
-                   metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready)
+                   metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready,
+                   max_lease_s=args.max_lease_s, holder_ttl=args.holder_timeout_s)
     finally:
         if metrics is not None:
             metrics.close()
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota-regions", type=int, default=256, help="regions per session")
     p.add_argument("--cpu-devices", type=int, default=4, help="number of cpu:N devices")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--max-lease-s", type=float, default=300.0,
+                   help="revoke a lease held longer than this many seconds, so no reader blocks the owner's syncs "
+                        "forever (default 300; 0 = no limit)")
+    p.add_argument("--holder-timeout-s", type=float, default=30.0,
+                   help="release the gRPC-acquired leases of a client silent this long (its process died; "
+                        "default 30)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve)
 

@@ -84,7 +84,10 @@ def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
     cls = error_class(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", class_name)
-    err = cls(exc.details() if hasattr(exc, "details") else str(exc))
+    message = exc.details() if hasattr(exc, "details") else str(exc)
+    if cls is errors.DeadlineExceededError and class_name is None:
+        message = f"the devrep server did not answer within the call's deadline ({message})"
+    err = cls(message)
     err.status = code  # type: ignore[attr-defined]
     return err
 
