@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ..engine import Replicator
 from ..errors import InvalidArgumentError
 from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import side_channel_path
+from .reflection import enable_server_reflection
 from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel, set_group
@@ -168,9 +168,8 @@ class DevrepServer:
         )
         pb_grpc.add_DevrepServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+        enable_server_reflection(  # v1 (grpcurl, current clients) and v1alpha
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._server)
         if tls is not None:
             creds = grpc.ssl_server_credentials(
                 [(tls.key.read_bytes(), tls.cert.read_bytes())],
