@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from ..service.status import ERROR_CLASS_KEY
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
-MODES = {"explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC, "async": pb.TRACKING_MODE_ASYNC,
-         "file": pb.TRACKING_MODE_FILE}
+MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC,
+         "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
 
 
 class ServiceUnavailableError(errors.DevrepError, ConnectionError):
@@ -148,6 +149,11 @@ class _SideChannel:
             raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc}") from None
         self.lock = threading.Lock()
         self.timeout = timeout
+        try:
+            self.server_pid: int | None = struct.unpack(
+                "3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        except OSError:
+            self.server_pid = None
 
     def call(self, message: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None
              ) -> tuple[dict[str, Any], list[int]]:
@@ -383,6 +389,8 @@ class Client:
         self._ipc_lock = threading.Lock()
         self._closed = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._modes: set[str] | None = None
+        self._mappings: dict[str, npt.NDArray[np.uint8]] = {}
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -478,16 +486,19 @@ class Client:
                           r.quota.used_bytes, r.quota.used_regions)
 
     # ------------------------------------------------------------------ regions
-    def create_region(self, name: str, nbytes: int, *, tracking: str = "explicit", block_size: int = 0
+    def create_region(self, name: str, nbytes: int, *, tracking: str = "auto", block_size: int = 0
                       ) -> RegionHandle:
         """A new shared-memory region: this process writes ``handle.array``; the server replicates it.
 
-        ``tracking="explicit"``: report writes with ``invalidate``. ``"sync"``/``"async"``: the kernel reports them
-        (needs the kernel-tracking helpers on both sides; otherwise ``FailedPreconditionError``).
+        ``tracking="auto"`` (default): the strongest mode the server offers and this kernel and privileges allow,
+        ``sync`` > ``async`` > ``explicit`` (``handle.info.tracking`` / ``describe()`` says which). ``"explicit"``:
+        report writes with ``invalidate``. ``"sync"``/``"async"``: the kernel reports them (needs the
+        kernel-tracking helpers on both sides; otherwise ``UnsupportedModeError``).
         """
-        if tracking not in ("explicit", "sync", "async"):
-            raise errors.InvalidArgumentError(f"memory regions track 'explicit', 'sync' or 'async', not {tracking!r}")
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if tracking not in ("auto", "explicit", "sync", "async"):
+            raise errors.InvalidArgumentError(
+                f"memory regions track 'auto', 'explicit', 'sync' or 'async', not {tracking!r}")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise errors.InvalidArgumentError(f"nbytes must be a positive integer, got {nbytes!r}")
         size = pages_for(nbytes) * PAGE_SIZE
         fd = memfd_create(f"devrep:{name}", size)
@@ -496,7 +507,9 @@ class Client:
             array = map_fd(fd, size, writable=True)
             extra: list[int] = []
             writer_base = 0
-            if tracking != "explicit":
+            if tracking == "auto":
+                extra, writer_base = self._auto_tracking_setup(array)
+            elif tracking != "explicit":
                 extra, writer_base = _remote_tracking_setup(tracking, array)
             try:
                 ticket = self._put_fds("+".join(["memfd", "uffd", "pagemap"][: 1 + len(extra)]), [fd, *extra])
@@ -507,13 +520,37 @@ class Client:
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
             name=name, memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
             tracking=MODES[tracking], block_size=block_size))
+        # The writer's mapping lives as long as the region (not the handle): sync/async tracking is registered on it,
+        # and a handle dropped by the caller must not unmap it under the server's tracker.
+        self._mappings[name] = array
         return RegionHandle(self, name, array[:nbytes], _region(reply.region))
 
-    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "explicit",
+    def _auto_tracking_setup(self, array: npt.NDArray[np.uint8]) -> tuple[list[int], int]:
+        """For ``tracking="auto"``: prepare the strongest mode the server lists that this process can set up
+        (sync, then async); no fds (explicit) when neither works. The server infers the mode from the fds."""
+        if self._modes is None:
+            self._modes = set(self.stats().tracking_modes)
+        # A server in this very process (tests embed one) handles sync faults in a Python thread that a writer
+        # faulting with the GIL held would wait for forever, and its async scans of its own pagemap are refused:
+        # there, auto is explicit.
+        if self._sc is not None and self._sc.server_pid == os.getpid():
+            return [], 0
+        for mode in ("sync", "async"):
+            if mode in self._modes:
+                try:
+                    return _remote_tracking_setup(mode, array)
+                except (errors.UnsupportedModeError, OSError):
+                    continue  # e.g. no userfaultfd for this user: try the next mode
+        return [], 0
+
+    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "file",
                       block_size: int = 0) -> RegionHandle:
-        """Replicate a regular file of this host (read-only). This process opens it to prove it may read it."""
+        """Replicate a regular file of this host (read-only). This process opens it to prove it may read it.
+
+        ``tracking="file"`` (default, as in process and ``devrep add``): rewrites are noticed (inotify + page
+        hashes), so a fresh acquire never returns old bytes; ``"explicit"`` only when asked for."""
         p = Path(path).resolve()
-        if tracking not in ("explicit", "file"):
+        if tracking not in ("file", "explicit", "auto"):
             raise errors.InvalidArgumentError(f"file regions track 'file' or 'explicit', not {tracking!r}")
         ticket = ""
         if self._sc is not None:
@@ -534,6 +571,7 @@ class Client:
 
     def unregister(self, name: str) -> None:
         self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name))
+        self._mappings.pop(name, None)
 
     def list_regions(self) -> list[RegionDescription]:
         return [_region(r) for r in self._call(self._stub.ListRegions, pb.ListRegionsRequest()).regions]
@@ -646,6 +684,7 @@ class Client:
     def close(self) -> None:
         """End the session (its regions and leases go) and close the connection."""
         self._closed.set()
+        self._mappings.clear()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=5)
             self._heartbeat_thread = None

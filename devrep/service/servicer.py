@@ -33,12 +33,16 @@ from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
 
 MODES = {
-    pb.TRACKING_MODE_UNSPECIFIED: "explicit",
+    pb.TRACKING_MODE_UNSPECIFIED: "auto",
     pb.TRACKING_MODE_EXPLICIT: "explicit",
     pb.TRACKING_MODE_SYNC: "sync",
     pb.TRACKING_MODE_ASYNC: "async",
     pb.TRACKING_MODE_FILE: "file",
 }
+AUTO_BY_FDS = {1: "explicit", 2: "sync", 3: "async"}
+"""``auto`` (TRACKING_MODE_UNSPECIFIED) on a memfd: the mode the client prepared fds for (memfd, +uffd for sync,
++uffd+pagemap for async). The client prepares the strongest mode this server lists and its kernel and privileges
+allow (sync > async > explicit); should the server then be unable to run it, auto falls back to explicit."""
 MAX_LIST = 64
 MAX_RUNS_IN = 1_000_000
 PROGRESS_INTERVAL = 0.05
@@ -252,9 +256,12 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         if not src.fd_ticket:
             raise InvalidArgumentError("memfd.fd_ticket is required (hand the memfd over with put_fds first)")
         fds, pid = self.reg.take_ticket_with_pid(session, src.fd_ticket)
+        auto = mode == "auto"
         try:
             if mode == "file":
                 raise InvalidArgumentError("file tracking needs a file source, not a memfd")
+            if auto:
+                mode = AUTO_BY_FDS.get(len(fds), "explicit")
             need = {"explicit": 1, "sync": 2, "async": 3}[mode]
             if len(fds) != need:
                 raise InvalidArgumentError(f"{mode} tracking needs a ticket of {need} fds "
@@ -274,6 +281,12 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                     raise FailedPreconditionError("sync/async tracking needs fds sent on the side channel")
                 check_writer_mapping(pid, src.writer_base, pages_for(nbytes) * PAGE_SIZE, fds[0])
                 tracking = remote_tracker(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
+            except UnsupportedModeError:
+                if not auto:
+                    close_fds(fds)
+                    raise
+                close_fds(fds[1:])  # the client's write protection ends with the last uffd reference
+                fds = fds[:1]
             except BaseException:
                 close_fds(fds)
                 raise
@@ -294,6 +307,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             raise InvalidArgumentError(f"file.path must be an absolute path, got {src.path!r}")
         if mode in ("sync", "async"):
             raise InvalidArgumentError(f"{mode} tracking applies to memory, not files; use file or explicit")
+        if mode == "auto":  # files: file tracking where this server has it
+            _register_kernel_trackers()
+            mode = "file" if "file" in TRACKERS else "explicit"
         if mode == "file":
             _register_kernel_trackers()
             if "file" not in TRACKERS:
