@@ -2,7 +2,7 @@
 
 Exit codes (also in docs/api.md): 0 ok; 1 failure (including verify mismatches); 2 usage or invalid argument;
 3 cannot connect; 4 not found; 5 unauthenticated / permission denied; 6 resource exhausted; 7 failed
-precondition (e.g. a tracking mode this host lacks); 8 timed out.
+precondition (e.g. a tracking mode this host lacks); 8 timed out; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -26,6 +27,8 @@ from . import errors
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
     EXIT_TIMEOUT = range(9)
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the shell convention 128 + 2."""
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -234,32 +237,27 @@ def cmd_add(args: argparse.Namespace) -> int:
         if not args.json:
             err_console.print("holding the region (it goes when this command ends, unless DEVREP_TOKEN is a "
                               "pre-authorized token); Ctrl-C to stop")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return EXIT_OK
+        while True:  # Ctrl-C ends it: "interrupted", exit 130 (main)
+            time.sleep(3600)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     seen = 0
+    # Ctrl-C ends the stream: "interrupted", exit 130 (main)
     with _connect(args) as client, client.watch(args.names, coalesce_ms=args.coalesce_ms) as stream:
-        try:
-            for event in stream:
-                if args.json:
-                    print(json.dumps({"kind": event.kind, "region": event.region, "generation": event.generation,
-                                      "device": event.device, "pages": event.pages,
-                                      "runs": event.runs.tolist()}), flush=True)
-                else:
-                    runs = ", ".join(f"{a}+{b}" for a, b in event.runs[:8].tolist())
-                    more = f" (+{len(event.runs) - 8} runs)" if len(event.runs) > 8 else ""
-                    console.print(f"{event.kind:15} {event.region} gen={event.generation} "
-                                  f"{event.device or ''} pages={event.pages} {runs}{more}")
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-        except KeyboardInterrupt:
-            pass
+        for event in stream:
+            if args.json:
+                print(json.dumps({"kind": event.kind, "region": event.region, "generation": event.generation,
+                                  "device": event.device, "pages": event.pages,
+                                  "runs": event.runs.tolist()}), flush=True)
+            else:
+                runs = ", ".join(f"{a}+{b}" for a, b in event.runs[:8].tolist())
+                more = f" (+{len(event.runs) - 8} runs)" if len(event.runs) > 8 else ""
+                console.print(f"{event.kind:15} {event.region} gen={event.generation} "
+                              f"{event.device or ''} pages={event.pages} {runs}{more}")
+            seen += 1
+            if args.count and seen >= args.count:
+                break
     return EXIT_OK
 
 
@@ -290,7 +288,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devrep", description="Never-stale device replicas of host memory.",
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 cannot connect, 4 not found, "
-                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout")
+                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout, "
+                                            "130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
@@ -364,16 +363,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(command: str, message: str) -> None:
+    # escape(): a message naming e.g. devrep[cuda] must not lose "[cuda]" as Rich markup
+    err_console.print(f"[red]devrep {command}: {escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         return code
     except errors.DevrepError as exc:
-        err_console.print(f"[red]devrep {args.command}: {exc}[/]", highlight=False)
+        _error(args.command, str(exc))
         return exit_code(exc)
-    except KeyboardInterrupt:
+    except OSError as exc:  # e.g. an unbindable --socket: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(args.command, f"{exc.strerror or exc}{where}")
         return EXIT_FAIL
+    except KeyboardInterrupt:
+        _error(args.command, "interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -79,3 +79,10 @@ class BackendError(DevrepError):
     """A device backend failed (kernel build, driver error); the message names the device."""
 
     grpc_code = "INTERNAL"
+
+
+class BackendUnavailableError(BackendError, FailedPreconditionError):
+    """A backend's optional package or driver is missing on this host (e.g. CuPy for ``cuda:N``): a precondition
+    the operator can fix (the message says what to install), not a bug."""
+
+    grpc_code = "FAILED_PRECONDITION"

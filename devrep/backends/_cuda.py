@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
-from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError
+from ..errors import BackendError, BackendUnavailableError, InvalidArgumentError, ResourceExhaustedError
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
 from ._kernels import kernels_dir
 from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
@@ -82,7 +82,7 @@ class CudaBackend(Backend):
     def __init__(self, *, capacity: int | None = None, batch_bytes: int = 64 << 20,
                  kernel_source: str | None = None) -> None:
         if cupy is None:
-            raise BackendError(f"the CUDA backend needs CuPy: install devrep[cuda] ({_IMPORT_ERROR})")
+            raise BackendUnavailableError(f"the CUDA backend needs CuPy: install devrep[cuda] ({_IMPORT_ERROR})")
         check_page_multiple("batch_bytes", batch_bytes)
         self._capacity = capacity
         self._batch_pages = batch_bytes // PAGE_SIZE

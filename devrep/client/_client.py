@@ -80,6 +80,47 @@ def error_class(code_name: str, class_name: str | None) -> type[errors.DevrepErr
     return _BY_NAME.get(code_name, errors.DevrepError)
 
 
+NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
+                  "--address) at the running server's socket")
+SCHEMES = ("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")
+
+
+def _denied_hint(path: Path) -> str:
+    return (f"permission denied connecting to {path}: this user may not use the devrep socket; run the server with "
+            "`devrep serve --socket-group <group>` and join that group (or use a token), see docs/api.md")
+
+
+def _exists(path: Path) -> bool:
+    """Whether the side-channel socket is there; a directory this user cannot search is a permission problem,
+    not a missing server."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise errors.PermissionDeniedError(_denied_hint(path)) from None
+    except OSError:
+        return False
+    return True
+
+
+def check_address(address: str) -> str:
+    """Refuse an address gRPC cannot use, with the reason (instead of a connection that never succeeds)."""
+    if not isinstance(address, str) or not address.strip():
+        raise errors.InvalidArgumentError("empty server address: use unix:/path/to/devrep.sock or HOST:PORT")
+    scheme, sep, _ = address.partition(":")
+    if unix_path(address) is not None or address.startswith(SCHEMES):
+        return address
+    if sep and "/" in address.partition(":")[2][:2]:   # e.g. garbage://x, http://host
+        raise errors.InvalidArgumentError(
+            f"unsupported server address {address!r}: scheme {scheme!r} is not one devrep can dial; use "
+            "unix:/path/to/devrep.sock, a socket path, or HOST:PORT (TCP)")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgumentError(
+            f"bad server address {address!r}: expected unix:/path/to/devrep.sock, a socket path, or HOST:PORT "
+            "with a port in 1..65535")
+    return address
+
+
 def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
@@ -88,6 +129,8 @@ def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     message = exc.details() if hasattr(exc, "details") else str(exc)
     if cls is errors.DeadlineExceededError and class_name is None:
         message = f"the devrep server did not answer within the call's deadline ({message})"
+    elif cls is ServiceUnavailableError and class_name is None:  # nobody answered at the address
+        message = f"{message}; {NO_SERVER_HINT}"
     err = cls(message)
     err.status = code  # type: ignore[attr-defined]
     return err
@@ -144,9 +187,13 @@ class _SideChannel:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
+        except PermissionError:
+            self.sock.close()
+            raise errors.PermissionDeniedError(_denied_hint(path)) from None
         except OSError as exc:
             self.sock.close()
-            raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc}") from None
+            raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc.strerror}; "
+                                          f"{NO_SERVER_HINT}") from None
         self.lock = threading.Lock()
         self.timeout = timeout
         try:
@@ -383,7 +430,7 @@ class Client:
     def __init__(self, address: str, *, token: str | None = None, label: str | None = None,
                  fd_socket: str | os.PathLike[str] | None = None, timeout: float = 10.0,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.address = address
+        self.address = check_address(address)
         self.timeout = timeout
         self._ipc: dict[bytes, list[int]] = {}
         self._ipc_lock = threading.Lock()
@@ -404,7 +451,7 @@ class Client:
         self._sc: _SideChannel | None = None
         token = token or os.environ.get("DEVREP_TOKEN") or None
         try:
-            if fd_path is not None and fd_path.exists():
+            if fd_path is not None and _exists(fd_path):
                 self._sc = _SideChannel(fd_path, timeout)
                 hello: dict[str, Any] = {"op": "hello", "label": label or f"pid{os.getpid()}"}
                 if token:
@@ -413,7 +460,8 @@ class Client:
                 token = str(reply["token"])
                 self.session_id = str(reply["session"])
             elif fd_path is not None and sock is not None and not token:
-                raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path})")
+                raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path}); "
+                                              f"{NO_SERVER_HINT}")
             if not token:
                 raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
                                            "pre-authorized token")

@@ -41,6 +41,8 @@ log = logging.getLogger("devrep.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DevrepService"].full_name
 MAX_MESSAGE = 64 << 20
+MAX_SOCKET_PATH = 107
+"""Bytes in a Unix socket path (sun_path holds 108 with the terminating NUL)."""
 DEFAULT_MAX_LEASE_S = 300.0
 """``devrep serve --max-lease-s``: a lease held longer is revoked (0 = no limit)."""
 DEFAULT_HOLDER_TTL = 30.0
@@ -151,7 +153,14 @@ class DevrepServer:
                 "or --insecure explicitly"
             )
         if sock is not None:
-            sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise InvalidArgumentError(f"socket path {sock} is {len(os.fsencode(sock))} bytes; Unix sockets "
+                                           f"allow at most {MAX_SOCKET_PATH}: choose a shorter --socket")
+            try:
+                sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot create the socket directory {sock.parent}: {exc.strerror}") from None
             _open_directory(sock.parent, socket_mode, socket_group)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
@@ -170,14 +179,17 @@ class DevrepServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_server_reflection(  # v1 (grpcurl, current clients) and v1alpha
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._server)
-        if tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(tls.key.read_bytes(), tls.cert.read_bytes())],
-                root_certificates=tls.ca.read_bytes() if tls.ca else None,
-                require_client_auth=tls.ca is not None)
-            self.port = self._server.add_secure_port(self.address, creds)
-        else:
-            self.port = self._server.add_insecure_port(self.address)
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                    root_certificates=tls.ca.read_bytes() if tls.ca else None,
+                    require_client_auth=tls.ca is not None)
+                self.port = self._server.add_secure_port(self.address, creds)
+            else:
+                self.port = self._server.add_insecure_port(self.address)
+        except RuntimeError as exc:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
+            raise InvalidArgumentError(f"cannot listen on {self.address}: {exc}") from None
         if self.port == 0:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
         if fd_path is not None and fd_path.parent != (sock.parent if sock else None):
