@@ -685,16 +685,17 @@ class Client:
 
     def _start_heartbeat(self, ttl: float) -> None:
         """Keep this process's gRPC leases: a ``Ping`` carrying the holder id every quarter TTL until ``close()``."""
-        if self._heartbeat_thread is not None:
-            return
+        with self._ipc_lock:  # (any lock of this client: two first gRPC acquires must not start two threads)
+            if self._heartbeat_thread is not None or self._closed.is_set():
+                return
+            self._heartbeat_thread = threading.Thread(target=self._beat, args=(ttl,), name="devrep-lease-heartbeat",
+                                                      daemon=True)
+            self._heartbeat_thread.start()
 
-        def beat() -> None:
-            while not self._closed.wait(max(0.05, ttl / 4)):
-                with contextlib.suppress(errors.DevrepError):
-                    self._call(self._stub.Ping, pb.PingRequest(), timeout=max(1.0, ttl / 2))
-
-        self._heartbeat_thread = threading.Thread(target=beat, name="devrep-lease-heartbeat", daemon=True)
-        self._heartbeat_thread.start()
+    def _beat(self, ttl: float) -> None:
+        while not self._closed.wait(max(0.05, ttl / 4)):
+            with contextlib.suppress(errors.DevrepError):
+                self._call(self._stub.Ping, pb.PingRequest(), timeout=max(1.0, ttl / 2))
 
     def invalidate(self, name: str, offset: int = 0, length: int | None = None, *,
                    runs: npt.ArrayLike | None = None) -> int:
