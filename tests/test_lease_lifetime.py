@@ -157,3 +157,35 @@ def test_release_twice_is_failed_precondition_on_both_paths() -> None:
         with pytest.raises(grpc.RpcError) as err:                # never issued: NOT_FOUND
             stub.Release(pb.ReleaseRequest(lease_id=10**9), metadata=md, timeout=30)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+JOINED_CHILD = """
+from devrep.client import connect
+client = connect(ADDRESS, token=ARGS[0])                 # joins the pre-authorized session over the side channel
+assert client._sc is not None
+lease = client.acquire("t", "cpu:0")
+print("held", lease.lease_id, flush=True)
+sys.stdin.readline()                     # killed here
+"""
+
+
+def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_leases() -> None:
+    tokens = TokenStore()
+    tokens.add(TOKEN, "pod")
+    with inproc_server(tokens=tokens) as server, connect(server.address, label="owner") as owner:
+        owner.create_region("t", 64 << 10)
+        owner.replicate("t", ["cpu:0"])
+        owner.share("t", "*")
+        child = client_process(JOINED_CHILD, server.address, TOKEN)
+        try:
+            assert read_line(child, 60).startswith("held")
+            assert owner.stats().leases == 1
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(30)
+        took = eventually(lambda: owner.stats().leases == 0, "the killed process's lease outlived its connection")
+        print(f"lease of the SIGKILLed token-sharing process released after {took:.2f}s")
+        assert any(s.persistent for s in server.registry.sessions())  # the session itself lives on

@@ -567,6 +567,16 @@ class SessionRegistry:
         with self._lock:
             return (session.id, holder) in self._holders
 
+    def end_holder(self, session: Session, holder: str, reason: str) -> int:
+        """Release every lease of ``holder`` in ``session`` now (e.g. the side-channel connection that took them
+        closed while its session lives on, as a pre-authorized one does). Returns how many."""
+        with session.lock:
+            ids = [i for i, h in session.lease_holder.items() if h == holder]
+            leases = [lease for i in ids if (lease := self._end_lease_locked(session, i, reason)) is not None]
+        for lease in leases:
+            lease.release()
+        return len(leases)
+
     def reap(self, *, holder_ttl: float, max_lease_s: float, now: float | None = None) -> int:
         """Release the leases whose gRPC holder has been silent for ``holder_ttl`` seconds (its process or
         connection is gone) and every lease held longer than ``max_lease_s`` (0 = no limit). Returns how many."""
