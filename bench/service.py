@@ -45,7 +45,7 @@ from devrep._pages import pages_from_runs
 from devrep.client import connect
 c = connect(sys.argv[1], label="p7-writer")
 npages = 65536
-r = c.create_region("p7", npages * 4096)
+r = c.create_region("p7", npages * 4096, tracking="explicit")  # the writer reports its pages (measured path)
 c.replicate("p7", ["cpu:0"])
 c.share("p7", "*")
 print("READY", flush=True)
@@ -78,7 +78,7 @@ def _p50(samples: list[float]) -> float:
 
 def p6(address: str) -> dict[str, Any]:
     with connect(address, label="p6") as client:
-        region = client.create_region("p6", 64 << 20)
+        region = client.create_region("p6", 64 << 20, tracking="explicit")
         region.array[:] = 1
         region.invalidate()
         client.replicate("p6", ["cpu:0"])

@@ -3,7 +3,7 @@
 
 Exit codes (also in docs/api.md): 0 ok; 1 failure (including verify mismatches); 2 usage or invalid argument;
 3 cannot connect; 4 not found; 5 unauthenticated / permission denied; 6 resource exhausted; 7 failed
-precondition (e.g. a tracking mode this host lacks); 8 timed out.
+precondition (e.g. a tracking mode this host lacks); 8 timed out; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -28,6 +29,8 @@ from .sizes import format_size, size_arg
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
     EXIT_TIMEOUT = range(9)
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the shell convention 128 + 2."""
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -46,7 +49,7 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_EXHAUSTED
     if isinstance(exc, errors.FailedPreconditionError):
         return EXIT_PRECONDITION
-    if isinstance(exc, errors.LeaseTimeoutError):
+    if isinstance(exc, errors.LeaseTimeoutError | errors.DeadlineExceededError):
         return EXIT_TIMEOUT
     if isinstance(exc, errors.InvalidArgumentError):
         return EXIT_USAGE
@@ -153,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    quota=Quota(max_bytes=args.quota_bytes, max_regions=args.quota_regions, max_fds=args.quota_fds,
                                **({} if args.quota_host_bytes is None else {"max_host_bytes": args.quota_host_bytes})),
                    require_token=args.require_token, fd_socket=args.fd_socket, interceptors=interceptors,
-                   metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready)
+                   metrics=metrics, socket_mode=args.socket_mode, socket_group=args.socket_group, ready=ready,
+                   max_lease_s=args.max_lease_s, holder_ttl=args.holder_timeout_s)
     finally:
         if metrics is not None:
             metrics.close()
@@ -245,11 +249,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         if not args.json:
             err_console.print("holding the region (it goes when this command ends, unless DEVREP_TOKEN is a "
                               "pre-authorized token); Ctrl-C to stop")
-        try:
-            while client.server_alive(timeout=5.0):
-                pass
-        except KeyboardInterrupt:
-            return EXIT_OK
+        while client.server_alive(timeout=5.0):  # Ctrl-C ends it: "interrupted", exit 130 (main)
+            pass
         err_console.print(f"devrep add: the server at {client.address} went away (stopped or died); region "
                           f"{name} went with it", highlight=False, markup=False)
         return EXIT_CONNECT
@@ -257,23 +258,21 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     seen = 0
+    # Ctrl-C ends the stream: "interrupted", exit 130 (main)
     with _connect(args) as client, client.watch(args.names, coalesce_ms=args.coalesce_ms) as stream:
-        try:
-            for event in stream:
-                if args.json:
-                    print(json.dumps({"kind": event.kind, "region": event.region, "generation": event.generation,
-                                      "device": event.device, "pages": event.pages,
-                                      "runs": event.runs.tolist()}), flush=True)
-                else:
-                    runs = ", ".join(f"{a}+{b}" for a, b in event.runs[:8].tolist())
-                    more = f" (+{len(event.runs) - 8} runs)" if len(event.runs) > 8 else ""
-                    console.print(f"{event.kind:15} {event.region} gen={event.generation} "
-                                  f"{event.device or ''} pages={event.pages} {runs}{more}")
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-        except KeyboardInterrupt:
-            pass
+        for event in stream:
+            if args.json:
+                print(json.dumps({"kind": event.kind, "region": event.region, "generation": event.generation,
+                                  "device": event.device, "pages": event.pages,
+                                  "runs": event.runs.tolist()}), flush=True)
+            else:
+                runs = ", ".join(f"{a}+{b}" for a, b in event.runs[:8].tolist())
+                more = f" (+{len(event.runs) - 8} runs)" if len(event.runs) > 8 else ""
+                console.print(f"{event.kind:15} {event.region} gen={event.generation} "
+                              f"{event.device or ''} pages={event.pages} {runs}{more}")
+            seen += 1
+            if args.count and seen >= args.count:
+                break
     return EXIT_OK
 
 
@@ -325,8 +324,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devrep", description="Never-stale device replicas of host memory.",
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 cannot connect, 4 not found, "
-                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout. "
-                                            "Sizes take K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), "
+                                            "5 denied, 6 resource exhausted, 7 failed precondition, 8 timeout, "
+                                            "130 interrupted. Sizes take K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024), "
                                             "KB/MB/GB/TB (powers of 1000) or plain bytes.")
     parser.add_argument("--version", action="version", version=f"devrep {__version__}",
                         help="print the version and exit")
@@ -366,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default="127.0.0.1",
                    help="address the metrics port binds (default 127.0.0.1: loopback only; e.g. 0.0.0.0 in a pod "
                         "that Prometheus scrapes)")
+    p.add_argument("--max-lease-s", type=float, default=300.0,
+                   help="revoke a lease held longer than this many seconds, so no reader blocks the owner's syncs "
+                        "forever (default 300; 0 = no limit)")
+    p.add_argument("--holder-timeout-s", type=float, default=30.0,
+                   help="release the gRPC-acquired leases of a client silent this long (its process died; "
+                        "default 30)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_serve)
 
@@ -426,16 +431,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(command: str, message: str) -> None:
+    # escape(): a message naming e.g. devrep[cuda] must not lose "[cuda]" as Rich markup
+    err_console.print(f"[red]devrep {command}: {escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         return code
     except errors.DevrepError as exc:
-        err_console.print(f"[red]devrep {args.command}: {exc}[/]", highlight=False)
+        _error(args.command, str(exc))
         return exit_code(exc)
-    except KeyboardInterrupt:
+    except OSError as exc:  # e.g. an unbindable --socket: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(args.command, f"{exc.strerror or exc}{where}")
         return EXIT_FAIL
+    except KeyboardInterrupt:
+        _error(args.command, "interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

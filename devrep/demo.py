@@ -23,13 +23,15 @@ import numpy as np
 from rich.table import Table
 
 from ._console import make_console
-from ._pages import PAGE_SIZE, runs_from_pages
+from ._pages import PAGE_SIZE, pages_from_runs, runs_from_pages
 from .region import Event
 from .sizes import format_size
 
 console = make_console()
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+EVENT_TIMEOUT = 60.0
+"""Seconds to wait for watch events (a bound for loaded machines, not a speed target)."""
 
 
 @contextlib.contextmanager
@@ -84,6 +86,12 @@ class EventLog:
                 with self._lock:
                     self.messages += 1
                     self.events.extend(batch)
+
+    def pages_after(self, kind: str, region: str, generation: int) -> set[int]:
+        """Distinct pages in ``kind`` events of ``region`` newer than ``generation``."""
+        with self._lock:
+            runs = [e.runs for e in self.events if e.kind == kind and e.region == region and e.generation > generation]
+        return set(pages_from_runs(np.concatenate(runs)).tolist()) if runs else set()
 
     def pages(self, kind: str, region: str, device: str | None = None) -> int:
         with self._lock:
@@ -145,11 +153,9 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         step("replicate to cpu:0, cpu:1", f"{format_size(report.bytes_copied)} copied in {_ms(report.seconds)} "
                                           f"({gbps:.1f} GB/s, host read once: {format_size(report.host_bytes_read)})")
 
-        # The stream delivers events in order but asynchronously: wait for the replicate's sync events, so that
-        # every invalidation from the fill (async epochs may report a page twice when a scan lands mid-write)
-        # is counted before the baseline is taken.
-        watch.wait_for(lambda: watch.count("sync", "demo/table") >= 1)
-        invalidated_before = watch.pages("invalidate", "demo/table")
+        # Under load, counts can legitimately differ (events of the fill still arriving, a page reported twice):
+        # each check asserts what is guaranteed and prints expected vs got.
+        generation_before = report.generation
         rng = np.random.default_rng(4)
         pages = np.unique(rng.integers(0, nbytes // PAGE_SIZE, 2000))
         region.array.reshape(-1, PAGE_SIZE)[pages, 0:8] = 0xAB
@@ -158,12 +164,15 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         t = time.perf_counter()
         report = client.sync("demo/table")
         step("random writes -> resync", f"{pages.size} pages written, {report.pages_copied} page copies "
-                                        f"({report.runs} runs) in {_ms(time.perf_counter() - t)}",
-             report.pages_copied == 2 * pages.size)
-        got = watch.wait_for(lambda: watch.pages("invalidate", "demo/table") - invalidated_before >= pages.size)
-        seen = watch.pages("invalidate", "demo/table") - invalidated_before
-        step("invalidation events", f"{seen} pages invalidated by the writes, delivered as coalesced runs "
-                                    f"({watch.messages} watch messages in the whole demo)", got and seen == pages.size)
+                                        f"({report.runs} runs) in {_ms(time.perf_counter() - t)}; expected at "
+                                        f"least {2 * pages.size} (every written page, 2 replicas)",
+             report.pages_copied >= 2 * pages.size)
+        written = set(pages.tolist())
+        got = watch.wait_for(lambda: written <= watch.pages_after("invalidate", "demo/table", generation_before),
+                             timeout=EVENT_TIMEOUT)
+        covered = len(written & watch.pages_after("invalidate", "demo/table", generation_before))
+        step("invalidation events", f"every written page reported: expected {pages.size}, got {covered}, "
+                                    f"as coalesced runs ({watch.messages} watch messages in the whole demo)", got)
 
         t = time.perf_counter()
         with client.acquire("demo/table", "cpu:1") as lease:
@@ -184,7 +193,7 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         path.write_bytes(safetensors.numpy.save(tensors))
         file_mode = "file" if "file" in info.tracking_modes else "explicit"
         client.register_file("demo/model", path, tracking=file_mode)
-        client.replicate("demo/model", ["cpu:0"])
+        generation_model = client.replicate("demo/model", ["cpu:0"]).generation
         before = client.describe("demo/model").stats.pages_copied
         with client.acquire_safetensors("demo/model", "cpu:0") as model:
             same = all(np.array_equal(model[k], v) for k, v in tensors.items())
@@ -198,7 +207,7 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
         expected = int(changed[:, 1].sum())
         if file_mode == "explicit":
             client.invalidate("demo/model", runs=changed)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + EVENT_TIMEOUT
         moved = 0
         while time.monotonic() < deadline:
             with client.acquire_safetensors("demo/model", "cpu:0") as model:
@@ -207,8 +216,14 @@ def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, s
                     break
             time.sleep(0.05)
         moved = client.describe("demo/model").stats.pages_copied - before
-        step("safetensors rewrite", f"1 of 4 tensors changed ({file_mode} tracking): {moved} pages moved, "
-                                    f"that tensor spans {expected}", same and moved <= expected + 1)
+        # Only that tensor's pages move (a page noticed mid-write may move twice: count distinct pages).
+        span = set(pages_from_runs(changed).tolist())
+        span |= {p + 1 for p in span} | {p - 1 for p in span}  # its first/last page may share a neighbour
+        synced = watch.pages_after("sync", "demo/model", generation_model)
+        outside = len(synced - span)
+        step("safetensors rewrite", f"1 of 4 tensors changed ({file_mode} tracking): {moved} page copies, "
+                                    f"{len(synced)} distinct pages; that tensor spans {expected}; pages outside "
+                                    f"it moved: expected 0, got {outside}", same and outside == 0)
         watch.stop()
         client.unregister("demo/model")
         client.unregister("demo/table")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._pages import PAGE_SIZE, check_block_size
-from .backends import Backend, Progress, load_backend, parse_device
+from .backends import Backend, load_backend, parse_device
 from .errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -19,7 +19,7 @@ from .errors import (
     UnknownDeviceError,
 )
 from .memory import HostMemory, adopt_fd, create_shared, map_file, map_file_fd, wrap_buffer
-from .region import DEFAULT_TIMEOUT, Event, Listener, Region, SyncReport, check_region_name
+from .region import DEFAULT_TIMEOUT, Event, Listener, ProgressCallback, Region, SyncReport, check_region_name
 from .tracking import Tracker, make_tracker
 
 
@@ -191,7 +191,7 @@ class Replicator:
         region.close()
 
     # ------------------------------------------------------------------ replication
-    def replicate(self, name: str, devices: Sequence[str], *, progress: Progress | None = None,
+    def replicate(self, name: str, devices: Sequence[str], *, progress: ProgressCallback | None = None,
                   timeout: float | None = DEFAULT_TIMEOUT) -> SyncReport:
         """Create replicas of ``name`` on ``devices`` (those it lacks) and bring every replica up to date."""
         region = self.region(name)

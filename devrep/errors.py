@@ -1,4 +1,6 @@
-"""Exception types. Each maps to one documented gRPC status in the service (see ``GRPC_CODE``)."""
+"""Exception types. Each maps to one documented gRPC status in the service (``grpc_code``); the service also sends
+the class name (trailing metadata ``devrep-error``, the side channel's ``class``), so the client raises the same
+class the server did (``AlignmentError``, not just ``InvalidArgumentError``)."""
 
 from __future__ import annotations
 
@@ -66,7 +68,21 @@ class LeaseTimeoutError(DevrepError, TimeoutError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class DeadlineExceededError(DevrepError, TimeoutError):
+    """A call's own gRPC deadline passed before the server answered (a slow or stuck server, a lost connection),
+    as opposed to ``LeaseTimeoutError``, which the server raises when a sync or acquire waited too long."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class BackendError(DevrepError):
     """A device backend failed (kernel build, driver error); the message names the device."""
 
     grpc_code = "INTERNAL"
+
+
+class BackendUnavailableError(BackendError, FailedPreconditionError):
+    """A backend's optional package or driver is missing on this host (e.g. CuPy for ``cuda:N``): a precondition
+    the operator can fix (the message says what to install), not a bug."""
+
+    grpc_code = "FAILED_PRECONDITION"

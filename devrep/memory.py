@@ -240,13 +240,17 @@ def anonymous(nbytes: int) -> npt.NDArray[np.uint8]:
 def create_shared(name: str, nbytes: int) -> HostMemory:
     """A memfd-backed buffer devrep creates for its owner: writable, shareable through its fd.
 
-    The memfd is sealed against shrinking so no one can truncate it under a replica (a SIGBUS hazard).
+    The memfd is sealed against shrinking so no one can truncate it under a replica (a SIGBUS hazard). ``nbytes``
+    need not be a page multiple: the memfd holds whole pages and ``nbytes`` is the logical size, exactly as a
+    client's ``create_region`` through the service does.
     """
-    check_page_multiple("region size", nbytes)
-    fd = memfd_create(f"devrep:{name}", nbytes)
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise InvalidArgumentError(f"region size must be a positive integer, got {nbytes!r}")
+    size = pages_for(nbytes) * PAGE_SIZE
+    fd = memfd_create(f"devrep:{name}", size)
     try:
         add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW)
-        array = map_fd(fd, nbytes, writable=True)
+        array = map_fd(fd, size, writable=True)
     except BaseException:
         os.close(fd)
         raise

@@ -51,7 +51,13 @@ from .memory import HostMemory, anonymous, map_fd
 from .tracking import Tracker
 
 if TYPE_CHECKING:
-    from .backends import Progress
+    from .backends import Progress as CopyProgress
+
+ProgressCallback = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``, the one progress signature of ``sync``/``replicate`` in process and in the
+client: bytes written into replicas so far and in all (each replica counts: two replicas of 1 MiB are 2 MiB), so
+``0 <= done <= total``; the last call has ``done == total`` (= ``SyncReport.bytes_copied`` unless a page was
+written again mid-copy)."""
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +516,7 @@ class Region:
         devices: Sequence[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> SyncReport:
         """Copy every stale page to the replicas (all, or ``devices``), coalesced into runs.
 
@@ -555,7 +561,7 @@ class Region:
         return no_room
 
     def _sync(
-        self, devices: Sequence[str] | None, deadline: float | None, progress: Progress | None, start: float
+        self, devices: Sequence[str] | None, deadline: float | None, progress: ProgressCallback | None, start: float
     ) -> SyncReport:
         no_room = self._prepare_spares(devices)
         events: list[Event] = []
@@ -685,12 +691,16 @@ class Region:
             mask[pages] = True
         return np.flatnonzero(mask)
 
-    def _copy(self, plans: list[_Plan], progress: Progress | None) -> int:
+    def _copy(self, plans: list[_Plan], progress: ProgressCallback | None) -> int:
         """Run the copies, one backend call per group of replicas that need the same pages (fan-out)."""
         groups: dict[tuple[int, bytes], list[_Plan]] = {}
         for plan in plans:
             if plan.pages.size:
                 groups.setdefault((id(plan.replica.backend), plan.pages.tobytes()), []).append(plan)
+        total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
+        done = 0
+        if progress:
+            progress(0, total)
         host_read = 0
         for members in groups.values():
             first = members[0]
@@ -698,9 +708,20 @@ class Region:
             if any(b is None for b in buffers):
                 raise FailedPreconditionError(f"region {self.name!r}: a replica buffer vanished during sync")
             runs = runs_from_pages(first.pages)
+            group_end = done + len(members) * int(first.pages.size) * PAGE_SIZE
+            report: CopyProgress | None = None
+            if progress:
+                # Backends report host bytes read (once per fan-out call); each such byte landed in every member.
+                def report(nbytes: int, _k: int = len(members), _end: int = group_end) -> None:
+                    nonlocal done
+                    done = min(done + nbytes * _k, _end)
+                    progress(done, total)
             first.replica.backend.copy_runs(self._source(runs), runs, [b for b in buffers if b is not None],
-                                            progress)
+                                            report)
             host_read += int(first.pages.size) * PAGE_SIZE
+            if progress and done != group_end:
+                done = group_end
+                progress(done, total)
         return host_read
 
     # ------------------------------------------------------------------ acquire

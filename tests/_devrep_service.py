@@ -35,11 +35,11 @@ def tell(proc: subprocess.Popen[str], line: str) -> None:
 
 
 @contextmanager
-def server_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``devrep serve`` as a real process on a temporary socket (stopped, or killed, afterwards)."""
+def server_process(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``devrep serve [extra...]`` as a real process on a temporary socket (stopped, or killed, afterwards)."""
     from devrep.demo import server_process as start
 
-    with short_tmpdir() as tmp, start(tmp) as (address, proc):
+    with short_tmpdir() as tmp, start(tmp, *extra) as (address, proc):
         yield address, proc
 
 

@@ -6,9 +6,15 @@ import faulthandler
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 import devrep
 from devrep.backends import Backend, load_backend
+
+# No timed assertions in unit tests: hypothesis's default 200 ms per-example deadline fails under load (2 vCPUs,
+# load 10) for a test that takes 3 ms on a quiet machine.
+settings.register_profile("devrep", deadline=None)
+settings.load_profile("devrep")
 
 ENGINE_BACKENDS = ["cpu", "numa", "opencl"]
 

@@ -167,7 +167,7 @@ def test_coalesce_merges_consecutive_events_only() -> None:
 def test_truncated_file_fails_the_region_before_anything_reads_it(client: Client, tmp_path: Path) -> None:
     path = tmp_path / "t.bin"
     path.write_bytes(b"q" * (64 * 4096))
-    client.register_file("t", path)
+    client.register_file("t", path, tracking="explicit")  # the size guard, not the file tracker, must catch it
     client.replicate("t", ["cpu:0"])
     with client.watch("t") as stream:
         events = iter(stream)

@@ -239,7 +239,9 @@ def test_acquire_waiting_on_a_copy_of_a_removed_replica_fails_cleanly() -> None:
             except BaseException as exc:
                 result["crash"] = exc
 
-        def progress(nbytes: int) -> None:          # the copy into the front buffer is in flight
+        def progress(done: int, total: int) -> None:  # the copy into the front buffer is in flight
+            if not done or "thread" in result:
+                return
             t = threading.Thread(target=reader)
             t.start()
             time.sleep(0.3)                         # reader now waits for the copy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import BackendError, UnknownDeviceError
+from ..errors import BackendUnavailableError, UnknownDeviceError
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
 from ._cpu import CpuBackend
 
@@ -32,13 +32,14 @@ def parse_device(device: str) -> tuple[str, int]:
 
 
 def load_backend(kind: str, **options: Any) -> Backend:
-    """Instantiate a backend by name; a missing driver or package is a ``BackendError`` saying what to install."""
+    """Instantiate a backend by name; a missing driver or package is a ``BackendUnavailableError`` (a
+    ``BackendError``, FAILED_PRECONDITION in the service) saying what to install."""
     if kind not in BACKENDS:
         raise UnknownDeviceError(f"unknown backend {kind!r}; known: {', '.join(BACKENDS)}")
     module_name, class_name = BACKENDS[kind]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BackendError(f"backend {kind!r} is not available: {exc} (install devrep[{kind}])") from exc
+        raise BackendUnavailableError(f"backend {kind!r} is not available: {exc} (install devrep[{kind}])") from exc
     backend: Backend = getattr(module, class_name)(**options)
     return backend

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
 from ..errors import (
     BackendError,
+    BackendUnavailableError,
     DevrepError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -54,7 +55,7 @@ def _import_cupy() -> Any:
     try:
         import cupy
     except ImportError as exc:  # CuPy is the optional extra devrep[cuda12] / devrep[cuda13]
-        raise BackendError(f"the CUDA backend needs CuPy: {cvmm.INSTALL_HINT} ({exc})") from exc
+        raise BackendUnavailableError(f"the CUDA backend needs CuPy: {cvmm.INSTALL_HINT} ({exc})") from exc
     return cupy
 
 

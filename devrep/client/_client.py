@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import select
 import socket
 import stat
@@ -27,13 +28,15 @@ from ..service import protocol
 from ..service._gen import devrep_pb2 as pb
 from ..service._gen import devrep_pb2_grpc as pb_grpc
 from ..service.server import default_address, unix_path
+from ..service.servicer import HOLDER_KEY, HOLDER_TTL_KEY
 from ..service.sessions import UnauthenticatedError
+from ..service.status import ERROR_CLASS_KEY
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
-MODES = {"explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC, "async": pb.TRACKING_MODE_ASYNC,
-         "file": pb.TRACKING_MODE_FILE}
+MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC,
+         "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
 
 
 class ServiceUnavailableError(errors.DevrepError, ConnectionError):
@@ -56,10 +59,82 @@ _ERRORS: dict[grpc.StatusCode, type[errors.DevrepError]] = {
 _BY_NAME: dict[str, type[errors.DevrepError]] = {code.name: cls for code, cls in _ERRORS.items()}
 
 
+def _error_classes() -> dict[str, type[errors.DevrepError]]:
+    """Every class the server may name in ``devrep-error`` / the side channel's ``class``."""
+    found = {value.__name__: value for value in vars(errors).values()
+             if isinstance(value, type) and issubclass(value, errors.DevrepError)}
+    for cls in (UnauthenticatedError, ServiceUnavailableError):
+        found[cls.__name__] = cls
+    return found
+
+
+_CLASSES = _error_classes()
+
+
+def error_class(code_name: str, class_name: str | None) -> type[errors.DevrepError]:
+    """The most specific class for a status: the class the server named when it belongs to that status, else the
+    status's class. A DEADLINE_EXCEEDED the server did not name is the call's own gRPC deadline (transport), not a
+    lease timeout."""
+    named = _CLASSES.get(class_name or "")
+    if named is not None and named.grpc_code == code_name:
+        return named
+    if code_name == "DEADLINE_EXCEEDED":
+        return errors.DeadlineExceededError
+    return _BY_NAME.get(code_name, errors.DevrepError)
+
+
+NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
+                  "--address) at the running server's socket")
+SCHEMES = ("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")
+
+
+def _denied_hint(path: Path) -> str:
+    return (f"permission denied connecting to {path}: this user may not use the devrep socket; run the server with "
+            "`devrep serve --socket-group <group>` and join that group (or use a token), see docs/api.md")
+
+
+def _exists(path: Path) -> bool:
+    """Whether the side-channel socket is there; a directory this user cannot search is a permission problem,
+    not a missing server."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise errors.PermissionDeniedError(_denied_hint(path)) from None
+    except OSError:
+        return False
+    return True
+
+
+def check_address(address: str) -> str:
+    """Refuse an address gRPC cannot use, with the reason (instead of a connection that never succeeds)."""
+    if not isinstance(address, str) or not address.strip():
+        raise errors.InvalidArgumentError("empty server address: use unix:/path/to/devrep.sock or HOST:PORT")
+    scheme, sep, _ = address.partition(":")
+    if unix_path(address) is not None or address.startswith(SCHEMES):
+        return address
+    if sep and "/" in address.partition(":")[2][:2]:   # e.g. garbage://x, http://host
+        raise errors.InvalidArgumentError(
+            f"unsupported server address {address!r}: scheme {scheme!r} is not one devrep can dial; use "
+            "unix:/path/to/devrep.sock, a socket path, or HOST:PORT (TCP)")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgumentError(
+            f"bad server address {address!r}: expected unix:/path/to/devrep.sock, a socket path, or HOST:PORT "
+            "with a port in 1..65535")
+    return address
+
+
 def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    cls = _ERRORS.get(code, errors.DevrepError)
-    err = cls(exc.details() if hasattr(exc, "details") else str(exc))
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
+    cls = error_class(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", class_name)
+    message = exc.details() if hasattr(exc, "details") else str(exc)
+    if cls is errors.DeadlineExceededError and class_name is None:
+        message = f"the devrep server did not answer within the call's deadline ({message})"
+    elif cls is ServiceUnavailableError and class_name is None:  # nobody answered at the address
+        message = f"{message}; {NO_SERVER_HINT}"
+    err = cls(message)
     err.status = code  # type: ignore[attr-defined]
     return err
 
@@ -115,9 +190,13 @@ class _SideChannel:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
+        except PermissionError:
+            self.sock.close()
+            raise errors.PermissionDeniedError(_denied_hint(path)) from None
         except OSError as exc:
             self.sock.close()
-            raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc}") from None
+            raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc.strerror}; "
+                                          f"{NO_SERVER_HINT}") from None
         # Who listens there? Before any token or fd goes out (a memfd sent to an impostor is handed over writable),
         # the listener must be root, this user, or a uid the user named (server_uid / DEVREP_SERVER_UID).
         pid, uid, _gid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -131,6 +210,11 @@ class _SideChannel:
                 "server, pass connect(server_uid=...) or set DEVREP_SERVER_UID")
         self.lock = threading.Lock()
         self.timeout = timeout
+        try:
+            self.server_pid: int | None = struct.unpack(
+                "3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        except OSError:
+            self.server_pid = None
 
     def call(self, message: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None
              ) -> tuple[dict[str, Any], list[int]]:
@@ -145,7 +229,7 @@ class _SideChannel:
             raise ServiceUnavailableError("the devrep server closed the side channel")
         if not reply.get("ok"):
             protocol.close_fds(got)
-            cls = _BY_NAME.get(str(reply.get("code")), errors.DevrepError)
+            cls = error_class(str(reply.get("code")), str(reply.get("class") or ""))
             raise cls(str(reply.get("error")))
         return reply, got
 
@@ -419,10 +503,14 @@ class Client:
     def __init__(self, address: str, *, token: str | None = None, label: str | None = None,
                  fd_socket: str | os.PathLike[str] | None = None, timeout: float = 10.0,
                  credentials: grpc.ChannelCredentials | None = None, server_uid: int | None = None) -> None:
-        self.address = address
+        self.address = check_address(address)
         self.timeout = timeout
         self._ipc: dict[Any, list[Any]] = {}
         self._ipc_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._modes: set[str] | None = None
+        self._mappings: dict[str, npt.NDArray[np.uint8]] = {}
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
@@ -439,7 +527,7 @@ class Client:
         operator's for a pre-authorized token): share with it as ``label:<that>``."""
         token = token or os.environ.get("DEVREP_TOKEN") or None
         try:
-            if fd_path is not None and fd_path.exists():
+            if fd_path is not None and _exists(fd_path):
                 self._sc = _SideChannel(fd_path, timeout, _server_uids(server_uid))
                 hello: dict[str, Any] = {"op": "hello", "label": label or f"pid{os.getpid()}"}
                 if token:
@@ -449,13 +537,17 @@ class Client:
                 self.session_id = str(reply["session"])
                 self.label = str(reply.get("label", ""))
             elif fd_path is not None and sock is not None and not token:
-                raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path})")
+                raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path}); "
+                                              f"{NO_SERVER_HINT}")
             if not token:
                 raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
                                            "pre-authorized token")
             if sock is not None:
                 _check_socket_owner(sock, _server_uids(server_uid))  # before the token goes over gRPC
-            self._metadata = (("authorization", f"Bearer {token}"),)
+            # The holder id names this process's gRPC-acquired leases: the server releases them when this client
+            # stops calling for the holder TTL (it died), see _heartbeat.
+            self._holder = secrets.token_hex(16)
+            self._metadata = (("authorization", f"Bearer {token}"), (HOLDER_KEY, self._holder))
             self.token = token
             self.session_id = self._call(self._stub.Ping, pb.PingRequest()).session_id
         except BaseException:
@@ -600,16 +692,19 @@ class Client:
                           r.quota.used_bytes, r.quota.used_regions)
 
     # ------------------------------------------------------------------ regions
-    def create_region(self, name: str, nbytes: int, *, tracking: str = "explicit", block_size: int = 0
+    def create_region(self, name: str, nbytes: int, *, tracking: str = "auto", block_size: int = 0
                       ) -> RegionHandle:
         """A new shared-memory region: this process writes ``handle.array``; the server replicates it.
 
-        ``tracking="explicit"``: report writes with ``invalidate``. ``"sync"``/``"async"``: the kernel reports them
-        (needs the kernel-tracking helpers on both sides; otherwise ``FailedPreconditionError``).
+        ``tracking="auto"`` (default): the strongest mode the server offers and this kernel and privileges allow,
+        ``sync`` > ``async`` > ``explicit`` (``handle.info.tracking`` / ``describe()`` says which). ``"explicit"``:
+        report writes with ``invalidate``. ``"sync"``/``"async"``: the kernel reports them (needs the
+        kernel-tracking helpers on both sides; otherwise ``UnsupportedModeError``).
         """
-        if tracking not in ("explicit", "sync", "async"):
-            raise errors.InvalidArgumentError(f"memory regions track 'explicit', 'sync' or 'async', not {tracking!r}")
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if tracking not in ("auto", "explicit", "sync", "async"):
+            raise errors.InvalidArgumentError(
+                f"memory regions track 'auto', 'explicit', 'sync' or 'async', not {tracking!r}")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
             raise errors.InvalidArgumentError(f"nbytes must be a positive integer, got {nbytes!r}")
         size = pages_for(nbytes) * PAGE_SIZE
         fd = memfd_create(f"devrep:{name}", size)
@@ -618,7 +713,9 @@ class Client:
             array = map_fd(fd, size, writable=True)
             extra: list[int] = []
             writer_base = 0
-            if tracking != "explicit":
+            if tracking == "auto":
+                extra, writer_base = self._auto_tracking_setup(array)
+            elif tracking != "explicit":
                 extra, writer_base = _remote_tracking_setup(tracking, array)
             try:
                 ticket = self._put_fds("+".join(["memfd", "uffd", "pagemap"][: 1 + len(extra)]), [fd, *extra])
@@ -629,13 +726,37 @@ class Client:
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
             name=name, memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
             tracking=MODES[tracking], block_size=block_size))
+        # The writer's mapping lives as long as the region (not the handle): sync/async tracking is registered on it,
+        # and a handle dropped by the caller must not unmap it under the server's tracker.
+        self._mappings[name] = array
         return RegionHandle(self, name, array[:nbytes], _region(reply.region))
 
-    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "explicit",
+    def _auto_tracking_setup(self, array: npt.NDArray[np.uint8]) -> tuple[list[int], int]:
+        """For ``tracking="auto"``: prepare the strongest mode the server lists that this process can set up
+        (sync, then async); no fds (explicit) when neither works. The server infers the mode from the fds."""
+        if self._modes is None:
+            self._modes = set(self.stats().tracking_modes)
+        # A server in this very process (tests embed one) handles sync faults in a Python thread that a writer
+        # faulting with the GIL held would wait for forever, and its async scans of its own pagemap are refused:
+        # there, auto is explicit.
+        if self._sc is not None and self._sc.server_pid == os.getpid():
+            return [], 0
+        for mode in ("sync", "async"):
+            if mode in self._modes:
+                try:
+                    return _remote_tracking_setup(mode, array)
+                except (errors.UnsupportedModeError, OSError):
+                    continue  # e.g. no userfaultfd for this user: try the next mode
+        return [], 0
+
+    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "file",
                       block_size: int = 0) -> RegionHandle:
-        """Replicate a regular file of this host (read-only). This process opens it to prove it may read it."""
+        """Replicate a regular file of this host (read-only). This process opens it to prove it may read it.
+
+        ``tracking="file"`` (default, as in process and ``devrep add``): rewrites are noticed (inotify + page
+        hashes), so a fresh acquire never returns old bytes; ``"explicit"`` only when asked for."""
         p = Path(path).resolve()
-        if tracking not in ("explicit", "file"):
+        if tracking not in ("file", "explicit", "auto"):
             raise errors.InvalidArgumentError(f"file regions track 'file' or 'explicit', not {tracking!r}")
         ticket = ""
         if self._sc is not None:
@@ -659,6 +780,7 @@ class Client:
 
     def unregister(self, name: str) -> None:
         self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name))
+        self._mappings.pop(name, None)
 
     def list_regions(self, *, all_sessions: bool = False) -> list[RegionDescription]:
         """This session's regions and those shared with it; ``all_sessions``: every session's (root on the
@@ -716,10 +838,30 @@ class Client:
             finally:
                 protocol.close_fds(fds)
             return lease
-        reply = self._call(self._stub.Acquire, pb.AcquireRequest(
-            name=name, device=device, fresh=fresh, timeout_ms=int(timeout * 1000) if timeout else 0),
-            timeout=(timeout or 30.0) + self.timeout)
+        try:
+            reply, call = self._stub.Acquire.with_call(pb.AcquireRequest(
+                name=name, device=device, fresh=fresh, timeout_ms=int(timeout * 1000) if timeout else 0),
+                metadata=self._metadata, timeout=(timeout or 30.0) + self.timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from None
+        ttl_ms = next((int(v) for k, v in call.trailing_metadata() or () if k == HOLDER_TTL_KEY), 0)
+        if ttl_ms > 0:
+            self._start_heartbeat(ttl_ms / 1000)
         return ClientLease(self, name, reply)
+
+    def _start_heartbeat(self, ttl: float) -> None:
+        """Keep this process's gRPC leases: a ``Ping`` carrying the holder id every quarter TTL until ``close()``."""
+        with self._ipc_lock:  # (any lock of this client: two first gRPC acquires must not start two threads)
+            if self._heartbeat_thread is not None or self._closed.is_set():
+                return
+            self._heartbeat_thread = threading.Thread(target=self._beat, args=(ttl,), name="devrep-lease-heartbeat",
+                                                      daemon=True)
+            self._heartbeat_thread.start()
+
+    def _beat(self, ttl: float) -> None:
+        while not self._closed.wait(max(0.05, ttl / 4)):
+            with contextlib.suppress(errors.DevrepError):
+                self._call(self._stub.Ping, pb.PingRequest(), timeout=max(1.0, ttl / 2))
 
     def invalidate(self, name: str, offset: int = 0, length: int | None = None, *,
                    runs: npt.ArrayLike | None = None) -> int:
@@ -791,6 +933,11 @@ class Client:
     def close(self) -> None:
         """End the session (its regions and leases go) and close the connection. CUDA replicas still mapped
         here are closed first, after the GPU finished the work this process queued on them."""
+        self._closed.set()
+        self._mappings.clear()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=5)
+            self._heartbeat_thread = None
         with self._ipc_lock:
             entries, self._ipc = list(self._ipc.values()), {}
         try:

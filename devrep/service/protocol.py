@@ -80,4 +80,7 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
     code = exc.grpc_code if isinstance(exc, DevrepError) else "INTERNAL"
-    return {"ok": False, "code": code, "error": str(exc) or type(exc).__name__}
+    reply: dict[str, Any] = {"ok": False, "code": code, "error": str(exc) or type(exc).__name__}
+    if isinstance(exc, DevrepError):  # the class name, so the client raises exactly this class
+        reply["class"] = type(exc).__name__
+    return reply

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ..engine import Replicator
 from ..errors import InvalidArgumentError
@@ -30,6 +29,7 @@ from . import sockets
 from ._gen import devrep_pb2 as pb
 from ._gen import devrep_pb2_grpc as pb_grpc
 from .protocol import side_channel_path
+from .reflection import enable_server_reflection
 from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore, UnauthenticatedError
 from .sidechannel import SideChannel, set_group
@@ -85,6 +85,14 @@ class AuthenticateFirst(grpc.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(refuse)
         return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+MAX_SOCKET_PATH = 107
+"""Bytes in a Unix socket path (sun_path holds 108 with the terminating NUL)."""
+DEFAULT_MAX_LEASE_S = 300.0
+"""``devrep serve --max-lease-s``: a lease held longer is revoked (0 = no limit)."""
+DEFAULT_HOLDER_TTL = 30.0
+"""``devrep serve --holder-timeout-s``: a gRPC lease holder silent this long has its leases released."""
 
 
 def default_socket_path() -> Path:
@@ -157,8 +165,8 @@ class DevrepServer:
                  quota: Quota | None = None, fd_socket: str | os.PathLike[str] | None = None,
                  require_token: bool = False, interceptors: Sequence[grpc.ServerInterceptor] = (),
                  tls: TlsFiles | None = None, insecure: bool = False, max_workers: int = 32,
-                 socket_mode: int = 0o660, socket_group: int | None = None, metrics: Metrics | None = None
-                 ) -> None:
+                 socket_mode: int = 0o660, socket_group: int | None = None, metrics: Metrics | None = None,
+                 max_lease_s: float = DEFAULT_MAX_LEASE_S, holder_ttl: float = DEFAULT_HOLDER_TTL) -> None:
         self.address = address if unix_path(address) is None else f"unix:{unix_path(address)}"
         self.replicator = replicator if replicator is not None else Replicator()
         self.tokens = tokens if tokens is not None else TokenStore()
@@ -170,6 +178,13 @@ class DevrepServer:
         if max_workers < 8:
             raise InvalidArgumentError(f"max_workers must be >= 8, got {max_workers}")
         self.servicer = DevrepServicer(self.replicator, self.registry, self.hub, max_streams=max_workers // 2)
+        if max_lease_s < 0 or holder_ttl <= 0:
+            raise InvalidArgumentError(f"max_lease_s must be >= 0 (0 = no limit) and holder_ttl > 0, got "
+                                       f"{max_lease_s}, {holder_ttl}")
+        self.max_lease_s = max_lease_s
+        self.holder_ttl = holder_ttl
+        self.servicer.holder_ttl = holder_ttl
+        self._reaper: threading.Thread | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         if not 0 <= socket_mode <= 0o777:
             raise InvalidArgumentError(f"socket mode must be within 0o000..0o777, got {socket_mode:#o}")
@@ -185,7 +200,14 @@ class DevrepServer:
             )
         fd_path = Path(fd_socket) if fd_socket else (side_channel_path(sock) if sock else None)
         if sock is not None:
-            sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise InvalidArgumentError(f"socket path {sock} is {len(os.fsencode(sock))} bytes; Unix sockets "
+                                           f"allow at most {MAX_SOCKET_PATH}: choose a shorter --socket")
+            try:
+                sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot create the socket directory {sock.parent}: {exc.strerror}") from None
             check_socket_directory(sock.parent)  # path chmod/chgrp below are safe only where no one else writes
             _open_directory(sock.parent, socket_mode, socket_group)
             # Both paths are checked before either is bound: a live server there keeps them (SocketInUseError).
@@ -205,19 +227,21 @@ class DevrepServer:
         )
         pb_grpc.add_DevrepServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+        enable_server_reflection(  # v1 (grpcurl, current clients) and v1alpha
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._server)
         private = sockets.private_name(sock) if sock is not None else None
         bind = f"unix:{private}" if private is not None else self.address  # see devrep.service.sockets
-        if tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(tls.key.read_bytes(), tls.cert.read_bytes())],
-                root_certificates=tls.ca.read_bytes() if tls.ca else None,
-                require_client_auth=tls.ca is not None)
-            self.port = self._server.add_secure_port(bind, creds)
-        else:
-            self.port = self._server.add_insecure_port(bind)
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                    root_certificates=tls.ca.read_bytes() if tls.ca else None,
+                    require_client_auth=tls.ca is not None)
+                self.port = self._server.add_secure_port(bind, creds)
+            else:
+                self.port = self._server.add_insecure_port(bind)
+        except RuntimeError as exc:  # grpcio raises "Failed to bind to address ..." (older ones return 0)
+            raise InvalidArgumentError(f"cannot listen on {self.address}: {exc}") from None
         if self.port == 0:
             raise InvalidArgumentError(f"cannot listen on {self.address}")
         if sock is not None:
@@ -252,15 +276,30 @@ class DevrepServer:
         self._token_watch = not self.tokens.watching
         if self._token_watch:
             self.tokens.start()  # removed token files end their sessions without waiting for a call
+        self._reaper = threading.Thread(target=self._reap_loop, name="devrep-lease-reaper", daemon=True)
+        self._reaper.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _reap_loop(self) -> None:
+        """Release leases whose gRPC holder went silent, and leases held past ``max_lease_s`` (the last resort:
+        a reader, e.g. a read-only grantee, can never block the owner's syncs for longer)."""
+        limits = [self.holder_ttl / 4, 1.0] + ([self.max_lease_s / 4] if self.max_lease_s else [])
+        interval = max(0.05, min(limits))
+        while not self._stopped.wait(interval):
+            try:
+                self.registry.reap(holder_ttl=self.holder_ttl, max_lease_s=self.max_lease_s)
+            except Exception:  # never let the reaper die: leases would then leak
+                log.exception("lease reaper")
 
     def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown; idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING
         self.servicer.stopping.set()
         self.hub.close()  # end Watch streams so draining does not wait for them

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,12 +36,16 @@ from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
 
 MODES = {
-    pb.TRACKING_MODE_UNSPECIFIED: "explicit",
+    pb.TRACKING_MODE_UNSPECIFIED: "auto",
     pb.TRACKING_MODE_EXPLICIT: "explicit",
     pb.TRACKING_MODE_SYNC: "sync",
     pb.TRACKING_MODE_ASYNC: "async",
     pb.TRACKING_MODE_FILE: "file",
 }
+AUTO_BY_FDS = {1: "explicit", 2: "sync", 3: "async"}
+"""``auto`` (TRACKING_MODE_UNSPECIFIED) on a memfd: the mode the client prepared fds for (memfd, +uffd for sync,
++uffd+pagemap for async). The client prepares the strongest mode this server lists and its kernel and privileges
+allow (sync > async > explicit); should the server then be unable to run it, auto falls back to explicit."""
 MAX_LIST = 64
 MAX_RUNS_IN = 1_000_000
 MAX_BLOCK_SIZE = 1 << 30
@@ -57,6 +59,24 @@ PROGRESS_INTERVAL = 0.05
 def available_modes() -> list[str]:
     _register_kernel_trackers()
     return sorted(TRACKERS)
+
+
+HOLDER_KEY = "x-devrep-holder"
+"""Metadata naming the client process (connection) that holds gRPC-acquired leases; see ``holder_of``."""
+HOLDER_TTL_KEY = "x-devrep-holder-ttl-ms"
+MAX_HOLDER_LEN = 128
+
+
+def holder_of(context: grpc.ServicerContext) -> str | None:
+    """The ``x-devrep-holder`` id of a call: a client that takes leases over plain gRPC names itself with a random id
+    and repeats it on a call (e.g. ``Ping``) at least every holder TTL; leases it acquired with that id are released
+    once it falls silent for the TTL (its process died or its connection broke). See docs/api.md."""
+    for key, value in context.invocation_metadata() or ():
+        if key == HOLDER_KEY and isinstance(value, str):
+            if not 0 < len(value) <= MAX_HOLDER_LEN:
+                raise InvalidArgumentError(f"{HOLDER_KEY} must be 1..{MAX_HOLDER_LEN} characters")
+            return value
+    return None
 
 
 def token_of(context: grpc.ServicerContext) -> str | None:
@@ -176,10 +196,16 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                                  functools.partial(registry.quota_error, "blocking"))
         self._watch_uid = Limiter("watch streams", min(q.max_watchers, max(1, max_streams // 2)),
                                   functools.partial(registry.quota_error, "watchers"))
+        self.holder_ttl = 30.0
+        """Seconds a gRPC lease holder may stay silent before its leases are released (``DevrepServer``)."""
 
     # ------------------------------------------------------------------ helpers
     def _session(self, context: grpc.ServicerContext) -> Session:
-        return self.reg.authenticate(token_of(context))
+        session = self.reg.authenticate(token_of(context))
+        holder = holder_of(context)
+        if holder is not None:
+            self.reg.touch_holder(session, holder)  # any authenticated call is the holder's heartbeat
+        return session
 
     def _waiting(self, session: Session) -> contextlib.AbstractContextManager[None]:
         """Hold one of the session's (and its uid's) slots for a call that may wait (``Quota.max_blocking``)."""
@@ -279,9 +305,12 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         if not src.fd_ticket:
             raise InvalidArgumentError("memfd.fd_ticket is required (hand the memfd over with put_fds first)")
         fds, pid = self.reg.take_ticket_with_pid(session, src.fd_ticket)
+        auto = mode == "auto"
         try:
             if mode == "file":
                 raise InvalidArgumentError("file tracking needs a file source, not a memfd")
+            if auto:
+                mode = AUTO_BY_FDS.get(len(fds), "explicit")
             need = {"explicit": 1, "sync": 2, "async": 3}[mode]
             if len(fds) != need:
                 raise InvalidArgumentError(f"{mode} tracking needs a ticket of {need} fds "
@@ -303,6 +332,12 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
                     raise FailedPreconditionError("sync/async tracking needs fds sent on the side channel")
                 check_writer_mapping(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
                 tracking = remote_tracker(mode, fds, src.writer_base, pages_for(nbytes) * PAGE_SIZE)
+            except UnsupportedModeError:
+                if not auto:
+                    close_fds(fds)
+                    raise
+                close_fds(fds[1:])  # the client's write protection ends with the last uffd reference
+                fds = fds[:1]
             except BaseException:
                 close_fds(fds)
                 raise
@@ -323,6 +358,9 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             raise InvalidArgumentError(f"file.path must be an absolute path, got {src.path!r}")
         if mode in ("sync", "async"):
             raise InvalidArgumentError(f"{mode} tracking applies to memory, not files; use file or explicit")
+        if mode == "auto":  # files: file tracking where this server has it
+            _register_kernel_trackers()
+            mode = "file" if "file" in TRACKERS else "explicit"
         if mode == "file":
             _register_kernel_trackers()
             if "file" not in TRACKERS:
@@ -400,35 +438,35 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             self.rep.resolve(device)
         new = [d for d in dict.fromkeys(devices) if d not in region.devices]
         with self._waiting(session), self.reg.reserve_bytes(session, len(new) * region.npages * PAGE_SIZE):
-            yield from self._replicate(request, region, devices, new, timeout, context)
+            yield from self._replicate(region, devices, timeout, context)
 
-    def _replicate(self, request: pb.ReplicateRequest, region: Region, devices: list[str], new: list[str],
-                   timeout: float, context: grpc.ServicerContext) -> Iterator[pb.ReplicateResponse]:
-        total = region.npages * PAGE_SIZE if new else 0
-        total += sum(int(region.invalid_runs(d)[:, 1].sum()) * PAGE_SIZE for d in region.devices)
-        progress: queue.SimpleQueue[int] = queue.SimpleQueue()
+    def _replicate(self, region: Region, devices: list[str], timeout: float, context: grpc.ServicerContext
+                   ) -> Iterator[pb.ReplicateResponse]:
+        # Progress in the units of the final report: replica bytes, every replica counted (the region's callback).
+        latest: list[tuple[int, int]] = []
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["report"] = self.rep.replicate(region.name, devices, progress=progress.put, timeout=timeout)
+                outcome["report"] = self.rep.replicate(region.name, devices, timeout=timeout,
+                                                       progress=lambda done, total: latest.append((done, total)))
             except BaseException as exc:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=work, name="devrep-replicate", daemon=True)
         worker.start()
-        done = 0
-        last = 0.0
+        sent = (-1, -1)
         while worker.is_alive():
             worker.join(PROGRESS_INTERVAL)
-            while not progress.empty():
-                done += progress.get()
-            if done and time.monotonic() - last >= PROGRESS_INTERVAL and context.is_active():
-                last = time.monotonic()
-                yield pb.ReplicateResponse(bytes_copied=done, bytes_total=max(total, done))
+            if latest and latest[-1] != sent and context.is_active():
+                sent = latest[-1]
+                del latest[:-1]
+                yield pb.ReplicateResponse(bytes_copied=sent[0], bytes_total=sent[1])
         if "error" in outcome:
             raise outcome["error"]
-        yield pb.ReplicateResponse(report=report_pb(outcome["report"]), bytes_total=total)
+        report = outcome["report"]
+        # bytes_copied and report share a oneof: the final message's total equals report.bytes_copied.
+        yield pb.ReplicateResponse(report=report_pb(report), bytes_total=report.bytes_copied)
 
     @unary
     def Sync(self, request: pb.SyncRequest, context: grpc.ServicerContext) -> pb.SyncResponse:
@@ -441,8 +479,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             report = region.sync(devices or None, timeout=timeout)
         return pb.SyncResponse(report=report_pb(report))
 
-    def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float
-                      ) -> tuple[int, Lease, ExportHandle]:
+    def acquire_lease(self, session: Session, name: str, device: str, fresh: bool, timeout: float,
+                      holder: str | None = None) -> tuple[int, Lease, ExportHandle]:
         """Acquire for the gRPC call and the side channel's one-round-trip ``acquire`` alike."""
         region, _ = self._region(session, name, write=False)
         self._guard_file(region)
@@ -460,15 +498,18 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         except BaseException:
             lease.release()
             raise
-        return self.reg.add_lease(session, lease), lease, handle
+        return self.reg.add_lease(session, lease, holder), lease, handle
 
     @unary
     def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
         session = self._session(context)
         timeout = timeout_of(request.timeout_ms, context)
+        holder = holder_of(context)
         with self._waiting(session):
             lease_id, lease, handle = self.acquire_lease(session, request.name, request.device, request.fresh,
-                                                         timeout)
+                                                         timeout, holder)
+        if holder is not None:  # tells the holder how often it must call (Ping) to keep its leases
+            context.set_trailing_metadata(((HOLDER_TTL_KEY, str(int(self.holder_ttl * 1000))),))
         return pb.AcquireResponse(
             lease_id=lease_id, generation=lease.generation, invalid_runs=flat(lease.invalid_runs),
             nbytes=lease.nbytes, device=lease.device, export_kind=handle.kind, buffer_nbytes=handle.nbytes,

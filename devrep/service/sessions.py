@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .._pages import PAGE_SIZE
 from ..errors import (
+    DevrepError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -41,6 +42,8 @@ log = logging.getLogger("devrep.service")
 _POLL = 0.5
 """Seconds between backstop stats of the token directory in the watch thread."""
 _RACY_NS = 100_000_000
+MAX_ENDED_LEASES = 4096
+"""How many ended lease ids a session remembers (to answer a late release with the reason)."""
 """A directory modified this recently (ns) may change again without its mtime moving: re-read it."""
 
 
@@ -97,6 +100,13 @@ class Session:
     ticket_pids: dict[str, int] = field(default_factory=dict)
     """The pid that sent each ticket's fds (SO_PEERCRED): whose address space ``writer_base`` refers to."""
     watchers: int = 0
+    lease_started: dict[int, float] = field(default_factory=dict)
+    """``time.monotonic()`` when each lease was taken (``--max-lease-s``)."""
+    lease_holder: dict[int, str] = field(default_factory=dict)
+    """The gRPC holder (``x-devrep-holder``) of leases taken over plain gRPC: released when it stops heartbeating."""
+    ended_leases: dict[int, str] = field(default_factory=dict)
+    """Why recent leases ended (released, revoked, holder gone): a second release, or a ``lease_fd`` after a
+    revocation, is ``FAILED_PRECONDITION`` with that reason rather than ``NOT_FOUND``. Bounded (oldest dropped)."""
     closed: bool = False
     region_slots: int = 0
     """Regions registered or being registered (the region quota is reserved before the work, released on failure)."""
@@ -331,6 +341,8 @@ class SessionRegistry:
         self._lock = threading.RLock()
         self._ids = 0
         self._lease_ids = 0
+        self._holders: dict[tuple[str, str], float] = {}
+        """(session id, holder id) -> ``time.monotonic()`` of its last call."""
 
     def quota_error(self, resource: str, message: str) -> ResourceExhaustedError:
         """The error for a request refused by the quota on ``resource``, counted through ``on_quota``."""
@@ -402,9 +414,13 @@ class SessionRegistry:
                 return
             session.closed = True
             self._sessions.pop(session.token, None)
+            for key in [k for k in self._holders if k[0] == session.id]:
+                del self._holders[key]
         with session.lock:
             leases = list(session.leases.values())
             session.leases.clear()
+            session.lease_started.clear()
+            session.lease_holder.clear()
             tickets = list(session.tickets.values())
             session.tickets.clear()
             names = list(session.regions)
@@ -616,7 +632,7 @@ class SessionRegistry:
                 session.pending_bytes -= extra
 
     # ------------------------------------------------------------------ leases
-    def add_lease(self, session: Session, lease: Lease) -> int:
+    def add_lease(self, session: Session, lease: Lease, holder: str | None = None) -> int:
         with self._lock:  # lock order: registry, then session (as in drop_region)
             self._lease_ids += 1
             lease_id = self._lease_ids
@@ -629,24 +645,93 @@ class SessionRegistry:
                 raise self.quota_error("leases", f"session holds {len(session.leases)} leases "
                                                  f"(limit {self.quota.max_leases}); release some")
             session.leases[lease_id] = lease
+            session.lease_started[lease_id] = time.monotonic()
+            if holder is not None:
+                session.lease_holder[lease_id] = holder
             return lease_id
+
+    def _gone(self, session: Session, lease_id: int) -> DevrepError:
+        """The error for a lease id that is not held (lock held): why it ended, if this session had it."""
+        reason = session.ended_leases.get(lease_id)
+        if reason is not None:
+            return FailedPreconditionError(f"lease {lease_id} {reason}")
+        return NotFoundError(f"no lease {lease_id} in this session")
+
+    def _end_lease_locked(self, session: Session, lease_id: int, reason: str) -> Lease | None:
+        lease = session.leases.pop(lease_id, None)
+        session.lease_started.pop(lease_id, None)
+        session.lease_holder.pop(lease_id, None)
+        if lease is not None:
+            session.ended_leases[lease_id] = reason
+            while len(session.ended_leases) > MAX_ENDED_LEASES:
+                del session.ended_leases[next(iter(session.ended_leases))]
+        return lease
 
     def lease(self, session: Session, lease_id: int) -> Lease:
         with session.lock:
             lease = session.leases.get(lease_id)
-        if lease is None:
-            raise NotFoundError(f"no lease {lease_id} in this session")
+            if lease is None:
+                raise self._gone(session, lease_id)
         return lease
 
     def release(self, session: Session, lease_id: int) -> None:
         with session.lock:
-            lease = session.leases.pop(lease_id, None)
-        if lease is None:
-            raise NotFoundError(f"no lease {lease_id} in this session")
+            lease = self._end_lease_locked(session, lease_id, "was already released")
+            if lease is None:
+                raise self._gone(session, lease_id)
         lease.release()
 
     def lease_count(self) -> int:
         return sum(len(s.leases) for s in self.sessions())
+
+    # ------------------------------------------------------------------ lease lifetime (holders, max hold time)
+    def touch_holder(self, session: Session, holder: str) -> None:
+        """A call carrying ``x-devrep-holder``: that holder is alive."""
+        with self._lock:
+            self._holders[(session.id, holder)] = time.monotonic()
+
+    def holder_alive(self, session: Session, holder: str) -> bool:
+        with self._lock:
+            return (session.id, holder) in self._holders
+
+    def end_holder(self, session: Session, holder: str, reason: str) -> int:
+        """Release every lease of ``holder`` in ``session`` now (e.g. the side-channel connection that took them
+        closed while its session lives on, as a pre-authorized one does). Returns how many."""
+        with session.lock:
+            ids = [i for i, h in session.lease_holder.items() if h == holder]
+            leases = [lease for i in ids if (lease := self._end_lease_locked(session, i, reason)) is not None]
+        for lease in leases:
+            lease.release()
+        return len(leases)
+
+    def reap(self, *, holder_ttl: float, max_lease_s: float, now: float | None = None) -> int:
+        """Release the leases whose gRPC holder has been silent for ``holder_ttl`` seconds (its process or
+        connection is gone) and every lease held longer than ``max_lease_s`` (0 = no limit). Returns how many."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            dead = {key for key, seen in self._holders.items() if now - seen > holder_ttl}
+            for key in dead:
+                del self._holders[key]
+        doomed: list[tuple[Session, int, Lease, str]] = []
+        for session in self.sessions():
+            with session.lock:
+                for lease_id, started in list(session.lease_started.items()):
+                    holder = session.lease_holder.get(lease_id)
+                    if holder is not None and (session.id, holder) in dead:
+                        reason = (f"was released: its holder {holder!r} sent no call for {holder_ttl:g} s "
+                                  "(the client's process or connection is gone)")
+                    elif max_lease_s and now - started > max_lease_s:
+                        reason = (f"was revoked: held longer than {max_lease_s:g} s, the server's maximum "
+                                  "(devrep serve --max-lease-s)")
+                    else:
+                        continue
+                    lease = self._end_lease_locked(session, lease_id, reason)
+                    if lease is not None:
+                        doomed.append((session, lease_id, lease, reason))
+        for session, lease_id, lease, reason in doomed:
+            log.info("lease %d of session %s %s", lease_id, session.describe(), reason)
+            lease.release()
+        return len(doomed)
 
 
 def readable_by(st: os.stat_result, uid: int | None, gids: Iterable[int] = ()) -> bool:

@@ -157,7 +157,7 @@ def check_fd(fd: int, role: str) -> None:
         raise InvalidArgumentError(f"pagemap fd is not a /proc/<pid>/pagemap file (it is {target})")
 
 
-AcquireFn = Callable[[Session, str, str, bool, float], tuple[int, Lease, ExportHandle]]
+AcquireFn = Callable[[Session, str, str, bool, float, str | None], tuple[int, Lease, ExportHandle]]
 
 
 def _positive_int(message: dict[str, Any], key: str) -> int:
@@ -270,6 +270,9 @@ class SideChannel:
     def _serve(self, conn: socket.socket, uid_key: int | None) -> None:
         session: Session | None = None
         owns_session = False
+        # Leases acquired on this connection are this connection's: when it closes they go, even if its session
+        # lives on (a pre-authorized token shared by several processes).
+        holder = f"side-channel:{id(conn):x}:{threading.get_ident():x}"
         try:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
@@ -294,7 +297,7 @@ class SideChannel:
                 if message is None:
                     return
                 try:
-                    reply, out_fds = self._handle(message, fds, session, uid, pid, owns_session)
+                    reply, out_fds = self._handle(message, fds, session, uid, pid, owns_session, holder)
                     if isinstance(reply.get("_session"), Session) and reply.get("_owns"):
                         reply["_session"].gid, reply["_session"].groups = gid, groups
                 except DevrepError as exc:
@@ -336,9 +339,12 @@ class SideChannel:
             conn.close()
             if session is not None and owns_session:
                 self.registry.close(session)
+            elif session is not None:
+                self.registry.end_holder(session, holder, "was released: the side-channel connection that took it "
+                                                          "closed")
 
     def _handle(self, message: dict[str, Any], fds: list[int], session: Session | None, uid: int, pid: int,
-                owns_session: bool) -> tuple[dict[str, Any], list[int]]:
+                owns_session: bool, holder: str | None = None) -> tuple[dict[str, Any], list[int]]:
         op = message.get("op")
         if op == "hello":
             if fds:
@@ -398,7 +404,8 @@ class SideChannel:
             if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or not 0 <= timeout_ms <= 3_600_000:
                 raise InvalidArgumentError("acquire 'timeout_ms' must be an integer in [0, 3600000]")
             lease_id, lease, handle = self.acquire(session, name, device, fresh,
-                                                   timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT)
+                                                   timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT,
+                                                   None if owns_session else holder)
             reply: dict[str, Any] = {"ok": True, "lease": lease_id, "generation": lease.generation,
                      "invalid_runs": lease.invalid_runs.reshape(-1).tolist(), "nbytes": lease.nbytes,
                      "device": lease.device, "export_kind": handle.kind, "buffer_nbytes": handle.nbytes,

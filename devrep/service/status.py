@@ -13,6 +13,10 @@ from ..errors import DevrepError
 
 log = logging.getLogger("devrep.service")
 
+ERROR_CLASS_KEY = "devrep-error"
+"""Trailing metadata key carrying the devrep error class name (e.g. ``AlignmentError``): the status code alone
+cannot tell a subclass from its base, so the client maps the name back (docs/api.md, status codes)."""
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -29,6 +33,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     message = str(exc) or type(exc).__name__
     if not isinstance(exc, DevrepError):
         message = f"internal error in {method}: {type(exc).__name__}: {message}"
+    else:
+        context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
     context.abort(code, message)
 
 

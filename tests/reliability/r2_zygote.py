@@ -21,7 +21,7 @@ from devrep._pages import PAGE_SIZE
 
 
 def child(address: str, n: int) -> None:
-    client = devrep.client.connect(address, timeout=10)
+    client = devrep.client.connect(address, timeout=60)  # a bound for loaded machines, not a speed target
     region = client.create_region(f"r2-{os.getpid()}-{n}", 64 * PAGE_SIZE, tracking="explicit")
     region.array[:] = n & 0xFF
     client.replicate(region.name, ["cpu:0", "cpu:1"])

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     errors: list[str] = []
     with devrep.client.connect(address, label=f"load{cid}", timeout=60) as client:
         name = f"load-{cid}"
-        region = client.create_region(name, NPAGES * PAGE_SIZE)
+        region = client.create_region(name, NPAGES * PAGE_SIZE, tracking="explicit")  # the mix reports its writes
         region.array[:] = cid & 0xFF
         client.replicate(name, ["cpu:0"])
 

@@ -84,7 +84,14 @@ def run_trials(tmp_path: Path, trials: int, writers: int) -> dict[str, float]:
         for trial in range(1, trials + 1):
             before = [float(w.status[0]) for w in procs]
             time.sleep(rnd.uniform(0.1, 0.3))
-            assert all(w.status[0] > b for w, b in zip(procs, before, strict=True)), "writers are not writing"
+            # Under load (2 vCPUs, load 10) a writer may not have been scheduled within that sleep: wait (bounded)
+            # until each one has written since, rather than assuming it did.
+            deadline = time.monotonic() + 60
+            while not all(w.status[0] > b for w, b in zip(procs, before, strict=True)):
+                if time.monotonic() > deadline:
+                    stuck = [(b, w.status[0]) for w, b in zip(procs, before, strict=True) if not w.status[0] > b]
+                    raise AssertionError(f"writers are not writing: expected progress past, got (before, now) {stuck}")
+                time.sleep(0.05)
             killed_at = time.monotonic()
             server.kill()
             for w in procs:
