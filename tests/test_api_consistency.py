@@ -100,9 +100,10 @@ class FailingReplicator(Replicator):
     delay = 0.0
 
     def region(self, name: str) -> Region:
-        if name == "slow":
+        short = name.rsplit("/", 1)[-1]  # the service keys regions by session ("<session id>/<name>")
+        if short == "slow":
             time.sleep(self.delay)
-        if name == "boom" and self.fail_with is not None:
+        if short == "boom" and self.fail_with is not None:
             raise self.fail_with(f"injected {self.fail_with.__name__}")
         return super().region(name)
 

@@ -147,6 +147,23 @@ def round_up(nbytes: int, granularity: int) -> int:
     return -(-nbytes // granularity) * granularity
 
 
+def _map(driver: VmmDriver, handle: Any, size: int, granularity: int, ordinal: int, *, read_only: bool,
+         where: str) -> int:
+    """Reserve an address range, map ``handle`` there and grant access on ``ordinal``; on failure undo every step
+    (the handle included) and raise the devrep error for it."""
+    undo: list[Any] = [lambda: driver.release(handle)]
+    try:
+        ptr = driver.reserve(size, granularity)
+        undo.append(lambda: driver.address_free(ptr, size))
+        driver.map(ptr, size, handle)
+        undo.append(lambda: driver.unmap(ptr, size))
+        driver.set_access(ptr, size, ordinal, read_only=read_only)
+    except CudaDriverError as exc:
+        _undo(undo)
+        raise devrep_error(exc, where) from exc
+    return int(ptr)
+
+
 def allocate(driver: VmmDriver, ordinal: int, nbytes: int) -> VmmAllocation:
     """Create, reserve, map and grant read-write access on ``ordinal``; undoes what it did when a step fails."""
     where = f"cuda:{ordinal}: allocating {nbytes} bytes (VMM)"
@@ -156,16 +173,7 @@ def allocate(driver: VmmDriver, ordinal: int, nbytes: int) -> VmmAllocation:
         handle = driver.create(ordinal, size)
     except CudaDriverError as exc:
         raise devrep_error(exc, where) from exc
-    undo: list[Any] = [lambda: driver.release(handle)]
-    try:
-        ptr = driver.reserve(size, gran)
-        undo.append(lambda: driver.address_free(ptr, size))
-        driver.map(ptr, size, handle)
-        undo.append(lambda: driver.unmap(ptr, size))
-        driver.set_access(ptr, size, ordinal, read_only=False)
-    except CudaDriverError as exc:
-        _undo(undo)
-        raise devrep_error(exc, where) from exc
+    ptr = _map(driver, handle, size, gran, ordinal, read_only=False, where=where)
     return VmmAllocation(ordinal, handle, ptr, size, gran)
 
 
@@ -212,16 +220,7 @@ def map_readonly(driver: VmmDriver, fd: int, size: int, granularity: int, ordina
         handle = driver.import_fd(fd)
     except CudaDriverError as exc:
         raise devrep_error(exc, where) from exc
-    undo: list[Any] = [lambda: driver.release(handle)]
-    try:
-        ptr = driver.reserve(size, granularity)
-        undo.append(lambda: driver.address_free(ptr, size))
-        driver.map(ptr, size, handle)
-        undo.append(lambda: driver.unmap(ptr, size))
-        driver.set_access(ptr, size, ordinal, read_only=True)
-    except CudaDriverError as exc:
-        _undo(undo)
-        raise devrep_error(exc, where) from exc
+    ptr = _map(driver, handle, size, granularity, ordinal, read_only=True, where=where)
     return VmmMapping(ordinal, handle, ptr, size)
 
 
