@@ -92,7 +92,7 @@ def test_missing_cupy_is_failed_precondition_and_keeps_the_brackets(address: str
     path.write_bytes(b"x" * 8192)
     out = devrep_cli("add", str(path), "--device", "cuda:0", "--no-wait", address=address)
     assert out.returncode == 7, out                            # failed precondition, not 1 (internal)
-    assert "devrep[cuda]" in out.stderr, out.stderr            # Rich markup did not eat "[cuda]"
+    assert "devrep[cuda12]" in out.stderr, out.stderr          # Rich markup did not eat "[cuda12]"
     assert "internal error" not in out.stderr.lower()
     with connect(address) as client:                           # and the status itself
         client.create_region("cupy-check", 4096)
