@@ -21,6 +21,7 @@ from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.backends import Backend, CpuBackend, DeviceBuffer, load_backend
 from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+from devrep.testing import random_host
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,12 +72,6 @@ def backend(kind: str) -> Iterator[Backend]:
         yield b
     finally:
         b.close()
-
-
-def random_host(npages: int, seed: int = 0) -> np.ndarray:
-    host = aligned_empty(npages * PAGE_SIZE)
-    host[:] = np.random.default_rng(seed).integers(0, 256, host.size, dtype=np.uint8)
-    return host
 
 
 def page(buf: np.ndarray, p: int) -> np.ndarray:

@@ -13,9 +13,9 @@ from devrep import Replicator
 from devrep._pages import PAGE_SIZE
 from devrep.backends import load_backend
 from devrep.backends._cuda import CudaBackend, default_margin
-from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, FailedPreconditionError, ResourceExhaustedError
 from devrep.hashing import hash_pages
+from devrep.testing import random_host
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +40,6 @@ def backend(gpu: FakeGpu) -> Iterator[CudaBackend]:
         yield b
     finally:
         b.close()
-
-
-def random_host(npages: int, seed: int = 0) -> np.ndarray:
-    host = aligned_empty(npages * PAGE_SIZE)
-    host[:] = np.random.default_rng(seed).integers(0, 256, host.size, dtype=np.uint8)
-    return host
 
 
 def scattered(npages: int) -> np.ndarray:

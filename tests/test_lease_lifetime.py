@@ -5,6 +5,7 @@ owner's syncs then proceed and the reader's next access fails with FAILED_PRECON
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,13 @@ pytestmark = pytest.mark.timeout(180)
 TOKEN = "grpc-only-job-token-0123456789"
 BOUND = 60.0
 """Seconds a released/revoked lease may take to disappear (the guarantee is the TTL; the rest is load slack)."""
+
+
+def kill_and_reap(child: subprocess.Popen[str]) -> None:
+    """SIGKILL a client process (as a crash would end it) and reap it."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGKILL)
+    child.wait(30)
 
 
 def eventually(predicate: Callable[[], bool], what: str, timeout: float = BOUND) -> float:
@@ -84,12 +92,8 @@ def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
             # Alive, the client keeps its leases past the TTL: its heartbeat (a Ping with its holder id) holds them.
             time.sleep(ttl * 1.5)
             assert owner.stats().leases == 2, "a live gRPC client lost its leases"
-            child.send_signal(signal.SIGKILL)
-            child.wait(30)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait(30)
+            kill_and_reap(child)
         took = eventually(lambda: owner.stats().leases == 0, "the killed client's leases were not released")
         print(f"leases of the SIGKILLed gRPC-only client released after {took:.1f}s (holder TTL {ttl}s)")
         report = owner.sync("t", timeout=10)                   # no longer blocked
@@ -180,12 +184,8 @@ def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_lea
         try:
             assert read_line(child, 60).startswith("held")
             assert owner.stats().leases == 1
-            child.send_signal(signal.SIGKILL)
-            child.wait(30)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait(30)
+            kill_and_reap(child)
         took = eventually(lambda: owner.stats().leases == 0, "the killed process's lease outlived its connection")
         print(f"lease of the SIGKILLed token-sharing process released after {took:.2f}s")
         assert any(s.persistent for s in server.registry.sessions())  # the session itself lives on
