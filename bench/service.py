@@ -30,7 +30,7 @@ import numpy as np
 from devrep._pages import pages_from_runs
 from devrep.client import connect
 from devrep.demo import server_process
-from devrep.service._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2 as pb
 
 ROUNDS = 5
 PER_ROUND = 300

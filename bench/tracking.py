@@ -33,9 +33,9 @@ import numpy as np
 
 import devrep
 from devrep import PAGE_SIZE
-from devrep.kernel._libc import ioctl
-from devrep.kernel.pagemap import PAGEMAP_SCAN, PageCategory, PageRegion, PmScanArg, ScanFlag
-from devrep.kernel.uffd import Feature, RegisterMode, Userfaultfd
+from devrep.linux._libc import ioctl
+from devrep.linux.pagemap import PAGEMAP_SCAN, PageCategory, PageRegion, PmScanArg, ScanFlag
+from devrep.linux.uffd import Feature, RegisterMode, Userfaultfd
 from devrep.memory import create_shared
 from devrep.tracking._async import AsyncTracker
 from devrep.tracking._sync import SyncTracker

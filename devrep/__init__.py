@@ -14,7 +14,7 @@ As a client of the ``devrep serve`` daemon::
 
 ``import devrep`` is cheap: every public name below loads its module on first use (as CuPy does), so a
 client does not pay for the engine and numba, and the sync-mode fault helper (``devrep.tracking._handler``,
-a separate process) imports only the standard library and ``devrep.kernel``.
+a separate process) imports only the standard library and ``devrep.linux``.
 """
 
 from __future__ import annotations

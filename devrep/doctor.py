@@ -16,8 +16,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .kernel.pagemap import PageCategory, PagemapScanner, ScanFlag
-from .kernel.uffd import DEV_USERFAULTFD, Feature, RegisterMode, Userfaultfd
+from .linux.pagemap import PageCategory, PagemapScanner, ScanFlag
+from .linux.uffd import DEV_USERFAULTFD, Feature, RegisterMode, Userfaultfd
 
 CAP_SYS_PTRACE = 19
 MODES = ("sync", "async", "file", "explicit")
@@ -334,7 +334,7 @@ def _probe_fanotify() -> str:
 def _check_mbind(node: int) -> str:
     """Bind a scratch memfd mapping to ``node`` before first touch, allocate it, and ask the kernel (get_mempolicy,
     move_pages) whether the policy holds and every page sits on the node: what the numa backend relies on."""
-    from .kernel.numa import MPOL_BIND, get_mempolicy, mbind, page_nodes
+    from .linux.numa import MPOL_BIND, get_mempolicy, mbind, page_nodes
     from .memory import buffer_address, map_fd
 
     npages = 4

@@ -46,6 +46,18 @@ class PermissionDeniedError(DevrepError):
     grpc_code = "PERMISSION_DENIED"
 
 
+class UnauthenticatedError(PermissionDeniedError):
+    """No token, or a token the server does not know."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class ServiceUnavailableError(DevrepError, ConnectionError):
+    """The server cannot be reached (not running, wrong address, shutting down)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class ResourceExhaustedError(DevrepError):
     """Device memory, a quota or a replica slot ran out."""
 

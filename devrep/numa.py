@@ -134,7 +134,7 @@ def read_topology(root: str | os.PathLike[str] = SYSFS_NODE_ROOT) -> Topology:
 
 def current_node() -> int:
     """The node of the CPU the calling thread runs on now (``getcpu(2)``; 0 where the syscall is missing)."""
-    from .kernel.numa import getcpu
+    from .linux.numa import getcpu
 
     try:
         return getcpu()[1]

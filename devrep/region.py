@@ -48,118 +48,25 @@ from .errors import (
     ResourceExhaustedError,
 )
 from .memory import HostMemory, anonymous, map_fd
+from .model import (
+    Event,
+    Listener,
+    ProgressCallback,
+    RegionInfo,
+    RegionStats,
+    ReplicaInfo,
+    SyncReport,
+    VerifyReport,
+)
 from .tracking import Tracker
 
 if TYPE_CHECKING:
     from .backends import Progress as CopyProgress
 
-ProgressCallback = Callable[[int, int], None]
-"""``progress(done_bytes, total_bytes)``, the one progress signature of ``sync``/``replicate`` in process and in the
-client: bytes written into replicas so far and in all (each replica counts: two replicas of 1 MiB are 2 MiB), so
-``0 <= done <= total``; the last call has ``done == total`` (= ``SyncReport.bytes_copied`` unless a page was
-written again mid-copy)."""
-
 log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 16
 DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something that happened to a region, for watchers and metrics.
-
-    ``kind``: ``invalidate`` (``runs`` went stale everywhere), ``sync`` (``runs`` became valid on
-    ``device``), ``verify`` (``runs`` mismatched on ``device``), ``replica_added``, ``replica_removed``,
-    ``region_removed``, ``region_failed``.
-    """
-
-    kind: str
-    region: str
-    generation: int
-    runs: RunArray = field(default_factory=lambda: np.empty((0, 2), np.int64))
-    device: str | None = None
-    nbytes: int = 0
-    seconds: float = 0.0
-    message: str = ""
-
-    @property
-    def pages(self) -> int:
-        return int(self.runs[:, 1].sum()) if len(self.runs) else 0
-
-
-Listener = Callable[[Event], None]
-
-
-@dataclass
-class RegionStats:
-    invalidations: int = 0
-    pages_invalidated: int = 0
-    syncs: int = 0
-    pages_copied: int = 0
-    """Page copies into replicas (a page copied to 3 replicas counts 3)."""
-    bytes_copied: int = 0
-    host_bytes_read: int = 0
-    """Host bytes read by syncs: with fan-out, each dirty page once per sync however many replicas."""
-    sync_seconds: float = 0.0
-    verifies: int = 0
-    pages_verified: int = 0
-    verify_mismatches: int = 0
-    resyncs: int = 0
-    lease_waits: int = 0
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    device: str
-    valid_pages: int
-    generation: int
-    leases: int
-    buffers: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class RegionInfo:
-    name: str
-    kind: str
-    nbytes: int
-    npages: int
-    block_size: int
-    tracking: str
-    generation: int
-    replicas: list[ReplicaInfo]
-    stats: RegionStats
-    failed: str | None
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    region: str
-    generation: int
-    pages_copied: int
-    bytes_copied: int
-    host_bytes_read: int
-    runs: int
-    seconds: float
-    devices: list[str]
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    region: str
-    device: str
-    pages_checked: int
-    mismatched: RunArray
-    resynced: bool
-    stale_pages: int = 0
-    """Pages not checked because they were stale (awaiting a sync) or written during the verify: they are
-    expected to differ from the host, so they are not mismatches (``pages_checked + stale_pages`` = the region's
-    pages)."""
-
-    @property
-    def mismatched_pages(self) -> int:
-        return int(self.mismatched[:, 1].sum()) if len(self.mismatched) else 0
 
 
 @dataclass(eq=False)

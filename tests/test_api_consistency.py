@@ -15,9 +15,9 @@ from devrep.client import ServiceUnavailableError, connect
 from devrep.engine import Replicator
 from devrep.region import Region
 from devrep.service import DevrepServer, build_server
-from devrep.service._gen import devrep_pb2 as pb
-from devrep.service._gen import devrep_pb2_grpc as pb_grpc
 from devrep.service.sessions import UnauthenticatedError
+from devrep.wire._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(120)
 

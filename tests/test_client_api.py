@@ -60,7 +60,7 @@ def test_stale_acquire_reports_invalid_runs_then_fresh_syncs(client: Client) -> 
     with client.acquire("b", "cpu:0") as fresh:
         assert fresh.generation == gen and int(fresh.array[5 * 4096]) == 42 and fresh.invalid_runs.size == 0
     # a lease over gRPC (no side channel) says the same
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     reply = client._call(client._stub.Acquire, pb.AcquireRequest(name="b", device="cpu:0", fresh=True))
     assert reply.generation == gen and reply.export_kind == "fd" and reply.nbytes == 16 * 4096

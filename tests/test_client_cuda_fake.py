@@ -18,8 +18,8 @@ from devrep.client import Client, connect
 from devrep.client._client import ClientLease
 from devrep.engine import Replicator
 from devrep.service import build_server
-from devrep.service._gen import devrep_pb2 as pb
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
+from devrep.wire._gen import devrep_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 

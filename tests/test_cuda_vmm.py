@@ -1,4 +1,4 @@
-"""The VMM sharing sequences (devrep/backends/_cuda_vmm.py) on the fake driver: allocate / export / import / map
+"""The VMM sharing sequences (devrep/linux/cuda_vmm.py) on the fake driver: allocate / export / import / map
 read-only / unmap / free, each driver error as a clear devrep error with what was done undone, UUID lookup, and
 the fallback to classic CUDA IPC where VMM fd handles are unsupported. The real driver runs in tests/gpu."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from devrep._pages import PAGE_SIZE
-from devrep.backends import _cuda_vmm as cvmm
 from devrep.backends import load_backend
 from devrep.errors import BackendError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from devrep.linux import cuda_vmm as cvmm
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 
 pytestmark = pytest.mark.timeout(60)

@@ -390,7 +390,7 @@ POD_CLIENT = r"""
 import ctypes, json, os, sys
 import numpy as np
 import devrep, devrep.client
-from devrep.kernel import uffd
+from devrep.linux import uffd
 
 libc = ctypes.CDLL(None, use_errno=True)
 report = {"pid": os.getpid(), "caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]}

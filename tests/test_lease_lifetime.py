@@ -16,8 +16,8 @@ from _devrep_service import client_process, inproc_server, read_line, server_pro
 from devrep import errors
 from devrep.client import Client, connect
 from devrep.service import TokenStore
-from devrep.service._gen import devrep_pb2 as pb
-from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+from devrep.wire._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(180)
 

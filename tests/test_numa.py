@@ -23,11 +23,11 @@ from devrep.backends._numa import NumaBackend
 from devrep.client import connect
 from devrep.doctor import probe
 from devrep.errors import BackendError, InvalidArgumentError, NotFoundError, UnknownDeviceError
-from devrep.kernel.numa import MPOL_BIND, get_mempolicy, getcpu, page_nodes
+from devrep.linux.numa import MPOL_BIND, get_mempolicy, getcpu, page_nodes
 from devrep.memory import buffer_address
 from devrep.metrics import Metrics
 from devrep.numa import Topology, parse_node_list, pick_replica, read_topology
-from devrep.service._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
 PAGE = 4096

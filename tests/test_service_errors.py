@@ -12,8 +12,8 @@ from _devrep_service import client_process, inproc_server, read_line, tell
 from devrep.client import connect
 from devrep.metrics import Metrics
 from devrep.service import Quota, TokenStore
-from devrep.service._gen import devrep_pb2 as pb
-from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+from devrep.wire._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 C = grpc.StatusCode

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devrep.client import connect
-from devrep.service._gen import devrep_pb2 as pb
-from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+from devrep.wire._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -202,7 +202,7 @@ def test_writer_mapping_check_works_through_the_fds() -> None:
     import mmap
 
     from devrep.errors import UnsupportedModeError
-    from devrep.kernel.uffd import Feature
+    from devrep.linux.uffd import Feature
     from devrep.memory import buffer_address, map_fd
     from devrep.service.sidechannel import check_writer_mapping
     from devrep.tracking._setup import WP_FEATURES, open_uffd, register_wp

@@ -88,7 +88,7 @@ def test_ranges_to_pages() -> None:
 _CLIENT = textwrap.dedent("""
     import os, socket, sys
     from devrep.memory import memfd_create, map_fd
-    from devrep.tracking._async import prepare_async_client
+    from devrep.protect import prepare_async_client
     sock = socket.socket(fileno=int(sys.argv[1]))
     fd = memfd_create("client", 64 * 4096)
     array = map_fd(fd, 64 * 4096, writable=True)

@@ -19,8 +19,9 @@ import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.errors import UnsupportedModeError
 from devrep.memory import memfd_create
+from devrep.protect import prepare_sync_client
 from devrep.tracking._handler import FaultHandler
-from devrep.tracking._sync import SyncTracker, merge_close_runs, prepare_sync_client
+from devrep.tracking._sync import SyncTracker, merge_close_runs
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -167,7 +168,7 @@ _CLIENT = textwrap.dedent("""
     import mmap, os, socket, sys
     import numpy as np
     from devrep.memory import memfd_create, map_fd
-    from devrep.tracking._sync import prepare_sync_client
+    from devrep.protect import prepare_sync_client
     sock = socket.socket(fileno=int(sys.argv[1]))
     fd = memfd_create("client", 64 * 4096)
     array = map_fd(fd, 64 * 4096, writable=True)
@@ -272,7 +273,7 @@ def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
 _BLOCKED_CLIENT = textwrap.dedent("""
     import os, socket, sys
     from devrep.memory import memfd_create, map_fd
-    from devrep.tracking._sync import prepare_sync_client
+    from devrep.protect import prepare_sync_client
     sock = socket.socket(fileno=int(sys.argv[1]))
     fd = memfd_create("client", 8 * 4096)
     array = map_fd(fd, 8 * 4096, writable=True)
@@ -385,8 +386,8 @@ def test_fault_helper_imports_only_the_linux_layer_and_the_stdlib() -> None:
     code = ("import sys, devrep.tracking._handler; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('devrep', 'numpy', 'numba', 'grpc')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert set(out.stdout.split()) == {"devrep", "devrep.errors", "devrep.kernel", "devrep.kernel._libc",
-                                       "devrep.kernel.uffd", "devrep.tracking", "devrep.tracking._handler"}, out.stdout
+    assert set(out.stdout.split()) == {"devrep", "devrep.errors", "devrep.linux", "devrep.linux._libc",
+                                       "devrep.linux.uffd", "devrep.tracking", "devrep.tracking._handler"}, out.stdout
 
 
 def test_lazy_package_still_resolves_every_public_name_and_submodule() -> None:

@@ -86,7 +86,7 @@ def test_wheel_ships_the_kernels_and_license(installed: Installed) -> None:
     assert not missing, f"the wheel lacks {sorted(missing)}"
     assert not any(n.startswith("kernels/") for n in names), "kernels must live inside the devrep package"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert "devrep/service/_gen/devrep_pb2.py" in names
+    assert "devrep/wire/_gen/devrep_pb2.py" in names
 
 
 def _metadata(wheel: Path) -> email.message.Message:

@@ -35,7 +35,7 @@ from ..errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from . import _cuda_vmm as cvmm
+from ..linux import cuda_vmm as cvmm
 from ._base import Backend, DeviceBuffer, ExportHandle, Progress
 from ._kernels import kernels_dir
 from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches

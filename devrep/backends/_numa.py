@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import BackendError, ResourceExhaustedError
-from ..kernel.numa import MPOL_BIND, mbind
+from ..linux.numa import MPOL_BIND, mbind
 from ..memory import buffer_address
 from ..numa import SYSFS_NODE_ROOT, Topology, pick_replica, read_topology
 from ._cpu import CpuBackend

@@ -22,27 +22,19 @@ import numpy.typing as npt
 
 from .. import errors, numa
 from .._pages import PAGE_SIZE, RunArray, pages_for
+from ..errors import ServiceUnavailableError, UnauthenticatedError
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
-from ..region import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, VerifyReport
-from ..service import protocol
-from ..service._gen import devrep_pb2 as pb
-from ..service._gen import devrep_pb2_grpc as pb_grpc
-from ..service.server import default_address, unix_path
-from ..service.servicer import HOLDER_KEY, HOLDER_TTL_KEY
-from ..service.sessions import UnauthenticatedError
-from ..service.status import ERROR_CLASS_KEY
+from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, VerifyReport
+from ..wire import ERROR_CLASS_KEY, HOLDER_KEY, HOLDER_TTL_KEY, default_address, unix_path
+from ..wire import sidechannel as protocol
+from ..wire._gen import devrep_pb2 as pb
+from ..wire._gen import devrep_pb2_grpc as pb_grpc
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
 MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC,
          "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
-
-
-class ServiceUnavailableError(errors.DevrepError, ConnectionError):
-    """The server cannot be reached (not running, wrong address, shutting down)."""
-
-    grpc_code = "UNAVAILABLE"
 
 
 _ERRORS: dict[grpc.StatusCode, type[errors.DevrepError]] = {
@@ -561,7 +553,7 @@ class Client:
     _cupy_module: Any = None
     """CuPy, imported on first use (tests put ``devrep.testing.fake_cuda.FakeCupy`` here)."""
     _vmm_driver: Any = None
-    """The CUDA VMM driver (``devrep.backends._cuda_vmm``), loaded on first use of a ``cuda_fd`` replica."""
+    """The CUDA VMM driver (``devrep.linux.cuda_vmm``), loaded on first use of a ``cuda_fd`` replica."""
 
     def _cuda(self) -> Any:
         if self._cupy_module is None:
@@ -575,7 +567,7 @@ class Client:
         return self._cupy_module
 
     def _vmm(self) -> Any:
-        from ..backends import _cuda_vmm
+        from ..linux import cuda_vmm as _cuda_vmm
 
         if self._vmm_driver is None:
             driver, why = _cuda_vmm.load_driver()
@@ -586,7 +578,7 @@ class Client:
 
     def _gpu_ordinal(self, uuid: str, device: str) -> int:
         """This process's ordinal of the GPU with ``uuid`` (the server's ordinal when the server sent no UUID)."""
-        from ..backends import _cuda_vmm
+        from ..linux import cuda_vmm as _cuda_vmm
 
         if not uuid:
             return int(device.partition(":")[2])
@@ -606,7 +598,7 @@ class Client:
 
     def _cuda_open(self, lease: ClientLease) -> Any:
         """Map the lease's replica buffer (once per process) and take one reference; returns the key."""
-        from ..backends import _cuda_vmm
+        from ..linux import cuda_vmm as _cuda_vmm
 
         cupy = self._cuda()
         index = self._gpu_ordinal(lease.gpu_uuid, lease.device)
@@ -650,7 +642,7 @@ class Client:
         self._unmap(entry)
 
     def _unmap(self, entry: list[Any]) -> None:
-        from ..backends import _cuda_vmm
+        from ..linux import cuda_vmm as _cuda_vmm
 
         cupy = self._cuda()
         with cupy.cuda.Device(entry[1]):
@@ -969,10 +961,10 @@ def _remote_tracking_setup(mode: str, array: npt.NDArray[np.uint8]) -> tuple[lis
     from ..memory import buffer_address
 
     if mode == "sync":
-        from ..tracking._sync import prepare_sync_client
+        from ..protect import prepare_sync_client
 
         return [prepare_sync_client(array)], buffer_address(array)
-    from ..tracking._async import prepare_async_client
+    from ..protect import prepare_async_client
 
     uffd, pagemap = prepare_async_client(array)
     return [uffd, pagemap], buffer_address(array)

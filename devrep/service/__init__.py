@@ -3,7 +3,8 @@
 ``build_server(address, ...)`` for in-process use (tests), ``run(...)`` for the daemon (``devrep serve``).
 """
 
-from .server import DevrepServer, TlsFiles, build_server, default_address, default_socket_path, run, unix_path
+from ..wire import default_address, default_socket_path, unix_path
+from .server import DevrepServer, TlsFiles, build_server, run
 from .sessions import Quota, TokenStore
 
 __all__ = ["DevrepServer", "Quota", "TlsFiles", "TokenStore", "build_server", "default_address",

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
-from ..kernel._libc import libc
+from ..linux._libc import libc
 
 NOBODY = 65534
 """The identity a session without a known uid (pre-authorized token) opens paths with: the kernel's overflow

@@ -24,14 +24,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ..engine import Replicator
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnauthenticatedError
+from ..wire import default_socket_path, unix_path
+from ..wire._gen import devrep_pb2 as pb
+from ..wire._gen import devrep_pb2_grpc as pb_grpc
+from ..wire.sidechannel import side_channel_path
 from . import sockets
-from ._gen import devrep_pb2 as pb
-from ._gen import devrep_pb2_grpc as pb_grpc
-from .protocol import side_channel_path
 from .reflection import enable_server_reflection
 from .servicer import DevrepServicer
-from .sessions import Quota, SessionRegistry, TokenStore, UnauthenticatedError
+from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel, set_group
 from .sockdir import check_socket_directory
 from .watch import WatchHub
@@ -93,31 +94,6 @@ DEFAULT_MAX_LEASE_S = 300.0
 """``devrep serve --max-lease-s``: a lease held longer is revoked (0 = no limit)."""
 DEFAULT_HOLDER_TTL = 30.0
 """``devrep serve --holder-timeout-s``: a gRPC lease holder silent this long has its leases released."""
-
-
-def default_socket_path() -> Path:
-    """``/run/devrep/devrep.sock`` as root, else ``$XDG_RUNTIME_DIR/devrep/devrep.sock`` (or /tmp/devrep-<uid>)."""
-    if os.geteuid() == 0:
-        return Path("/run/devrep/devrep.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "devrep" if runtime else Path(f"/tmp/devrep-{os.geteuid()}")
-    return base / "devrep.sock"
-
-
-def default_address() -> str:
-    """``DEVREP_ADDRESS`` or the default Unix socket."""
-    return os.environ.get("DEVREP_ADDRESS") or f"unix:{default_socket_path()}"
-
-
-def unix_path(address: str) -> Path | None:
-    """The socket path of a ``unix:`` address (or a bare path), else ``None`` (TCP)."""
-    if address.startswith("unix://"):
-        return Path(address[len("unix://"):])
-    if address.startswith("unix:"):
-        return Path(address[len("unix:"):])
-    if address.startswith("/") or address.startswith("."):
-        return Path(address)
-    return None
 
 
 def _open_directory(path: Path, socket_mode: int, group: int | None) -> None:

@@ -21,16 +21,18 @@ from ..errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
+    UnauthenticatedError,
     UnsupportedModeError,
 )
 from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncReport, check_region_name
 from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracker
-from ._gen import devrep_pb2 as pb
-from ._gen import devrep_pb2_grpc as pb_grpc
+from ..wire import HOLDER_KEY, HOLDER_TTL_KEY
+from ..wire._gen import devrep_pb2 as pb
+from ..wire._gen import devrep_pb2_grpc as pb_grpc
+from ..wire.sidechannel import close_fds
 from .fileaccess import check_file_fd, kernel_path, open_as_peer
 from .limits import Limiter, holding
-from .protocol import close_fds
-from .sessions import Session, SessionRegistry, UnauthenticatedError, view_name
+from .sessions import Session, SessionRegistry, view_name
 from .sidechannel import check_writer_mapping
 from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
@@ -61,9 +63,6 @@ def available_modes() -> list[str]:
     return sorted(TRACKERS)
 
 
-HOLDER_KEY = "x-devrep-holder"
-"""Metadata naming the client process (connection) that holds gRPC-acquired leases; see ``holder_of``."""
-HOLDER_TTL_KEY = "x-devrep-holder-ttl-ms"
 MAX_HOLDER_LEN = 128
 
 

@@ -30,8 +30,9 @@ from ..errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
 )
-from .protocol import close_fds
+from ..wire.sidechannel import close_fds
 
 if TYPE_CHECKING:
     from ..engine import Replicator
@@ -45,12 +46,6 @@ _RACY_NS = 100_000_000
 MAX_ENDED_LEASES = 4096
 """How many ended lease ids a session remembers (to answer a late release with the reason)."""
 """A directory modified this recently (ns) may change again without its mtime moving: re-read it."""
-
-
-class UnauthenticatedError(PermissionDeniedError):
-    """No token, or a token the server does not know."""
-
-    grpc_code = "UNAUTHENTICATED"
 
 
 def physical_memory() -> int:

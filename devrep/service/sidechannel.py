@@ -27,13 +27,15 @@ from ..errors import (
     DevrepError,
     InvalidArgumentError,
     NotFoundError,
+    UnauthenticatedError,
 )
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
 from ..region import DEFAULT_TIMEOUT, Lease
-from . import protocol, sockets
+from ..wire import sidechannel as protocol
+from . import sockets
 from .fileaccess import check_file_fd
 from .limits import ROOT_UID, Limiter
-from .sessions import Session, SessionRegistry, UnauthenticatedError
+from .sessions import Session, SessionRegistry
 
 log = logging.getLogger("devrep.service")
 
@@ -80,8 +82,8 @@ def check_writer_mapping(mode: str, fds: list[int], writer_base: int, length: in
     a user-mode-only or async userfaultfd for sync mode, or hand over another process's pagemap. Such a lying owner
     only makes the replicas of its own region stale (writes the tracker does not see); readers of that region trust
     its owner anyway, and the server's own memory is not involved (it reads the memfd through its own mapping)."""
-    from ..kernel.pagemap import PageCategory, PagemapScanner
-    from ..kernel.uffd import RegisterMode, Userfaultfd
+    from ..linux.pagemap import PageCategory, PagemapScanner
+    from ..linux.uffd import RegisterMode, Userfaultfd
 
     if not writer_base or writer_base % os.sysconf("SC_PAGE_SIZE") or length <= 0:
         raise InvalidArgumentError(f"{mode} tracking needs the page-aligned address of the writer's mapping "

@@ -10,12 +10,10 @@ from typing import Any, TypeVar
 import grpc
 
 from ..errors import DevrepError
+from ..wire import ERROR_CLASS_KEY
 
 log = logging.getLogger("devrep.service")
 
-ERROR_CLASS_KEY = "devrep-error"
-"""Trailing metadata key carrying the devrep error class name (e.g. ``AlignmentError``): the status code alone
-cannot tell a subclass from its base, so the client maps the name back (docs/api.md, status codes)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .._pages import PAGE_SIZE
-from ..backends._cuda_vmm import (
+from ..hashing import hash_pages
+from ..linux.cuda_vmm import (
     CUDA_ERROR_INVALID_HANDLE,
     CUDA_ERROR_NOT_SUPPORTED,
     CUDA_ERROR_OUT_OF_MEMORY,
@@ -35,7 +36,6 @@ from ..backends._cuda_vmm import (
     VmmDriver,
     format_uuid,
 )
-from ..hashing import hash_pages
 
 
 class OutOfMemoryError(MemoryError):

@@ -85,8 +85,8 @@ def __getattr__(name: str) -> object:
         "SyncTracker": "devrep.tracking._sync",
         "AsyncTracker": "devrep.tracking._async",
         "FileTracker": "devrep.tracking._file",
-        "prepare_sync_client": "devrep.tracking._sync",
-        "prepare_async_client": "devrep.tracking._async",
+        "prepare_sync_client": "devrep.protect",
+        "prepare_async_client": "devrep.protect",
     }
     if name in lazy:
         import importlib

@@ -16,7 +16,6 @@ per region waking every 50 ms cost 26% of a CPU for 300 idle regions; see ``benc
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import itertools
 import logging
@@ -28,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from .._pages import PAGE_SHIFT, PAGE_SIZE, PageArray, RunArray
-from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, UnsupportedModeError
-from ..kernel.pagemap import PageCategory, PagemapScanner, ScanFlag
-from ..kernel.uffd import Feature, Userfaultfd
+from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError
+from ..linux.pagemap import PageCategory, PagemapScanner, ScanFlag
+from ..linux.uffd import Feature, Userfaultfd
 from ..memory import HostMemory
+from ..protect import check_pagemap_scan
 from . import TRACKERS, Notify, Tracker
 from ._setup import WP_FEATURES, address_and_length, check_host, open_uffd, register_wp
 
@@ -41,18 +41,6 @@ DEFAULT_INTERVAL = 0.05
 IDLE_INTERVAL_MAX = 0.5
 """Longest delay between epochs of a region nobody writes: bounds how late its first invalidation event is."""
 _SCAN_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
-
-
-def check_pagemap_scan(pagemap_fd: int) -> None:
-    """``UnsupportedModeError`` unless this kernel has PAGEMAP_SCAN (Linux 6.7+)."""
-    try:
-        PagemapScanner(pagemap_fd, 1).scan(0, PAGE_SIZE)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
-            raise UnsupportedModeError(
-                f"tracking='async' needs the PAGEMAP_SCAN ioctl (Linux 6.7+); kernel {os.uname().release} "
-                "lacks it; use 'sync' or 'explicit'") from exc
-        raise
 
 
 def ranges_to_pages(ranges: np.ndarray[Any, np.dtype[np.uint64]], base: int, npages: int) -> PageArray:
@@ -276,26 +264,6 @@ class AsyncTracker(Tracker):
                 os.close(self._pagemap)
                 self._pagemap = -1
             self._scanner = None
-
-
-def prepare_async_client(target: Any, length: int | None = None) -> tuple[int, int]:
-    """In the writing (client) process: ``(uffd_fd, pagemap_fd)`` for ``target`` (a page-aligned buffer, or an
-    address with ``length``), registered with WP_ASYNC and fully protected. Send both to the service, then close
-    them here. Writes never block in this mode."""
-    address, length = address_and_length(target, length)
-    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        check_pagemap_scan(pagemap)
-        uffd = open_uffd("async", WP_FEATURES, Feature.WP_ASYNC)
-        try:
-            register_wp(uffd, "async", address, length)
-        except BaseException:
-            uffd.close()
-            raise
-    except BaseException:
-        os.close(pagemap)
-        raise
-    return uffd.detach(), pagemap
 
 
 TRACKERS["async"] = AsyncTracker

@@ -31,7 +31,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from ..kernel.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
+from ..linux.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
 
 PAGE_SIZE = mmap.PAGESIZE
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1

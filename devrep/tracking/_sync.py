@@ -27,7 +27,7 @@ import numpy as np
 
 from .._pages import PAGE_SIZE, PageArray, RunArray
 from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, LeaseTimeoutError
-from ..kernel.uffd import Userfaultfd
+from ..linux.uffd import Userfaultfd
 from ..memory import HostMemory
 from . import TRACKERS, Notify, Tracker
 from . import _handler as h
@@ -382,20 +382,6 @@ class SyncTracker(Tracker):
         self._eventfd = self._stop_r = self._stop_w = self._stat_fd = -1
         if self._shared is not None:
             self._shared.close()
-
-
-def prepare_sync_client(target: Any, length: int | None = None) -> int:
-    """In the writing (client) process: a userfaultfd with ``target`` (a page-aligned buffer, or an address
-    with ``length``) registered and fully write-protected. Send the fd to the service, then close it here:
-    until the service handles faults, a write to the range blocks."""
-    address, length = address_and_length(target, length)
-    uffd = open_uffd("sync", WP_FEATURES)
-    try:
-        register_wp(uffd, "sync", address, length)
-    except BaseException:
-        uffd.close()
-        raise
-    return uffd.detach()
 
 
 TRACKERS["sync"] = SyncTracker

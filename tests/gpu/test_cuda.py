@@ -54,7 +54,7 @@ def _random(nbytes: int, seed: int = 0) -> np.ndarray:
 
 _MAP_CHILD = """
 import os, sys, cupy, numpy as np
-from devrep.backends import _cuda_vmm as v
+from devrep.linux import cuda_vmm as v
 kind, payload, nbytes, gran, uuid, write = sys.argv[1:7]
 nbytes, gran = int(nbytes), int(gran)
 if kind == "cuda_fd":

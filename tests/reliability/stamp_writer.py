@@ -45,11 +45,11 @@ def main(argv: list[str]) -> int:
     array = map_fd(args.memfd, args.npages * PAGE_SIZE, writable=True)
     os.close(args.memfd)
     if args.mode == "sync":
-        from devrep.tracking._sync import prepare_sync_client
+        from devrep.protect import prepare_sync_client
 
         fds = [prepare_sync_client(array)]
     else:
-        from devrep.tracking._async import prepare_async_client
+        from devrep.protect import prepare_async_client
 
         fds = list(prepare_async_client(array))
     socket.send_fds(sock, [b"R" + BASE.pack(int(array.__array_interface__["data"][0]))], fds)

@@ -32,8 +32,8 @@ import devrep.client
 from devrep._pages import PAGE_SIZE
 from devrep.client._client import MODES
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
-from devrep.service import protocol
-from devrep.service._gen import devrep_pb2 as pb
+from devrep.wire import sidechannel as protocol
+from devrep.wire._gen import devrep_pb2 as pb
 
 from .conftest import ServerProcess, proc_fds, require_tracking
 
@@ -69,7 +69,7 @@ class FdPool:
             "pagemap": os.open("/proc/self/pagemap", os.O_RDONLY),
         }
         with contextlib.suppress(OSError, devrep.DevrepError):
-            from devrep.kernel.uffd import Userfaultfd
+            from devrep.linux.uffd import Userfaultfd
 
             self.fds["userfaultfd"] = Userfaultfd().detach()
 
@@ -191,7 +191,7 @@ def test_r4_side_channel_fuzz(target: tuple[ServerProcess, FdPool], session: str
 @pytest.mark.parametrize("lie", ["base+page", "base-page", "base=0", "nbytes+page", "nbytes/2"])
 def test_r4_lying_writer_base(target: tuple[ServerProcess, FdPool], lie: str) -> None:
     require_tracking("sync")
-    from devrep.tracking._sync import prepare_sync_client
+    from devrep.protect import prepare_sync_client
 
     server, _ = target
     npages = 16

@@ -18,8 +18,8 @@ import pytest
 import devrep
 import devrep.client
 from devrep._pages import PAGE_SIZE
-from devrep.service._gen import devrep_pb2 as pb
-from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+from devrep.wire._gen import devrep_pb2 as pb
+from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
 from .conftest import ServerProcess
 

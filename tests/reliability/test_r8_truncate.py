@@ -23,7 +23,7 @@ import devrep
 import devrep.client
 from devrep._pages import PAGE_SIZE
 from devrep.memory import memfd_create
-from devrep.service import protocol
+from devrep.wire import sidechannel as protocol
 
 from .conftest import ServerProcess
 

@@ -45,7 +45,7 @@ def _outcome(client: Any, name: str, register: Callable[[], Any]) -> dict[str, A
 
 def _register_path(client: Any, name: str, path: str) -> Any:
     """What a gRPC-only client (grpcurl) does: a path, no fd ticket."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     return client._call(client._stub.RegisterRegion,
                         pb.RegisterRegionRequest(name=name, file=pb.FileSource(path=path)))
@@ -53,7 +53,7 @@ def _register_path(client: Any, name: str, path: str) -> Any:
 
 def _register_ticket(client: Any, name: str, fd: int, kind: str = "file", path: str = "/x") -> Any:
     """``put_fds`` then ``RegisterRegion`` naming the ticket (path only informational)."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     ticket = client._put_fds(kind, [fd])
     return client._call(client._stub.RegisterRegion,

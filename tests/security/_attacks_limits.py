@@ -75,7 +75,7 @@ def _ticket(client: Any, size: int) -> str:
 
 
 def _register(client: Any, name: str, size: int, block_size: int = 0) -> str:
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     try:
         ticket = _ticket(client, size)
@@ -105,7 +105,7 @@ def _wait_mark(directory: str, name: str, timeout: float = 60.0) -> bool:
 # ---------------------------------------------------------------------- bounded inputs (item 5)
 def huge_block_sizes(address: str) -> dict[str, str]:
     """block_size 2^37 and 2^40 (each cost the server 0.5 GiB+ per Invalidate), then a fine one."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     out = {}
     with _client(address) as c:
@@ -119,7 +119,7 @@ def huge_block_sizes(address: str) -> dict[str, str]:
 
 def sparse_memfd(address: str, nbytes: int) -> dict[str, str]:
     """Register a sparse memfd of ``nbytes`` (costs the attacker nothing), then invalidate it all."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     with _client(address) as c:
         code = _register(c, "sparse", nbytes)
@@ -129,7 +129,7 @@ def sparse_memfd(address: str, nbytes: int) -> dict[str, str]:
 
 def deep_json(fd_socket: str) -> dict[str, Any]:
     """A 64 KiB packet of nested arrays (the parser recursed until RecursionError killed the thread)."""
-    from devrep.service import protocol
+    from devrep.wire import sidechannel as protocol
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
@@ -151,8 +151,8 @@ def deep_json(fd_socket: str) -> dict[str, Any]:
 
 def big_unauthenticated(address: str, sizes_mib: list[int]) -> dict[str, str]:
     """Invalidate requests of ``sizes_mib`` MiB of packed runs, with no token at all."""
-    from devrep.service._gen import devrep_pb2 as pb
-    from devrep.service._gen import devrep_pb2_grpc as pb_grpc
+    from devrep.wire._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
     out = {}
     options = [("grpc.max_send_message_length", 128 << 20)]
@@ -170,7 +170,7 @@ def big_unauthenticated(address: str, sizes_mib: list[int]) -> dict[str, str]:
 
 def overflows(address: str) -> dict[str, str]:
     """int64 extremes in runs and timeout_ms."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     big = (1 << 63) - 1
     out = {}
@@ -196,7 +196,7 @@ def overflows(address: str) -> dict[str, str]:
 def long_syncs(address: str, marks: str, sessions: int, per_session: int, timeout_s: float) -> dict[str, Any]:
     """Every thread of every session runs a Sync that waits ``timeout_s`` (both replica buffers leased), to hold
     all the server's gRPC workers."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     clients = [_client(address, label=f"hog{i}") for i in range(sessions)]
     leases = []
@@ -274,7 +274,7 @@ def side_channel_flood(fd_socket: str, count: int, marks: str, allowed: int) -> 
 def hello_stalling(fd_socket: str, packet: dict[str, Any], interval: float, total: float) -> dict[str, Any]:
     """Keep a connection without a session alive by sending ``packet`` (refused) every ``interval`` seconds;
     returns when (seconds after connecting) the server cut it, or ``None``."""
-    from devrep.service import protocol
+    from devrep.wire import sidechannel as protocol
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(fd_socket)
@@ -301,7 +301,7 @@ def hello_stalling(fd_socket: str, packet: dict[str, Any], interval: float, tota
 
 def watch_flood(address: str, marks: str, sessions: int, per_session: int, allowed: int) -> dict[str, int]:
     """Open as many Watch streams as the server lets this uid hold, from several sessions."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     clients = [_client(address, label=f"watch{i}") for i in range(sessions)]
     calls = []
@@ -355,7 +355,7 @@ def fd_hoard(address: str, regions: int) -> dict[str, Any]:
             except Exception as exc:
                 code, message = _code(exc), str(exc)
                 break
-            from devrep.service._gen import devrep_pb2 as pb
+            from devrep.wire._gen import devrep_pb2 as pb
 
             code, _ = _raw(c, "RegisterRegion", pb.RegisterRegionRequest(name=f"r{i}",
                                                                       memfd=pb.MemfdSource(fd_ticket=ticket)))
@@ -369,7 +369,7 @@ def fd_hoard(address: str, regions: int) -> dict[str, Any]:
 
 def concurrent_replicates(address: str, regions: int, nbytes: int) -> dict[str, Any]:
     """Replicate ``regions`` regions of ``nbytes`` at the same moment, each alone within the quota."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     with _client(address) as c:
         for i in range(regions):
@@ -394,7 +394,7 @@ def concurrent_replicates(address: str, regions: int, nbytes: int) -> dict[str, 
 # ---------------------------------------------------------------------- labels (item 4)
 def label_squat(address: str, label: str, names: list[str], token: str | None = None) -> dict[str, Any]:
     """Say hello with someone else's label (or present ``token``) and try to read the regions ``names``."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     with _client(address, label=label, token=token) as c:
         listed = sorted(r.name for r in c.list_regions())
@@ -407,7 +407,7 @@ def label_squat(address: str, label: str, names: list[str], token: str | None = 
 def watch_until(address: str, marks: str, names: list[str], token: str | None = None) -> dict[str, Any]:
     """Watch ``names`` (all visible regions when empty) until the test says ``release``; every event's region and
     runs, and how the stream ended if it ended by itself."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     with _client(address, token=token) as c:
         call = c._stub.Watch(pb.WatchRequest(names=names, coalesce_ms=1), metadata=c._metadata)
@@ -438,7 +438,7 @@ def watch_until(address: str, marks: str, names: list[str], token: str | None = 
 
 def name_probe(address: str, names: list[str]) -> dict[str, Any]:
     """Probe region names: DescribeRegion, then RegisterRegion (twice) of each; then what a shared name means."""
-    from devrep.service._gen import devrep_pb2 as pb
+    from devrep.wire._gen import devrep_pb2 as pb
 
     out: dict[str, Any] = {}
     with _client(address) as c:

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from devrep.kernel import (
+from devrep.linux import (
     Feature,
     PageCategory,
     PagemapScanner,
@@ -18,7 +18,7 @@ from devrep.kernel import (
     ScanFlag,
     Userfaultfd,
 )
-from devrep.kernel.uffd import Event
+from devrep.linux.uffd import Event
 from devrep.memory import create_shared
 
 pytestmark = pytest.mark.usefixtures("hang_guard")

@@ -1,8 +1,8 @@
 """Thin ctypes bindings to the Linux interfaces devrep's write tracking is built on.
 
-* :mod:`devrep.kernel.uffd` -- userfaultfd(2): API handshake, register, write-protect, wake, event reading.
-* :mod:`devrep.kernel.pagemap` -- the PAGEMAP_SCAN ioctl on ``/proc/<pid>/pagemap`` (Linux 6.7+).
-* :mod:`devrep.kernel.numa` -- mbind, get_mempolicy, move_pages (query mode) and getcpu, for the NUMA backend.
+* :mod:`devrep.linux.uffd` -- userfaultfd(2): API handshake, register, write-protect, wake, event reading.
+* :mod:`devrep.linux.pagemap` -- the PAGEMAP_SCAN ioctl on ``/proc/<pid>/pagemap`` (Linux 6.7+).
+* :mod:`devrep.linux.numa` -- mbind, get_mempolicy, move_pages (query mode) and getcpu, for the NUMA backend.
 
 No policy lives here: errors surface as ``OSError`` with the kernel's errno; :mod:`devrep.tracking` turns
 them into devrep errors.
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'devrep.kernel' has no attribute {name!r}")
+        raise AttributeError(f"module 'devrep.linux' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value

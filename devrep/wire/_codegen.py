@@ -1,6 +1,6 @@
-"""Regenerate the committed gRPC stubs in ``devrep/service/_gen`` from ``protos/devrep/v1/devrep.proto``.
+"""Regenerate the committed gRPC stubs in ``devrep/wire/_gen`` from ``protos/devrep/v1/devrep.proto``.
 
-``python -m devrep.service._codegen`` rewrites them; ``generate(dir)`` writes them elsewhere (the freshness
+``python -m devrep.wire._codegen`` rewrites them; ``generate(dir)`` writes them elsewhere (the freshness
 test diffs the two). protoc names the modules after the proto path (``devrep.v1``), which would clash with
 this package, so the stubs are flattened into one folder and their import made relative.
 """
@@ -36,7 +36,7 @@ def generate(out_dir: Path) -> list[Path]:
             target.write_text(text)
             written.append(target)
     init = out_dir / "__init__.py"
-    init.write_text('"""Generated from protos/devrep/v1/devrep.proto by devrep.service._codegen; do not edit."""\n')
+    init.write_text('"""Generated from protos/devrep/v1/devrep.proto by devrep.wire._codegen; do not edit."""\n')
     return [init, *written]
 
 

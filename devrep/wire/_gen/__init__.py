@@ -1,0 +1,1 @@
+"""Generated from protos/devrep/v1/devrep.proto by devrep.wire._codegen; do not edit."""
