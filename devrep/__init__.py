@@ -15,6 +15,27 @@ As a client of the ``devrep serve`` daemon::
 ``import devrep`` is cheap: every public name below loads its module on first use (as CuPy does), so a
 client does not pay for the engine and numba, and the sync-mode fault helper (``devrep.tracking._handler``,
 a separate process) imports only the standard library and ``devrep.linux``.
+
+Layers
+------
+The package is a stack. A module imports only from its own layer or from the layers its row names, never
+upwards and never in a cycle; ``tests/test_layers.py`` walks every import statement (AST, function-level
+imports too) and fails on a violation. ``_LAYERS`` below is that rule as data, written once::
+
+    tools     cli, demo, doctor, kube, testing, this facade   anything below
+    service   service/, metrics             (gRPC server)       engine and below, wire
+    client    client/                       (gRPC client)       host, linux, wire, leaf -- never service/engine
+    engine    region, engine                (coherence)         backends/tracking and below
+    devices   backends/, tracking/          (copy, detect)      host and below
+    host      memory, numa, protect, views, hashing, ...        linux, leaf
+    linux     linux/                        (ctypes syscalls)   leaf
+    wire      wire/                         (stubs, packets)    leaf
+    leaf      errors, _pages, sizes, model, _console            nothing of devrep
+
+Why this order: a write's signal starts at the bottom (a kernel event read by ``linux``) and climbs to the
+service, so each layer can be tested with only the ones below it running; the client shares with the server
+exactly what crosses the wire (``wire``, ``model``, ``errors``) and so never loads the engine or numba.
+Importing a parent package (``from .. import __version__``) is not an edge: Python has imported it already.
 """
 
 from __future__ import annotations
@@ -42,6 +63,22 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# The layer rule (see the module docstring): layer -> (its modules, the layers it may import besides itself).
+# A module belongs to the layer of its longest listed prefix.
+_LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "leaf": (("devrep.errors", "devrep._pages", "devrep.sizes", "devrep.model", "devrep._console"), ()),
+    "wire": (("devrep.wire",), ("leaf",)),
+    "linux": (("devrep.linux",), ("leaf",)),
+    "host": (("devrep.memory", "devrep.numa", "devrep.protect", "devrep.views", "devrep.hashing", "devrep._jit",
+              "devrep._numba_cache", "devrep._warmup", "devrep.safetensors_io"), ("leaf", "linux")),
+    "devices": (("devrep.backends", "devrep.tracking"), ("leaf", "linux", "host")),
+    "engine": (("devrep.region", "devrep.engine"), ("leaf", "linux", "host", "devices")),
+    "service": (("devrep.service", "devrep.metrics"), ("leaf", "wire", "linux", "host", "devices", "engine")),
+    "client": (("devrep.client",), ("leaf", "wire", "linux", "host")),
+    "tools": (("devrep", "devrep.cli", "devrep.demo", "devrep.doctor", "devrep.kube", "devrep.testing"),
+              ("leaf", "wire", "linux", "host", "devices", "engine", "service", "client")),
+}
 
 # Public name -> the module (relative to this package) that defines it, imported on first access.
 _LAZY = {

@@ -1,10 +1,14 @@
-"""rich consoles for CLI output that is read by people at a terminal and by scripts and logs everywhere else."""
+"""rich consoles for CLI output that is read by people at a terminal and by scripts and logs everywhere else, and
+the progress bar the CLI and the demo share (a leaf: it imports only rich and the standard library)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 UNWRAPPED_WIDTH = 1000
 """Width used when the stream is not a terminal: wide enough that no line or table is folded."""
@@ -18,3 +22,24 @@ def make_console(*, stderr: bool = False) -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(stderr=stderr, width=UNWRAPPED_WIDTH)
     return console
+
+
+def progress_bar(out: Console | None = None) -> Progress:
+    """A byte-count progress bar (on stderr unless ``out`` is given)."""
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=out or make_console(stderr=True),
+                    transient=False)
+
+
+def replicate_with_progress(client: Any, name: str, devices: Sequence[str], show: bool = True,
+                            console: Console | None = None) -> Any:
+    """``client.replicate`` with a rich progress bar (on stderr unless ``console`` is given)."""
+    if not show:
+        return client.replicate(name, devices)
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"replicate {name} -> {', '.join(devices)}", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=max(total, done) or None)
+
+        return client.replicate(name, devices, progress=update)

@@ -18,13 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from . import __version__, errors
-from ._console import make_console
+from ._console import make_console, replicate_with_progress
 from .sizes import format_size, size_arg
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
@@ -77,25 +75,6 @@ def _print_json(obj: Any) -> None:
 
 
 _size = format_size
-
-
-def progress_bar(out: Console | None = None) -> Progress:
-    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=out or err_console, transient=False)
-
-
-def replicate_with_progress(client: Any, name: str, devices: Sequence[str], show: bool = True,
-                            console: Console | None = None) -> Any:
-    """``client.replicate`` with a rich progress bar (on stderr unless ``console`` is given)."""
-    if not show:
-        return client.replicate(name, devices)
-    with progress_bar(console) as bar:
-        task = bar.add_task(f"replicate {name} -> {', '.join(devices)}", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=max(total, done) or None)
-
-        return client.replicate(name, devices, progress=update)
 
 
 # ---------------------------------------------------------------------- argument types

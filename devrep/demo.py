@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from ._console import make_console
+from ._console import make_console, replicate_with_progress
 from ._pages import PAGE_SIZE, pages_from_runs, runs_from_pages
-from .region import Event
+from .model import Event
 from .sizes import format_size
 
 console = make_console()
@@ -121,7 +121,6 @@ def _ms(seconds: float) -> str:
 
 def scenario(address: str, workdir: Path, size_mib: int, rows: list[tuple[str, str, str]]) -> bool:
     from . import safetensors_io
-    from .cli import replicate_with_progress
     from .client import connect
 
     ok = True
