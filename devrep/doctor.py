@@ -6,6 +6,7 @@ async-WP write found by PAGEMAP_SCAN, an inotify watch), not only by reading fea
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -13,6 +14,7 @@ import os
 import select
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -233,16 +235,28 @@ def _probe_uffd() -> tuple[Feature | None, str]:
         return None, uffd_unavailable_reason(exc)
 
 
+@contextlib.contextmanager
+def _probe_mapping(npages: int) -> Iterator[tuple[mmap.mmap, int]]:
+    """A shared mapping of a fresh ``npages``-page memfd and its address, for the probes below."""
+    fd = os.memfd_create("devrep-doctor", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, npages * mmap.PAGESIZE)
+        m = mmap.mmap(fd, npages * mmap.PAGESIZE)
+    finally:
+        os.close(fd)
+    buf = (ctypes.c_char * len(m)).from_buffer(m)
+    try:
+        yield m, ctypes.addressof(buf)
+    finally:
+        del buf
+        m.close()
+
+
 def _check_sync() -> str:
     """A kernel-mode write into a write-protected memfd page must fault to us and complete once un-protected."""
-    fd = os.memfd_create("devrep-doctor", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 2 * mmap.PAGESIZE)
-    m = mmap.mmap(fd, 2 * mmap.PAGESIZE)
-    buf = (ctypes.c_char * len(m)).from_buffer(m)
-    address = ctypes.addressof(buf)
     r, w = os.pipe()
     try:
-        with Userfaultfd() as uffd:
+        with _probe_mapping(2) as (m, address), Userfaultfd() as uffd:
             uffd.api(Feature.WP_HUGETLBFS_SHMEM)
             uffd.register(address, len(m), RegisterMode.WP)
             uffd.writeprotect(address, len(m), True)
@@ -263,21 +277,14 @@ def _check_sync() -> str:
                 return "the faulting write did not complete after un-protecting"
         return ""
     finally:
-        del buf
-        m.close()
-        for f in (fd, r, w):
+        for f in (r, w):
             os.close(f)
 
 
 def _check_async() -> str:
-    fd = os.memfd_create("devrep-doctor", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 4 * mmap.PAGESIZE)
-    m = mmap.mmap(fd, 4 * mmap.PAGESIZE)
-    buf = (ctypes.c_char * len(m)).from_buffer(m)
-    address = ctypes.addressof(buf)
     pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with Userfaultfd() as uffd:
+        with _probe_mapping(4) as (m, address), Userfaultfd() as uffd:
             uffd.api(Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM)
             uffd.register(address, len(m), RegisterMode.WP)
             uffd.writeprotect(address, len(m), True)
@@ -291,9 +298,6 @@ def _check_async() -> str:
                 return f"PAGEMAP_SCAN found {ranges.tolist()} instead of the one written page"
         return ""
     finally:
-        del buf
-        m.close()
-        os.close(fd)
         os.close(pagemap)
 
 

@@ -63,19 +63,28 @@ def open_uffd(mode: str, wanted: Feature, required: Feature = Feature.NONE) -> U
     return uffd
 
 
+REGISTER_FAILURES = {
+    errno.EBUSY: "the range is already registered with another userfaultfd",
+    errno.EINVAL: "the range is not all mapped memory a userfaultfd can write-protect (anonymous or shmem/memfd; "
+                  "shmem needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
+    errno.ENOMEM: "the range is not fully mapped",
+    errno.EFAULT: "the range is outside the process's address space",
+}
+"""Why ``UFFDIO_REGISTER`` refused a range, by errno: the writer (``register_wp``) and the server checking a
+client's userfaultfd (``devrep.service.sidechannel``) say it the same way."""
+
+
+def register_failure(exc: OSError) -> str:
+    return REGISTER_FAILURES.get(exc.errno or 0, f"UFFDIO_REGISTER failed ({exc.strerror})")
+
+
 def register_wp(uffd: Userfaultfd, mode: str, address: int, length: int) -> None:
     """Register ``[address, address+length)`` for write-protect tracking and protect all of it."""
     try:
         uffd.register(address, length, RegisterMode.WP)
     except OSError as exc:
-        why = {
-            errno.EBUSY: "the range is already registered with another userfaultfd",
-            errno.EINVAL: "the range is not one mapping of memory userfaultfd can write-protect "
-                          "(anonymous or shmem/memfd)",
-            errno.ENOMEM: "the range is not fully mapped",
-        }.get(exc.errno or 0, str(exc))
-        raise UnsupportedModeError(f"tracking={mode!r} cannot register {length} bytes at {address:#x}: {why}; "
-                                   "use tracking='explicit'") from exc
+        raise UnsupportedModeError(f"tracking={mode!r} cannot register {length} bytes at {address:#x}: "
+                                   f"{register_failure(exc)}; use tracking='explicit'") from exc
     try:
         uffd.writeprotect(address, length, True)
     except OSError as exc:

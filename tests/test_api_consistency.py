@@ -13,9 +13,9 @@ import devrep
 from devrep import errors
 from devrep.client import ServiceUnavailableError, connect
 from devrep.engine import Replicator
+from devrep.errors import UnauthenticatedError
 from devrep.region import Region
 from devrep.service import DevrepServer, build_server
-from devrep.service.sessions import UnauthenticatedError
 from devrep.wire._gen import devrep_pb2 as pb
 from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import devrep
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, memfd_create
-from devrep.service import DevrepServer, protocol
+from devrep.service import DevrepServer
+from devrep.wire import sidechannel as protocol
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,6 @@ Every malformed packet gets an error reply and every fd received with it is clos
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import logging
@@ -84,6 +83,7 @@ def check_writer_mapping(mode: str, fds: list[int], writer_base: int, length: in
     its owner anyway, and the server's own memory is not involved (it reads the memfd through its own mapping)."""
     from ..linux.pagemap import PageCategory, PagemapScanner
     from ..linux.uffd import RegisterMode, Userfaultfd
+    from ..protect import register_failure
 
     if not writer_base or writer_base % os.sysconf("SC_PAGE_SIZE") or length <= 0:
         raise InvalidArgumentError(f"{mode} tracking needs the page-aligned address of the writer's mapping "
@@ -94,15 +94,8 @@ def check_writer_mapping(mode: str, fds: list[int], writer_base: int, length: in
         try:
             uffd.register(writer_base, length, RegisterMode.WP)
         except OSError as exc:
-            why = {
-                errno.ENOMEM: "are not fully mapped",
-                errno.EINVAL: "are not all mapped memory this userfaultfd can write-protect (anonymous or "
-                              "shmem/memfd; shmem needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM)",
-                errno.EBUSY: "are registered with another userfaultfd",
-                errno.EFAULT: "are outside the writer's address space",
-            }.get(exc.errno or 0, f"cannot be registered ({exc.strerror})")
-            raise InvalidArgumentError(f"{where} {why}; send the address of the mapping the userfaultfd was "
-                                       "registered on") from None
+            raise InvalidArgumentError(f"{where}: {register_failure(exc)}; send the address of the mapping the "
+                                       "userfaultfd was registered on") from None
         try:
             uffd.writeprotect(writer_base, length, True)
         except OSError as exc:
