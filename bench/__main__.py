@@ -22,7 +22,7 @@ from rich.table import Table
 
 from devrep._console import make_console
 
-MODULES = ["core", "copy", "backends", "numa", "tracking", "service", "kube"]
+MODULES = ["core", "copy", "backends", "numa", "tracking", "service", "kube", "imports"]
 RESULTS = Path(__file__).with_name("results.json")
 
 
@@ -31,7 +31,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench", description="Run devrep's benchmarks (ratios against baselines measured in the same "
                                             "run), print a table and write bench/results.json.",
         epilog="modules: core (P1-P3 and bench/sync_vs_dirty.png), backends, tracking (P4, P5, FILL-*, STORE-*: "
-               "what each tracking mode costs the writer), service, kube")
+               "what each tracking mode costs the writer), service, kube, imports (I0: import devrep.client)")
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="modules to run (default: all)")
     return parser.parse_args(argv)
 
