@@ -37,42 +37,9 @@ MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPL
          "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
 
 
-_ERRORS: dict[grpc.StatusCode, type[errors.DevrepError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.LeaseTimeoutError,
-    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
-}
-_BY_NAME: dict[str, type[errors.DevrepError]] = {code.name: cls for code, cls in _ERRORS.items()}
-
-
-def _error_classes() -> dict[str, type[errors.DevrepError]]:
-    """Every class the server may name in ``devrep-error`` / the side channel's ``class``."""
-    found = {value.__name__: value for value in vars(errors).values()
-             if isinstance(value, type) and issubclass(value, errors.DevrepError)}
-    for cls in (UnauthenticatedError, ServiceUnavailableError):
-        found[cls.__name__] = cls
-    return found
-
-
-_CLASSES = _error_classes()
-
-
-def error_class(code_name: str, class_name: str | None) -> type[errors.DevrepError]:
-    """The most specific class for a status: the class the server named when it belongs to that status, else the
-    status's class. A DEADLINE_EXCEEDED the server did not name is the call's own gRPC deadline (transport), not a
-    lease timeout."""
-    named = _CLASSES.get(class_name or "")
-    if named is not None and named.grpc_code == code_name:
-        return named
-    if code_name == "DEADLINE_EXCEEDED":
-        return errors.DeadlineExceededError
-    return _BY_NAME.get(code_name, errors.DevrepError)
+# Statuses -> exceptions: devrep.errors.STATUS_OF is the one table (error_class / error_from_status there), shared
+# with the server and the CLI; the server names the class it raised, so the most specific class comes back.
+error_class = errors.error_class
 
 
 NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
@@ -120,13 +87,13 @@ def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
-    cls = error_class(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", class_name)
+    status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = exc.details() if hasattr(exc, "details") else str(exc)
-    if cls is errors.DeadlineExceededError and class_name is None:
+    if class_name is None and status == "DEADLINE_EXCEEDED":  # DeadlineExceededError: the call's own deadline
         message = f"the devrep server did not answer within the call's deadline ({message})"
-    elif cls is ServiceUnavailableError and class_name is None:  # nobody answered at the address
+    elif class_name is None and status == "UNAVAILABLE":  # nobody answered at the address
         message = f"{message}; {NO_SERVER_HINT}"
-    err = cls(message)
+    err = errors.error_from_status(status, class_name, message)
     err.status = code  # type: ignore[attr-defined]
     return err
 
@@ -221,8 +188,8 @@ class _SideChannel:
             raise ServiceUnavailableError("the devrep server closed the side channel")
         if not reply.get("ok"):
             protocol.close_fds(got)
-            cls = error_class(str(reply.get("code")), str(reply.get("class") or ""))
-            raise cls(str(reply.get("error")))
+            raise errors.error_from_status(str(reply.get("code")), str(reply.get("class") or ""),
+                                           str(reply.get("error")))
         return reply, got
 
     def close(self) -> None:
