@@ -24,7 +24,7 @@ from .. import errors, numa
 from .._pages import PAGE_SIZE, RunArray, pages_for
 from ..errors import ServiceUnavailableError, UnauthenticatedError
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
-from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, VerifyReport
+from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, TrackingMode, VerifyReport
 from ..wire import ERROR_CLASS_KEY, HOLDER_KEY, HOLDER_TTL_KEY, default_address, unix_path
 from ..wire import sidechannel as protocol
 from ..wire._gen import devrep_pb2 as pb
@@ -33,8 +33,9 @@ from ..wire._gen import devrep_pb2_grpc as pb_grpc
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
-MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC,
-         "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
+MODES = {TrackingMode.AUTO: pb.TRACKING_MODE_UNSPECIFIED, TrackingMode.EXPLICIT: pb.TRACKING_MODE_EXPLICIT,
+         TrackingMode.SYNC: pb.TRACKING_MODE_SYNC, TrackingMode.ASYNC: pb.TRACKING_MODE_ASYNC,
+         TrackingMode.FILE: pb.TRACKING_MODE_FILE}
 
 
 # Statuses -> exceptions: devrep.errors.STATUS_OF is the one table (error_class / error_from_status there), shared
@@ -651,7 +652,7 @@ class Client:
                           r.quota.used_bytes, r.quota.used_regions)
 
     # ------------------------------------------------------------------ regions
-    def create_region(self, name: str, nbytes: int, *, tracking: str = "auto", block_size: int = 0
+    def create_region(self, name: str, nbytes: int, *, tracking: str = TrackingMode.AUTO, block_size: int = 0
                       ) -> RegionHandle:
         """A new shared-memory region: this process writes ``handle.array``; the server replicates it.
 
@@ -684,7 +685,7 @@ class Client:
             os.close(fd)
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
             name=name, memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
-            tracking=MODES[tracking], block_size=block_size))
+            tracking=MODES[TrackingMode(tracking)], block_size=block_size))
         # The writer's mapping lives as long as the region (not the handle): sync/async tracking is registered on it,
         # and a handle dropped by the caller must not unmap it under the server's tracker.
         self._mappings[name] = array
@@ -708,7 +709,7 @@ class Client:
                     continue  # e.g. no userfaultfd for this user: try the next mode
         return [], 0
 
-    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "file",
+    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = TrackingMode.FILE,
                       block_size: int = 0) -> RegionHandle:
         """Replicate a regular file of this host (read-only). This process opens it to prove it may read it.
 
@@ -733,7 +734,7 @@ class Client:
             finally:
                 os.close(fd)
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            name=name, file=pb.FileSource(path=str(p), fd_ticket=ticket), tracking=MODES[tracking],
+            name=name, file=pb.FileSource(path=str(p), fd_ticket=ticket), tracking=MODES[TrackingMode(tracking)],
             block_size=block_size))
         return RegionHandle(self, name, None, _region(reply.region))
 
