@@ -94,6 +94,11 @@ class ProtocolError(InvalidArgumentError):
     """A malformed side-channel packet (not JSON, too large, too many fds; see ``devrep.wire.sidechannel``)."""
 
 
+class SocketInUseError(DevrepError):
+    """Another live server answers on the socket path, or the path cannot be judged safe to replace (``devrep
+    serve`` exits 1; raised by ``devrep.service.sockets``)."""
+
+
 class BackendError(DevrepError):
     """A device backend failed (kernel build, driver error); the message names the device."""
 
@@ -108,6 +113,7 @@ STATUS_OF: dict[type[DevrepError], str] = {
     # no class, or one it does not know, with that status.
     DevrepError: "INTERNAL",                      # a bug; the server logs it
     BackendError: "INTERNAL",
+    SocketInUseError: "INTERNAL",                 # `devrep serve` cannot start: exit 1, never sent to a client
     InvalidArgumentError: "INVALID_ARGUMENT",
     AlignmentError: "INVALID_ARGUMENT",
     ProtocolError: "INVALID_ARGUMENT",

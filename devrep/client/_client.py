@@ -43,6 +43,14 @@ MODES = {TrackingMode.AUTO: pb.TRACKING_MODE_UNSPECIFIED, TrackingMode.EXPLICIT:
 error_class = errors.error_class
 
 
+def _server_error(status: str, class_name: str | None, message: str) -> errors.DevrepError:
+    """What the server answered (a gRPC status or a side-channel ``code``, the class it named, its message) as the
+    exception to raise; ``status`` on it is the ``grpc.StatusCode`` the server sent, on both transports."""
+    err = errors.error_from_status(status, class_name, message)
+    err.status = grpc.StatusCode.__members__.get(status, grpc.StatusCode.UNKNOWN)  # type: ignore[attr-defined]
+    return err
+
+
 NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
                   "--address) at the running server's socket")
 SCHEMES = ("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")
@@ -94,9 +102,7 @@ def _translate(exc: grpc.RpcError) -> errors.DevrepError:
         message = f"the devrep server did not answer within the call's deadline ({message})"
     elif class_name is None and status == "UNAVAILABLE":  # nobody answered at the address
         message = f"{message}; {NO_SERVER_HINT}"
-    err = errors.error_from_status(status, class_name, message)
-    err.status = code  # type: ignore[attr-defined]
-    return err
+    return _server_error(status, class_name, message)
 
 
 def _runs(flat: Sequence[int]) -> RunArray:
@@ -189,8 +195,7 @@ class _SideChannel:
             raise ServiceUnavailableError("the devrep server closed the side channel")
         if not reply.get("ok"):
             protocol.close_fds(got)
-            raise errors.error_from_status(str(reply.get("code")), str(reply.get("class") or ""),
-                                           str(reply.get("error")))
+            raise _server_error(str(reply.get("code")), str(reply.get("class") or ""), str(reply.get("error")))
         return reply, got
 
     def close(self) -> None:
