@@ -8,9 +8,9 @@ members and of the side channel's ``code`` field.
 ``STATUS_OF`` (below the classes) is the only place where an error meets a status; everything else derives from it
 (the idea of httpcore's ``_exceptions.py``: errors are mapped at one seam, from one table):
 
-* the server: ``devrep.service.status`` aborts a call with ``status_name(exc)``, and ``wire.sidechannel.error_reply``
-  sends it as ``code``; both also send the class name (trailing metadata ``devrep-error``, the side channel's
-  ``class``);
+* the server: ``devrep.service.status.abort`` ends a gRPC call (a servicer method's error, or the token
+  interceptor's refusal) with ``status_name(exc)``, and ``wire.sidechannel.error_reply`` sends it as ``code``; both
+  also send the class name (trailing metadata ``devrep-error``, the side channel's ``class``);
 * the client: ``error_from_status(status, class_name, message)`` raises that very class when it is a devrep class of
   that status (``AlignmentError``, not just ``InvalidArgumentError``), else the status's default class;
 * the CLI: ``devrep.cli.EXIT_CODES`` maps status names to exit codes.
@@ -145,7 +145,7 @@ _BY_NAME: dict[str, type[DevrepError]] = {cls.__name__: cls for cls in STATUS_OF
 
 def status_name(error: BaseException | type[BaseException]) -> str:
     """The gRPC status name of an error (or error class): that of the nearest class in its MRO that ``STATUS_OF``
-    lists (so a subclass defined elsewhere, e.g. the side channel's ``ProtocolError``, gets its base's status);
+    lists (so a subclass defined elsewhere, say in a user's code, gets its base's status);
     ``INTERNAL`` for anything that is not a devrep error (a bug)."""
     cls = error if isinstance(error, type) else type(error)
     for base in cls.__mro__:
