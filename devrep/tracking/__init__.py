@@ -37,7 +37,9 @@ Notify = Callable[[], None]
 
 
 class Tracker(ABC):
-    mode: ClassVar[TrackingMode]
+    mode: ClassVar[str]
+    """A ``TrackingMode`` for devrep's trackers; a tracker of your own (passed to ``Replicator`` as an object) may
+    name its own mode."""
     on_failure: Callable[[str], None] | None = None
     """Set by the region before ``attach``: call it with the reason when tracking can no longer work (the
     tracked file was replaced, the handler died), so readers and syncs get that reason."""
