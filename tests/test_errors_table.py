@@ -306,7 +306,8 @@ def _all_threads_stopped(pid: int) -> bool:
 
 def _grpc_deadline_exceeded(env: Env) -> None:
     # A stuck server (a real `devrep serve`, stopped): the call's own gRPC deadline passes first.
-    with server_process() as (address, proc), connect(address, timeout=1.0) as c:
+    with server_process() as (address, proc), connect(address) as c:
+        c.timeout = 1.0  # the calls' deadline from now on (connecting under load may take longer)
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 30  # SIGSTOP reaches each thread when it next runs: wait for all
