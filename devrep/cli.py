@@ -34,24 +34,22 @@ console = make_console()
 err_console = make_console(stderr=True)
 
 
-def exit_code(exc: BaseException) -> int:
-    from .client import ServiceUnavailableError
+EXIT_CODES: dict[str, int] = {
+    "INVALID_ARGUMENT": EXIT_USAGE,
+    "UNAVAILABLE": EXIT_CONNECT,
+    "NOT_FOUND": EXIT_NOT_FOUND,
+    "PERMISSION_DENIED": EXIT_DENIED,
+    "UNAUTHENTICATED": EXIT_DENIED,
+    "RESOURCE_EXHAUSTED": EXIT_EXHAUSTED,
+    "FAILED_PRECONDITION": EXIT_PRECONDITION,
+    "DEADLINE_EXCEEDED": EXIT_TIMEOUT,
+}
+"""gRPC status name -> exit code; an error's status comes from the one table, ``devrep.errors.STATUS_OF``. Any other
+status (INTERNAL, ALREADY_EXISTS) and any other exception exit with ``EXIT_FAIL``."""
 
-    if isinstance(exc, ServiceUnavailableError):
-        return EXIT_CONNECT
-    if isinstance(exc, errors.NotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, errors.PermissionDeniedError):  # includes UNAUTHENTICATED
-        return EXIT_DENIED
-    if isinstance(exc, errors.ResourceExhaustedError):
-        return EXIT_EXHAUSTED
-    if isinstance(exc, errors.FailedPreconditionError):
-        return EXIT_PRECONDITION
-    if isinstance(exc, errors.LeaseTimeoutError | errors.DeadlineExceededError):
-        return EXIT_TIMEOUT
-    if isinstance(exc, errors.InvalidArgumentError):
-        return EXIT_USAGE
-    return EXIT_FAIL
+
+def exit_code(exc: BaseException) -> int:
+    return EXIT_CODES.get(errors.status_name(exc), EXIT_FAIL)
 
 
 def _jsonable(obj: Any) -> Any:

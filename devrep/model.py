@@ -1,23 +1,48 @@
 """The plain data devrep hands out: events, statistics, reports and descriptions of regions and replicas.
 
 Shared by the engine (which fills them), the service (which puts them on the wire) and the client (which
-rebuilds them from the wire), so it sits in the bottom layer: standard library and numpy only.
+rebuilds them from the wire), so it sits in the bottom layer: standard library and numpy only. Importing it loads
+neither numpy nor ``_pages`` (numpy is loaded when an ``Event`` is built without runs): ``TrackingMode`` is used by
+``devrep.tracking``, which the sync-mode fault helper process imports, and that helper loads no numpy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ._pages import RunArray
+if TYPE_CHECKING:
+    from ._pages import RunArray
 
 ProgressCallback = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``, the one progress signature of ``sync``/``replicate`` in process and in the
 client: bytes written into replicas so far and in all (each replica counts: two replicas of 1 MiB are 2 MiB), so
 ``0 <= done <= total``; the last call has ``done == total`` (= ``SyncReport.bytes_copied`` unless a page was
 written again mid-copy)."""
+
+
+class TrackingMode(StrEnum):
+    """How a region learns that its host pages changed (see ``devrep.tracking`` and docs/api.md). A ``str``: every
+    API that takes a mode also takes its plain string (``tracking="sync"``)."""
+
+    EXPLICIT = "explicit"
+    """The owner reports what it wrote (``invalidate``): memory the kernel cannot protect, e.g. DMA."""
+    SYNC = "sync"
+    """userfaultfd write-protect faults: a write is recorded before it lands."""
+    ASYNC = "async"
+    """UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN: the kernel marks written pages, collected before each decision."""
+    FILE = "file"
+    """inotify + per-page hashes of a regular file."""
+    AUTO = "auto"
+    """A request, never a region's mode: the strongest mode available for that source on this host."""
+
+
+def _no_runs() -> RunArray:
+    import numpy as np  # here, not at import: see the module's docstring
+
+    return np.empty((0, 2), np.int64)
 
 
 @dataclass(frozen=True)
@@ -32,7 +57,7 @@ class Event:
     kind: str
     region: str
     generation: int
-    runs: RunArray = field(default_factory=lambda: np.empty((0, 2), np.int64))
+    runs: RunArray = field(default_factory=_no_runs)
     device: str | None = None
     nbytes: int = 0
     seconds: float = 0.0

@@ -48,18 +48,18 @@ def open_uffd(mode: str, wanted: Feature, required: Feature = Feature.NONE) -> U
         missing = required & ~supported
         if missing:
             raise UnsupportedModeError(
-                f"tracking={mode!r} needs userfaultfd features {missing!r}, which this kernel "
+                f"tracking='{mode}' needs userfaultfd features {missing!r}, which this kernel "
                 f"({os.uname().release}) lacks; use 'explicit'{', file' if mode != 'file' else ''} instead"
             )
         uffd = Userfaultfd()
     except OSError as exc:
-        raise UnsupportedModeError(f"tracking={mode!r} is unavailable: {uffd_unavailable_reason(exc)}; "
+        raise UnsupportedModeError(f"tracking='{mode}' is unavailable: {uffd_unavailable_reason(exc)}; "
                                    "use tracking='explicit' (or 'file' for files)") from exc
     try:
         uffd.api((wanted | required) & supported)
     except OSError as exc:
         uffd.close()
-        raise UnsupportedModeError(f"tracking={mode!r}: UFFDIO_API failed: {exc}") from exc
+        raise UnsupportedModeError(f"tracking='{mode}': UFFDIO_API failed: {exc}") from exc
     return uffd
 
 
@@ -83,13 +83,13 @@ def register_wp(uffd: Userfaultfd, mode: str, address: int, length: int) -> None
     try:
         uffd.register(address, length, RegisterMode.WP)
     except OSError as exc:
-        raise UnsupportedModeError(f"tracking={mode!r} cannot register {length} bytes at {address:#x}: "
+        raise UnsupportedModeError(f"tracking='{mode}' cannot register {length} bytes at {address:#x}: "
                                    f"{register_failure(exc)}; use tracking='explicit'") from exc
     try:
         uffd.writeprotect(address, length, True)
     except OSError as exc:
         uffd.unregister(address, length)
-        raise UnsupportedModeError(f"tracking={mode!r}: write-protecting the range failed: {exc}") from exc
+        raise UnsupportedModeError(f"tracking='{mode}': write-protecting the range failed: {exc}") from exc
 
 
 def address_and_length(target: Any, length: int | None) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from .. import errors, numa
 from .._pages import PAGE_SIZE, RunArray, pages_for
 from ..errors import ServiceUnavailableError, UnauthenticatedError
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
-from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, VerifyReport
+from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, TrackingMode, VerifyReport
 from ..wire import ERROR_CLASS_KEY, HOLDER_KEY, HOLDER_TTL_KEY, default_address, unix_path
 from ..wire import sidechannel as protocol
 from ..wire._gen import devrep_pb2 as pb
@@ -33,46 +33,22 @@ from ..wire._gen import devrep_pb2_grpc as pb_grpc
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
 
-MODES = {"auto": pb.TRACKING_MODE_UNSPECIFIED, "explicit": pb.TRACKING_MODE_EXPLICIT, "sync": pb.TRACKING_MODE_SYNC,
-         "async": pb.TRACKING_MODE_ASYNC, "file": pb.TRACKING_MODE_FILE}
+MODES = {TrackingMode.AUTO: pb.TRACKING_MODE_UNSPECIFIED, TrackingMode.EXPLICIT: pb.TRACKING_MODE_EXPLICIT,
+         TrackingMode.SYNC: pb.TRACKING_MODE_SYNC, TrackingMode.ASYNC: pb.TRACKING_MODE_ASYNC,
+         TrackingMode.FILE: pb.TRACKING_MODE_FILE}
 
 
-_ERRORS: dict[grpc.StatusCode, type[errors.DevrepError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.LeaseTimeoutError,
-    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
-}
-_BY_NAME: dict[str, type[errors.DevrepError]] = {code.name: cls for code, cls in _ERRORS.items()}
+# Statuses -> exceptions: devrep.errors.STATUS_OF is the one table (error_class / error_from_status there), shared
+# with the server and the CLI; the server names the class it raised, so the most specific class comes back.
+error_class = errors.error_class
 
 
-def _error_classes() -> dict[str, type[errors.DevrepError]]:
-    """Every class the server may name in ``devrep-error`` / the side channel's ``class``."""
-    found = {value.__name__: value for value in vars(errors).values()
-             if isinstance(value, type) and issubclass(value, errors.DevrepError)}
-    for cls in (UnauthenticatedError, ServiceUnavailableError):
-        found[cls.__name__] = cls
-    return found
-
-
-_CLASSES = _error_classes()
-
-
-def error_class(code_name: str, class_name: str | None) -> type[errors.DevrepError]:
-    """The most specific class for a status: the class the server named when it belongs to that status, else the
-    status's class. A DEADLINE_EXCEEDED the server did not name is the call's own gRPC deadline (transport), not a
-    lease timeout."""
-    named = _CLASSES.get(class_name or "")
-    if named is not None and named.grpc_code == code_name:
-        return named
-    if code_name == "DEADLINE_EXCEEDED":
-        return errors.DeadlineExceededError
-    return _BY_NAME.get(code_name, errors.DevrepError)
+def _server_error(status: str, class_name: str | None, message: str) -> errors.DevrepError:
+    """What the server answered (a gRPC status or a side-channel ``code``, the class it named, its message) as the
+    exception to raise; ``status`` on it is the ``grpc.StatusCode`` the server sent, on both transports."""
+    err = errors.error_from_status(status, class_name, message)
+    err.status = grpc.StatusCode.__members__.get(status, grpc.StatusCode.UNKNOWN)  # type: ignore[attr-defined]
+    return err
 
 
 NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
@@ -120,15 +96,13 @@ def _translate(exc: grpc.RpcError) -> errors.DevrepError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
-    cls = error_class(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", class_name)
+    status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = exc.details() if hasattr(exc, "details") else str(exc)
-    if cls is errors.DeadlineExceededError and class_name is None:
+    if class_name is None and status == "DEADLINE_EXCEEDED":  # DeadlineExceededError: the call's own deadline
         message = f"the devrep server did not answer within the call's deadline ({message})"
-    elif cls is ServiceUnavailableError and class_name is None:  # nobody answered at the address
+    elif class_name is None and status == "UNAVAILABLE":  # nobody answered at the address
         message = f"{message}; {NO_SERVER_HINT}"
-    err = cls(message)
-    err.status = code  # type: ignore[attr-defined]
-    return err
+    return _server_error(status, class_name, message)
 
 
 def _runs(flat: Sequence[int]) -> RunArray:
@@ -221,8 +195,7 @@ class _SideChannel:
             raise ServiceUnavailableError("the devrep server closed the side channel")
         if not reply.get("ok"):
             protocol.close_fds(got)
-            cls = error_class(str(reply.get("code")), str(reply.get("class") or ""))
-            raise cls(str(reply.get("error")))
+            raise _server_error(str(reply.get("code")), str(reply.get("class") or ""), str(reply.get("error")))
         return reply, got
 
     def close(self) -> None:
@@ -684,7 +657,7 @@ class Client:
                           r.quota.used_bytes, r.quota.used_regions)
 
     # ------------------------------------------------------------------ regions
-    def create_region(self, name: str, nbytes: int, *, tracking: str = "auto", block_size: int = 0
+    def create_region(self, name: str, nbytes: int, *, tracking: str = TrackingMode.AUTO, block_size: int = 0
                       ) -> RegionHandle:
         """A new shared-memory region: this process writes ``handle.array``; the server replicates it.
 
@@ -717,7 +690,7 @@ class Client:
             os.close(fd)
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
             name=name, memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
-            tracking=MODES[tracking], block_size=block_size))
+            tracking=MODES[TrackingMode(tracking)], block_size=block_size))
         # The writer's mapping lives as long as the region (not the handle): sync/async tracking is registered on it,
         # and a handle dropped by the caller must not unmap it under the server's tracker.
         self._mappings[name] = array
@@ -741,7 +714,7 @@ class Client:
                     continue  # e.g. no userfaultfd for this user: try the next mode
         return [], 0
 
-    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = "file",
+    def register_file(self, name: str, path: str | os.PathLike[str], *, tracking: str = TrackingMode.FILE,
                       block_size: int = 0) -> RegionHandle:
         """Replicate a regular file of this host (read-only). This process opens it to prove it may read it.
 
@@ -766,7 +739,7 @@ class Client:
             finally:
                 os.close(fd)
         reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            name=name, file=pb.FileSource(path=str(p), fd_ticket=ticket), tracking=MODES[tracking],
+            name=name, file=pb.FileSource(path=str(p), fd_ticket=ticket), tracking=MODES[TrackingMode(tracking)],
             block_size=block_size))
         return RegionHandle(self, name, None, _region(reply.region))
 

@@ -35,6 +35,7 @@ from .servicer import DevrepServicer
 from .sessions import Quota, SessionRegistry, TokenStore
 from .sidechannel import SideChannel, set_group
 from .sockdir import check_socket_directory
+from .status import abort
 from .watch import WatchHub
 
 if TYPE_CHECKING:
@@ -76,12 +77,12 @@ class AuthenticateFirst(grpc.ServerInterceptor):
         try:
             self.registry.authenticate(token)
         except UnauthenticatedError as exc:
-            message = str(exc)
+            refusal = exc
         else:
             return handler
 
         def refuse(request: bytes, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            abort(context, refusal, handler_call_details.method)
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(refuse)

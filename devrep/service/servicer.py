@@ -24,6 +24,7 @@ from ..errors import (
     UnauthenticatedError,
     UnsupportedModeError,
 )
+from ..model import TrackingMode
 from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncReport, check_region_name
 from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracker
 from ..wire import HOLDER_KEY, HOLDER_TTL_KEY
@@ -38,13 +39,13 @@ from .status import streaming, unary
 from .watch import MAX_RUNS_PER_MESSAGE, WatchHub
 
 MODES = {
-    pb.TRACKING_MODE_UNSPECIFIED: "auto",
-    pb.TRACKING_MODE_EXPLICIT: "explicit",
-    pb.TRACKING_MODE_SYNC: "sync",
-    pb.TRACKING_MODE_ASYNC: "async",
-    pb.TRACKING_MODE_FILE: "file",
+    pb.TRACKING_MODE_UNSPECIFIED: TrackingMode.AUTO,
+    pb.TRACKING_MODE_EXPLICIT: TrackingMode.EXPLICIT,
+    pb.TRACKING_MODE_SYNC: TrackingMode.SYNC,
+    pb.TRACKING_MODE_ASYNC: TrackingMode.ASYNC,
+    pb.TRACKING_MODE_FILE: TrackingMode.FILE,
 }
-AUTO_BY_FDS = {1: "explicit", 2: "sync", 3: "async"}
+AUTO_BY_FDS = {1: TrackingMode.EXPLICIT, 2: TrackingMode.SYNC, 3: TrackingMode.ASYNC}
 """``auto`` (TRACKING_MODE_UNSPECIFIED) on a memfd: the mode the client prepared fds for (memfd, +uffd for sync,
 +uffd+pagemap for async). The client prepares the strongest mode this server lists and its kernel and privileges
 allow (sync > async > explicit); should the server then be unable to run it, auto falls back to explicit."""
@@ -60,7 +61,7 @@ PROGRESS_INTERVAL = 0.05
 
 def available_modes() -> list[str]:
     _register_kernel_trackers()
-    return sorted(TRACKERS)
+    return [str(mode) for mode in sorted(TRACKERS)]
 
 
 MAX_HOLDER_LEN = 128
@@ -159,20 +160,20 @@ def report_pb(r: SyncReport) -> pb.SyncReport:
                          seconds=r.seconds, devices=r.devices)
 
 
-def remote_tracker(mode: str, fds: list[int], writer_base: int, length: int) -> Tracker:
+def remote_tracker(mode: TrackingMode, fds: list[int], writer_base: int, length: int) -> Tracker:
     """A sync/async tracker fed by the client's userfaultfd (and pagemap fd); it owns those fds from now on."""
     _register_kernel_trackers()
     cls = TRACKERS.get(mode)
     remote = getattr(cls, "remote", None) if cls is not None else None
     if remote is None:
         raise UnsupportedModeError(
-            f"tracking mode {mode!r} is not available for client regions on this server "
+            f"tracking mode '{mode}' is not available for client regions on this server "
             f"(available: {', '.join(available_modes())}); use explicit mode and Invalidate"
         )
     if not writer_base or writer_base % PAGE_SIZE:
         raise InvalidArgumentError(f"{mode} tracking needs the page-aligned address of the writer's mapping "
                                    f"(memfd.writer_base), got {writer_base:#x}")
-    args = [fds[1], writer_base, length] if mode == "sync" else [fds[1], fds[2], writer_base, length]
+    args = [fds[1], writer_base, length] if mode == TrackingMode.SYNC else [fds[1], fds[2], writer_base, length]
     tracker: Tracker = remote(*args)
     return tracker
 
@@ -297,20 +298,20 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         self.reg.charge(session, host_bytes, fds)
         charged[:] = [host_bytes, fds]
 
-    def _register_memfd(self, session: Session, name: str, src: pb.MemfdSource, mode: str,
+    def _register_memfd(self, session: Session, name: str, src: pb.MemfdSource, mode: TrackingMode,
                         block_size: int, charged: list[int]) -> Region:
         if src.nbytes < 0:
             raise InvalidArgumentError(f"nbytes must be >= 0, got {src.nbytes}")
         if not src.fd_ticket:
             raise InvalidArgumentError("memfd.fd_ticket is required (hand the memfd over with put_fds first)")
         fds, pid = self.reg.take_ticket_with_pid(session, src.fd_ticket)
-        auto = mode == "auto"
+        auto = mode == TrackingMode.AUTO
         try:
-            if mode == "file":
+            if mode == TrackingMode.FILE:
                 raise InvalidArgumentError("file tracking needs a file source, not a memfd")
             if auto:
-                mode = AUTO_BY_FDS.get(len(fds), "explicit")
-            need = {"explicit": 1, "sync": 2, "async": 3}[mode]
+                mode = AUTO_BY_FDS.get(len(fds), TrackingMode.EXPLICIT)
+            need = {TrackingMode.EXPLICIT: 1, TrackingMode.SYNC: 2, TrackingMode.ASYNC: 3}[mode]
             if len(fds) != need:
                 raise InvalidArgumentError(f"{mode} tracking needs a ticket of {need} fds "
                                            f"(memfd{'+uffd' if need > 1 else ''}{'+pagemap' if need > 2 else ''}), "
@@ -324,8 +325,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
         except BaseException:
             close_fds(fds)
             raise
-        tracking: str | Tracker = "explicit"
-        if mode != "explicit":
+        tracking: str | Tracker = TrackingMode.EXPLICIT
+        if mode != TrackingMode.EXPLICIT:
             try:
                 if pid is None:
                     raise FailedPreconditionError("sync/async tracking needs fds sent on the side channel")
@@ -349,23 +350,23 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             raise
         return region
 
-    def _register_file(self, session: Session, name: str, src: pb.FileSource, mode: str, block_size: int,
+    def _register_file(self, session: Session, name: str, src: pb.FileSource, mode: TrackingMode, block_size: int,
                        charged: list[int]) -> Region:
         if not src.path:
             raise InvalidArgumentError("file.path is required")
         if not os.path.isabs(src.path) or "\0" in src.path or len(src.path) > 4096:
             raise InvalidArgumentError(f"file.path must be an absolute path, got {src.path!r}")
-        if mode in ("sync", "async"):
+        if mode in (TrackingMode.SYNC, TrackingMode.ASYNC):
             raise InvalidArgumentError(f"{mode} tracking applies to memory, not files; use file or explicit")
-        if mode == "auto":  # files: file tracking where this server has it
+        if mode == TrackingMode.AUTO:  # files: file tracking where this server has it
             _register_kernel_trackers()
-            mode = "file" if "file" in TRACKERS else "explicit"
-        if mode == "file":
+            mode = TrackingMode.FILE if TrackingMode.FILE in TRACKERS else TrackingMode.EXPLICIT
+        if mode == TrackingMode.FILE:
             _register_kernel_trackers()
-            if "file" not in TRACKERS:
+            if TrackingMode.FILE not in TRACKERS:
                 raise UnsupportedModeError("file tracking is not available on this server (no inotify tracker "
                                            "installed); register with explicit tracking and call Invalidate")
-        tracking = mode if mode == "file" else make_tracker("explicit")
+        tracking = mode if mode == TrackingMode.FILE else make_tracker(TrackingMode.EXPLICIT)
         # The server never opens a client-named path with its own privileges (docs/security.md): either the
         # client's own read fd, or the path opened with the session's credentials.
         if src.fd_ticket:
@@ -379,7 +380,8 @@ class DevrepServicer(pb_grpc.DevrepServiceServicer):
             fd = open_as_peer(src.path, session.uid, session.gid, session.groups)
         try:
             # The mapping's fd, plus the inotify watch of file tracking; sized from the file actually opened.
-            self._charge(session, charged, pages_for(os.fstat(fd).st_size) * PAGE_SIZE, 2 if mode == "file" else 1)
+            self._charge(session, charged, pages_for(os.fstat(fd).st_size) * PAGE_SIZE,
+                         2 if mode == TrackingMode.FILE else 1)
         except BaseException:
             os.close(fd)
             raise

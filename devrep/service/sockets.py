@@ -26,15 +26,11 @@ import stat
 import struct
 from pathlib import Path
 
-from ..errors import DevrepError
+from ..errors import SocketInUseError
 
 PROBE_TIMEOUT = 2.0
 
 Identity = tuple[int, int]
-
-
-class SocketInUseError(DevrepError):
-    """Another live server answers on the socket path (``devrep serve`` exits 1)."""
 
 
 def _peer_pid(sock: socket.socket) -> int:

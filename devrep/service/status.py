@@ -1,4 +1,6 @@
-"""The one place where devrep errors become gRPC status codes (documented in docs/api.md)."""
+"""Where a servicer's errors become gRPC statuses: the status is the one ``devrep.errors.STATUS_OF`` gives the
+error's class (documented in docs/api.md, Status codes); this module only turns its name into a
+``grpc.StatusCode`` and aborts the call with it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..errors import DevrepError
+from ..errors import DevrepError, status_name
 from ..wire import ERROR_CLASS_KEY
 
 log = logging.getLogger("devrep.service")
@@ -19,12 +21,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
-    """``DevrepError.grpc_code`` (a status name) -> ``grpc.StatusCode``; anything else is INTERNAL."""
-    name = exc.grpc_code if isinstance(exc, DevrepError) else "INTERNAL"
-    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
+    """``devrep.errors.status_name(exc)`` as a ``grpc.StatusCode`` (anything but a devrep error is INTERNAL)."""
+    return grpc.StatusCode[status_name(exc)]
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+def abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    """End the call with ``exc``'s status and message, and its class name in ``devrep-error`` (a devrep error)."""
     code = status_code(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=exc)
@@ -46,7 +48,7 @@ def unary(fn: F) -> F:
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc, fn.__name__)
+            abort(context, exc, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -61,7 +63,7 @@ def streaming(fn: F) -> F:
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc, fn.__name__)
+            abort(context, exc, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
 

@@ -27,6 +27,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+from ..model import TrackingMode  # stdlib only at import, as the fault helper needs
+
 if TYPE_CHECKING:  # kept out of the import: the sync fault helper process loads this package (see _handler)
     from .._pages import PageArray, RunArray
     from ..memory import HostMemory
@@ -36,6 +38,8 @@ Notify = Callable[[], None]
 
 class Tracker(ABC):
     mode: ClassVar[str]
+    """A ``TrackingMode`` for devrep's trackers; a tracker of your own (passed to ``Replicator`` as an object) may
+    name its own mode."""
     on_failure: Callable[[str], None] | None = None
     """Set by the region before ``attach``: call it with the reason when tracking can no longer work (the
     tracked file was replaced, the handler died), so readers and syncs get that reason."""
@@ -67,16 +71,18 @@ class Tracker(ABC):
 class ExplicitTracker(Tracker):
     """The owner reports what it wrote (``Region.invalidate``): memory the kernel cannot protect, e.g. DMA."""
 
-    mode = "explicit"
+    mode = TrackingMode.EXPLICIT
 
     def attach(self, host: HostMemory, notify: Notify) -> None:
         pass
 
 
-TRACKERS: dict[str, type[Tracker]] = {"explicit": ExplicitTracker}
+TRACKERS: dict[TrackingMode, type[Tracker]] = {TrackingMode.EXPLICIT: ExplicitTracker}
+"""The modes this process can run (the kernel-backed ones register on import). ``TrackingMode`` is a ``str``, so a
+plain string looks a mode up too."""
 
 __all__ = ["TRACKERS", "AsyncTracker", "ExplicitTracker", "FileTracker", "Notify", "SyncTracker", "Tracker",
-           "make_tracker", "prepare_async_client", "prepare_sync_client"]
+           "TrackingMode", "make_tracker", "prepare_async_client", "prepare_sync_client"]
 
 
 def __getattr__(name: str) -> object:
@@ -95,15 +101,18 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'devrep.tracking' has no attribute {name!r}")
 
 
-def make_tracker(mode: str) -> Tracker:
+def make_tracker(mode: TrackingMode | str) -> Tracker:
+    """A tracker for ``mode`` (a ``TrackingMode`` or its string); ``InvalidArgumentError`` naming the modes this
+    process can run for anything else (``auto`` included: it is a request the service resolves, not a tracker)."""
     from ..errors import InvalidArgumentError
 
     if mode not in TRACKERS:
         _register_kernel_trackers()
     try:
-        return TRACKERS[mode]()
-    except KeyError:
-        raise InvalidArgumentError(f"unknown tracking mode {mode!r}; known: {', '.join(sorted(TRACKERS))}") from None
+        return TRACKERS[TrackingMode(mode)]()
+    except (ValueError, KeyError):
+        shown = str(mode) if isinstance(mode, TrackingMode) else mode  # 'sync', not <TrackingMode.SYNC: 'sync'>
+        raise InvalidArgumentError(f"unknown tracking mode {shown!r}; known: {', '.join(sorted(TRACKERS))}") from None
 
 
 def _register_kernel_trackers() -> None:

@@ -32,7 +32,7 @@ from ..linux.pagemap import PageCategory, PagemapScanner, ScanFlag
 from ..linux.uffd import Feature, Userfaultfd
 from ..memory import HostMemory
 from ..protect import check_pagemap_scan
-from . import TRACKERS, Notify, Tracker
+from . import TRACKERS, Notify, Tracker, TrackingMode
 from ._setup import WP_FEATURES, address_and_length, check_host, open_uffd, register_wp
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ _LOOP = _EpochLoop()
 class AsyncTracker(Tracker):
     """Asynchronous write tracking; ``interval`` seconds between epochs (``None``: only on collect)."""
 
-    mode = "async"
+    mode = TrackingMode.ASYNC
 
     def __init__(self, *, interval: float | None = DEFAULT_INTERVAL) -> None:
         if interval is not None and interval <= 0:
@@ -266,4 +266,4 @@ class AsyncTracker(Tracker):
             self._scanner = None
 
 
-TRACKERS["async"] = AsyncTracker
+TRACKERS[TrackingMode.ASYNC] = AsyncTracker

@@ -28,7 +28,7 @@ from inotify_simple import flags as IN
 from .._pages import PageArray, RunArray, pages_from_runs
 from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, UnsupportedModeError
 from ..memory import HostMemory
-from . import TRACKERS, Notify, Tracker
+from . import TRACKERS, Notify, Tracker, TrackingMode
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
 class FileTracker(Tracker):
     """Watches the region's file; ``poll_interval`` seconds between ``fstat`` polls (mmap writers)."""
 
-    mode = "file"
+    mode = TrackingMode.FILE
 
     def __init__(self, *, poll_interval: float = 0.5) -> None:
         if poll_interval <= 0:
@@ -220,4 +220,4 @@ class FileTracker(Tracker):
             self._stop_r = self._stop_w = self._wake = -1
 
 
-TRACKERS["file"] = FileTracker
+TRACKERS[TrackingMode.FILE] = FileTracker

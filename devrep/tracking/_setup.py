@@ -14,12 +14,12 @@ def check_host(mode: str, host: HostMemory) -> None:
     """Reject memory whose writers do not write through a mapping of this process."""
     if host.kind == "file":
         raise UnsupportedModeError(
-            f"tracking={mode!r} cannot protect a regular file ({host.path}): its writers use write(2) from "
+            f"tracking='{mode}' cannot protect a regular file ({host.path}): its writers use write(2) from "
             "other processes, which no page protection here sees; use tracking='file' or 'explicit'"
         )
     if host.kind == "memfd" and not host.array.flags.writeable:
         raise UnsupportedModeError(
-            f"tracking={mode!r} on a memory object handed over by another process protects nothing: the "
+            f"tracking='{mode}' on a memory object handed over by another process protects nothing: the "
             f"writer writes through its own mapping. Have the writer set up the userfaultfd "
             f"(prepare_{mode}_client) and use {mode.capitalize()}Tracker.remote(...), or use 'explicit'"
         )

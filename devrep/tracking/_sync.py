@@ -29,7 +29,7 @@ from .._pages import PAGE_SIZE, PageArray, RunArray
 from ..errors import DevrepError, FailedPreconditionError, InvalidArgumentError, LeaseTimeoutError
 from ..linux.uffd import Userfaultfd
 from ..memory import HostMemory
-from . import TRACKERS, Notify, Tracker
+from . import TRACKERS, Notify, Tracker, TrackingMode
 from . import _handler as h
 from ._setup import WP_FEATURES, address_and_length, check_host, open_uffd, register_wp
 
@@ -102,7 +102,7 @@ class SyncTracker(Tracker):
     whole invalidation block).
     """
 
-    mode = "sync"
+    mode = TrackingMode.SYNC
 
     def __init__(self, *, notify_delay: float = 0.002, start_timeout: float = 30.0, rearm_timeout: float = 10.0,
                  fault_around: int = h.DEFAULT_MAX_WINDOW_PAGES * PAGE_SIZE, _bare: bool = False) -> None:
@@ -384,4 +384,4 @@ class SyncTracker(Tracker):
             self._shared.close()
 
 
-TRACKERS["sync"] = SyncTracker
+TRACKERS[TrackingMode.SYNC] = SyncTracker

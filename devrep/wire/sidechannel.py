@@ -19,14 +19,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..errors import DevrepError, InvalidArgumentError
+from ..errors import DevrepError, ProtocolError, status_name
 
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
-
-
-class ProtocolError(InvalidArgumentError):
-    """A malformed side-channel packet."""
 
 
 def side_channel_path(grpc_socket: str | os.PathLike[str]) -> Path:
@@ -79,8 +75,9 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
-    code = exc.grpc_code if isinstance(exc, DevrepError) else "INTERNAL"
-    reply: dict[str, Any] = {"ok": False, "code": code, "error": str(exc) or type(exc).__name__}
-    if isinstance(exc, DevrepError):  # the class name, so the client raises exactly this class
+    """The reply for a failed op: the status ``devrep.errors.STATUS_OF`` gives ``exc`` and, for a devrep error, its
+    class name (so the client raises exactly this class: ``devrep.errors.error_from_status``)."""
+    reply: dict[str, Any] = {"ok": False, "code": status_name(exc), "error": str(exc) or type(exc).__name__}
+    if isinstance(exc, DevrepError):
         reply["class"] = type(exc).__name__
     return reply
