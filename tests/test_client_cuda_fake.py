@@ -16,6 +16,7 @@ from _devrep_service import short_tmpdir
 from devrep.backends import load_backend
 from devrep.client import Client, connect
 from devrep.client._client import ClientLease
+from devrep.client._transport import LeaseGrant
 from devrep.engine import Replicator
 from devrep.service import build_server
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
@@ -140,8 +141,8 @@ def test_grpc_acquire_carries_the_gpu_uuid_and_granularity(fd_sharing: bool) -> 
         print(f"expected uuid {gpu.uuids[1]} granularity {want_gran}; got {reply.gpu_uuid!r} {reply.granularity}")
         assert reply.export_kind == ("cuda_fd" if fd_sharing else "cuda_ipc")
         assert reply.gpu_uuid == gpu.uuids[1] and reply.granularity == want_gran
-        with ClientLease(client, "g", reply) as lease:  # what Client.acquire builds from a gRPC reply
-            assert lease.gpu_uuid == gpu.uuids[1] and not lease._via_side_channel
+        with ClientLease(client, "g", LeaseGrant.from_grpc(reply)) as lease:  # what Client.acquire builds over gRPC
+            assert lease.gpu_uuid == gpu.uuids[1] and not lease.via_side_channel
             gpu.log.clear()
             assert np.array_equal(lease.to_cupy().get(), host)
             (entry,) = client._ipc.values()
