@@ -48,6 +48,9 @@ from ._errors import NO_SERVER_HINT, _translate, side_error
 Metadata = tuple[tuple[str, str], ...]
 """gRPC metadata as ``(key, value)`` pairs."""
 
+NO_SIDE_CHANNEL = ("this client has no fd side channel (TCP address): memfd regions and CPU replica mappings need "
+                   "the server's Unix socket on this host")
+
 
 def _runs(flat: Sequence[int]) -> RunArray:
     return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
@@ -311,9 +314,7 @@ class GrpcTransport(Transport):
 
     def call(self, message: dict[str, Any], fds: Sequence[int] = (), *, timeout: float | None = None
              ) -> tuple[dict[str, Any], list[int]]:
-        raise errors.FailedPreconditionError(
-            "this client has no fd side channel (TCP address): memfd regions and CPU replica mappings need "
-            "the server's Unix socket on this host")
+        raise errors.FailedPreconditionError(NO_SIDE_CHANNEL)
 
     def close(self) -> None:
         self.closed = True
