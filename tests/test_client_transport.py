@@ -74,9 +74,12 @@ def test_mock_client_sends_token_holder_and_timeouts() -> None:
     assert transport.closed
 
 
-def test_no_side_channel_no_token_is_unauthenticated() -> None:
+def test_no_side_channel_no_token_is_unauthenticated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEVREP_TOKEN", raising=False)
     with pytest.raises(errors.UnauthenticatedError, match="DEVREP_TOKEN"):
         Client(ADDRESS, transport=MockTransport(ping_only), token=None)
+    with pytest.raises(errors.UnauthenticatedError, match="DEVREP_TOKEN"):  # TCP: GrpcTransport, no token
+        Client("127.0.0.1:9", token=None)
 
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__name__)

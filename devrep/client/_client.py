@@ -333,7 +333,12 @@ class EventStream:
 
 class Client:
     """A session with a devrep server. Create with ``connect()``; close with ``close()`` (or ``with``): closing
-    ends the session, which unregisters its regions and releases its leases."""
+    ends the session, which unregisters its regions and releases its leases.
+
+    The session logic lives here; the bytes travel through a ``Transport`` (``devrep.client._transport``): the
+    ``SideChannelTransport`` when the address is a local socket with its fd side channel, else a
+    ``GrpcTransport`` (which needs a token). ``transport=`` replaces that choice (e.g. with
+    ``devrep.testing.MockTransport``); ``address`` is then only checked, not dialed."""
 
     def __init__(self, address: str, *, token: str | None = None, label: str | None = None,
                  fd_socket: str | os.PathLike[str] | None = None, timeout: float = 10.0,
@@ -363,11 +368,8 @@ class Client:
             elif fd_path is not None and sock is not None and not token:
                 raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path}); "
                                               f"{NO_SERVER_HINT}")
-            elif token:
+            else:  # a token session: checks a Unix socket's owner before the token goes out
                 transport = GrpcTransport(address, credentials=credentials, server_uid=server_uid)
-        if transport is None:
-            raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
-                                       "pre-authorized token")
         self._transport: Transport = transport
         """What carries this client's requests (``SideChannelTransport`` locally, ``GrpcTransport`` over TCP)."""
         try:
