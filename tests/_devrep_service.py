@@ -4,28 +4,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from devrep.engine import Replicator
-from devrep.service import DevrepServer, Quota, TokenStore, build_server
+from devrep.service import DevrepServer, Quota, TokenStore
+from devrep.testing import serve_in_process, short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def short_tmpdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="drt-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def tell(proc: subprocess.Popen[str], line: str) -> None:
@@ -44,17 +34,11 @@ def server_process(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]
 
 
 @contextmanager
-def inproc_server(quota: Quota | None = None, tokens: TokenStore | None = None, **options: object
+def inproc_server(quota: Quota | None = None, tokens: TokenStore | None = None, **options: Any
                   ) -> Iterator[DevrepServer]:
     """A real gRPC server + side channel in this process (fast; for status-code and protocol tests)."""
-    with short_tmpdir() as tmp:
-        server = build_server(f"unix:{tmp}/devrep.sock", replicator=Replicator(cpu_devices=4),
-                              quota=quota, tokens=tokens, **options)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop(1.0)
+    with serve_in_process(quota=quota, tokens=tokens, **options) as server:
+        yield server
 
 
 def client_process(code: str, address: str, *args: str) -> subprocess.Popen[str]:

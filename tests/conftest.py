@@ -10,6 +10,7 @@ from hypothesis import settings
 
 import devrep
 from devrep.backends import Backend, load_backend
+from devrep.testing.pytest_plugin import devrep_client, devrep_server  # noqa: F401  (fixtures: a real in-process server)
 
 # No timed assertions in unit tests: hypothesis's default 200 ms per-example deadline fails under load (2 vCPUs,
 # load 10) for a test that takes 3 ms on a quiet machine.

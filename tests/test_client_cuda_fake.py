@@ -11,13 +11,13 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from _devrep_service import short_tmpdir
 
 from devrep.backends import load_backend
 from devrep.client import Client, connect
 from devrep.client._client import ClientLease
+from devrep.client._transport import LeaseGrant
 from devrep.engine import Replicator
-from devrep.service import build_server
+from devrep.testing import serve_in_process
 from devrep.testing.fake_cuda import FakeCupy, FakeGpu, FakeVmmDriver
 from devrep.wire._gen import devrep_pb2 as pb
 
@@ -38,16 +38,11 @@ class ReorderedDriver(FakeVmmDriver):
 def served(gpu: FakeGpu, reorder: bool = False) -> Iterator[tuple[Client, FakeVmmDriver]]:
     driver = FakeVmmDriver(gpu)
     backend = load_backend("cuda", cupy_module=FakeCupy(gpu), vmm=driver, batch_bytes=1 << 20)
-    with short_tmpdir() as tmp:
-        server = build_server(f"unix:{tmp}/devrep.sock", replicator=Replicator({"cuda": backend}))
-        server.start()
-        try:
-            with connect(server.address, label="fake-gpu") as client:
-                client._cupy_module = FakeCupy(gpu)
-                client._vmm_driver = ReorderedDriver(driver) if reorder else driver
-                yield client, driver
-        finally:
-            server.stop(1.0)
+    with serve_in_process(replicator=Replicator({"cuda": backend})) as server, \
+            connect(server.address, label="fake-gpu") as client:
+        client._cupy_module = FakeCupy(gpu)
+        client._vmm_driver = ReorderedDriver(driver) if reorder else driver
+        yield client, driver
 
 
 def fill(client: Client, name: str, device: str) -> np.ndarray:
@@ -140,8 +135,8 @@ def test_grpc_acquire_carries_the_gpu_uuid_and_granularity(fd_sharing: bool) -> 
         print(f"expected uuid {gpu.uuids[1]} granularity {want_gran}; got {reply.gpu_uuid!r} {reply.granularity}")
         assert reply.export_kind == ("cuda_fd" if fd_sharing else "cuda_ipc")
         assert reply.gpu_uuid == gpu.uuids[1] and reply.granularity == want_gran
-        with ClientLease(client, "g", reply) as lease:  # what Client.acquire builds from a gRPC reply
-            assert lease.gpu_uuid == gpu.uuids[1] and not lease._via_side_channel
+        with ClientLease(client, "g", LeaseGrant.from_grpc(reply)) as lease:  # what Client.acquire builds over gRPC
+            assert lease.gpu_uuid == gpu.uuids[1] and not lease.via_side_channel
             gpu.log.clear()
             assert np.array_equal(lease.to_cupy().get(), host)
             (entry,) = client._ipc.values()

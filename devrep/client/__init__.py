@@ -21,6 +21,8 @@ from ._client import (
     UnauthenticatedError,
     connect,
 )
+from ._transport import GrpcTransport, LeaseGrant, SideChannelTransport, Stream, Transport
 
-__all__ = ["Client", "ClientLease", "EventStream", "RegionDescription", "RegionHandle", "ServerInfo",
-           "ServiceUnavailableError", "UnauthenticatedError", "connect"]
+__all__ = ["Client", "ClientLease", "EventStream", "GrpcTransport", "LeaseGrant", "RegionDescription", "RegionHandle",
+           "ServerInfo", "ServiceUnavailableError", "SideChannelTransport", "Stream", "Transport",
+           "UnauthenticatedError", "connect"]

@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import select
-import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +18,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import errors, numa
-from .._pages import PAGE_SIZE, RunArray, pages_for
+from .._pages import PAGE_SIZE, pages_for
 from ..errors import ServiceUnavailableError, UnauthenticatedError
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
 from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, TrackingMode, VerifyReport
-from ..wire import ERROR_CLASS_KEY, HOLDER_KEY, HOLDER_TTL_KEY, default_address, unix_path
+from ..wire import HOLDER_KEY, default_address, unix_path
 from ..wire import sidechannel as protocol
 from ..wire._gen import devrep_pb2 as pb
 from ..wire._gen import devrep_pb2_grpc as pb_grpc
+from ._errors import NO_SERVER_HINT
+from ._transport import GrpcTransport, LeaseGrant, SideChannelTransport, Stream, Transport, _exists, _runs
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
@@ -38,39 +37,7 @@ MODES = {TrackingMode.AUTO: pb.TRACKING_MODE_UNSPECIFIED, TrackingMode.EXPLICIT:
          TrackingMode.FILE: pb.TRACKING_MODE_FILE}
 
 
-# Statuses -> exceptions: devrep.errors.STATUS_OF is the one table (error_class / error_from_status there), shared
-# with the server and the CLI; the server names the class it raised, so the most specific class comes back.
-error_class = errors.error_class
-
-
-def _server_error(status: str, class_name: str | None, message: str) -> errors.DevrepError:
-    """What the server answered (a gRPC status or a side-channel ``code``, the class it named, its message) as the
-    exception to raise; ``status`` on it is the ``grpc.StatusCode`` the server sent, on both transports."""
-    err = errors.error_from_status(status, class_name, message)
-    err.status = grpc.StatusCode.__members__.get(status, grpc.StatusCode.UNKNOWN)  # type: ignore[attr-defined]
-    return err
-
-
-NO_SERVER_HINT = ("start one with `devrep serve` (as root: `sudo devrep serve`), or point DEVREP_ADDRESS (or "
-                  "--address) at the running server's socket")
 SCHEMES = ("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")
-
-
-def _denied_hint(path: Path) -> str:
-    return (f"permission denied connecting to {path}: this user may not use the devrep socket; run the server with "
-            "`devrep serve --socket-group <group>` and join that group (or use a token), see docs/api.md")
-
-
-def _exists(path: Path) -> bool:
-    """Whether the side-channel socket is there; a directory this user cannot search is a permission problem,
-    not a missing server."""
-    try:
-        os.stat(path)
-    except PermissionError:
-        raise errors.PermissionDeniedError(_denied_hint(path)) from None
-    except OSError:
-        return False
-    return True
 
 
 def check_address(address: str) -> str:
@@ -90,23 +57,6 @@ def check_address(address: str) -> str:
             f"bad server address {address!r}: expected unix:/path/to/devrep.sock, a socket path, or HOST:PORT "
             "with a port in 1..65535")
     return address
-
-
-def _translate(exc: grpc.RpcError) -> errors.DevrepError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    class_name = next((str(v) for k, v in trailing or () if k == ERROR_CLASS_KEY), None)
-    status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    message = exc.details() if hasattr(exc, "details") else str(exc)
-    if class_name is None and status == "DEADLINE_EXCEEDED":  # DeadlineExceededError: the call's own deadline
-        message = f"the devrep server did not answer within the call's deadline ({message})"
-    elif class_name is None and status == "UNAVAILABLE":  # nobody answered at the address
-        message = f"{message}; {NO_SERVER_HINT}"
-    return _server_error(status, class_name, message)
-
-
-def _runs(flat: Sequence[int]) -> RunArray:
-    return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
 
 
 def _report(r: pb.SyncReport) -> SyncReport:
@@ -148,88 +98,17 @@ class ServerInfo:
     used_regions: int
 
 
-class _SideChannel:
-    """The client end of the fd side channel (one per Client; requests are serialized)."""
+class ClientLease(LeaseGrant):
+    """A read lease on a replica: the ``LeaseGrant`` fields (``lease_id``, ``generation``, ``invalid_runs``,
+    ``device``, ``nbytes``, ``export_kind``, ...) plus this process's view of it. ``array`` is a read-only numpy
+    view of a CPU replica (zero-copy: the replica's memfd mapped into this process); ``to_cupy()`` opens a CUDA
+    replica through IPC. The replica stays as it is until ``release()`` (or leaving the ``with`` block); do not
+    use the arrays after that."""
 
-    def __init__(self, path: Path, timeout: float, server_uids: frozenset[int] = frozenset()) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except PermissionError:
-            self.sock.close()
-            raise errors.PermissionDeniedError(_denied_hint(path)) from None
-        except OSError as exc:
-            self.sock.close()
-            raise ServiceUnavailableError(f"cannot connect to the devrep fd side channel {path}: {exc.strerror}; "
-                                          f"{NO_SERVER_HINT}") from None
-        # Who listens there? Before any token or fd goes out (a memfd sent to an impostor is handed over writable),
-        # the listener must be root, this user, or a uid the user named (server_uid / DEVREP_SERVER_UID).
-        pid, uid, _gid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                  struct.calcsize("3i")))
-        trusted = {0, os.geteuid(), *server_uids}
-        if uid not in trusted:
-            self.sock.close()
-            raise errors.PermissionDeniedError(
-                f"the fd side channel {path} is served by uid {uid} (pid {pid}), not root, this user or a "
-                f"configured server uid ({sorted(trusted)}): refusing to talk to it. If that uid is your devrep "
-                "server, pass connect(server_uid=...) or set DEVREP_SERVER_UID")
-        self.lock = threading.Lock()
-        self.timeout = timeout
-        try:
-            self.server_pid: int | None = struct.unpack(
-                "3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
-        except OSError:
-            self.server_pid = None
-
-    def call(self, message: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None
-             ) -> tuple[dict[str, Any], list[int]]:
-        with self.lock:
-            try:
-                self.sock.settimeout(timeout or self.timeout)
-                protocol.send(self.sock, message, list(fds))
-                reply, got = protocol.recv(self.sock)
-            except (OSError, TimeoutError) as exc:
-                raise ServiceUnavailableError(f"devrep side channel failed: {exc}") from None
-        if reply is None:
-            raise ServiceUnavailableError("the devrep server closed the side channel")
-        if not reply.get("ok"):
-            protocol.close_fds(got)
-            raise _server_error(str(reply.get("code")), str(reply.get("class") or ""), str(reply.get("error")))
-        return reply, got
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-class ClientLease:
-    """A read lease on a replica. ``array`` is a read-only numpy view of a CPU replica (zero-copy: the replica's
-    memfd mapped into this process); ``to_cupy()`` opens a CUDA replica through IPC. The replica stays as it is
-    until ``release()`` (or leaving the ``with`` block); do not use the arrays after that."""
-
-    def __init__(self, client: Client, name: str, reply: pb.AcquireResponse | dict[str, Any], fd: int = -1) -> None:
+    def __init__(self, client: Client, name: str, grant: LeaseGrant, fd: int = -1) -> None:
+        super().__init__(**{f.name: getattr(grant, f.name) for f in fields(LeaseGrant)})
         self._client = client
         self.region = name
-        if isinstance(reply, dict):  # from the side channel's one-round-trip acquire
-            self.gpu_uuid = str(reply.get("gpu_uuid", ""))
-            self._granularity = int(reply.get("granularity", 0))
-            reply = pb.AcquireResponse(
-                lease_id=reply["lease"], generation=reply["generation"], invalid_runs=reply["invalid_runs"],
-                nbytes=reply["nbytes"], device=reply["device"], export_kind=reply["export_kind"],
-                buffer_nbytes=reply["buffer_nbytes"], cuda_ipc_handle=bytes.fromhex(reply["cuda_ipc_handle"]))
-            self._via_side_channel = True
-        else:  # the gRPC Acquire carries the same GPU UUID and VMM granularity
-            self.gpu_uuid, self._granularity = reply.gpu_uuid, int(reply.granularity)
-            self._via_side_channel = False
-        self.lease_id = reply.lease_id
-        self.generation = reply.generation
-        self.invalid_runs = _runs(reply.invalid_runs)
-        self.device = reply.device
-        self.nbytes = reply.nbytes
-        self.export_kind = reply.export_kind
-        self.cuda_ipc_handle = bytes(reply.cuda_ipc_handle)
-        self._buffer_nbytes = reply.buffer_nbytes or pages_for(reply.nbytes) * PAGE_SIZE
         self._array: npt.NDArray[np.uint8] | None = None
         self._cuda_key: Any = None  # the client's mapping this lease holds one reference on (CUDA replicas)
         self._cuda_fd = -1  # a CUDA VMM replica's fd until it is mapped
@@ -237,14 +116,14 @@ class ClientLease:
         if fd >= 0 and self.export_kind == "cuda_fd":
             self._cuda_fd = os.dup(fd)
         elif fd >= 0:
-            self._array = map_fd(fd, self._buffer_nbytes, writable=False)[: self.nbytes]
+            self._array = map_fd(fd, self.buffer_nbytes, writable=False)[: self.nbytes]
 
     def _map(self) -> None:
         _, fds = self._client._side().call({"op": "lease_fd", "lease": self.lease_id})
         try:
             if len(fds) != 1:
                 raise errors.DevrepError(f"expected one replica fd, got {len(fds)}")
-            self._array = map_fd(fds[0], self._buffer_nbytes, writable=False)[: self.nbytes]
+            self._array = map_fd(fds[0], self.buffer_nbytes, writable=False)[: self.nbytes]
         finally:
             protocol.close_fds(fds)
 
@@ -283,7 +162,7 @@ class ClientLease:
             self._cuda_key = self._client._cuda_open(self)
         ptr, index = self._client._ipc[self._cuda_key][:2]
         with cupy.cuda.Device(index):
-            mem = cupy.cuda.UnownedMemory(ptr, self._buffer_nbytes, self, device_id=index)
+            mem = cupy.cuda.UnownedMemory(ptr, self.buffer_nbytes, self, device_id=index)
             return cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
 
     def numpy(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> npt.NDArray[Any]:
@@ -340,10 +219,10 @@ class ClientLease:
                 if self._cuda_fd >= 0:
                     os.close(self._cuda_fd)
                     self._cuda_fd = -1
-                if self._via_side_channel and self._client._sc is not None:
+                if self.via_side_channel and self._client._sc is not None:
                     self._client._sc.call({"op": "release", "lease": self.lease_id})
                 else:
-                    self._client._call(self._client._stub.Release, pb.ReleaseRequest(lease_id=self.lease_id))
+                    self._client._call("Release", pb.ReleaseRequest(lease_id=self.lease_id))
 
     def __enter__(self) -> ClientLease:
         return self
@@ -400,24 +279,16 @@ class EventStream:
     events, or when ``timeout`` seconds have passed since ``watch()`` (the stream's gRPC deadline) — whichever
     comes first — so a script or a docs example never waits forever for an event that does not come."""
 
-    def __init__(self, call: Any, *, max_events: int | None = None, bounded: bool = False) -> None:
+    def __init__(self, call: Stream, *, max_events: int | None = None) -> None:
         self._call = call
         self.dropped = 0
         self.max_events = max_events
-        self._bounded = bounded  # a deadline was set: DEADLINE_EXCEEDED is the normal end, not an error
         self._delivered = 0
 
     def _messages(self) -> Iterator[Any]:
-        try:
-            for message in self._call:
-                self.dropped += message.dropped
-                yield message
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._bounded:
-                return
-            raise _translate(exc) from None
+        for message in self._call:  # a cancelled stream, or a bounded one past its deadline, just ends (see watch)
+            self.dropped += message.dropped
+            yield message
 
     def _done(self) -> bool:
         return self.max_events is not None and self._delivered >= self.max_events
@@ -463,11 +334,17 @@ class EventStream:
 
 class Client:
     """A session with a devrep server. Create with ``connect()``; close with ``close()`` (or ``with``): closing
-    ends the session, which unregisters its regions and releases its leases."""
+    ends the session, which unregisters its regions and releases its leases.
+
+    The session logic lives here; the bytes travel through a ``Transport`` (``devrep.client._transport``): the
+    ``SideChannelTransport`` when the address is a local socket with its fd side channel, else a
+    ``GrpcTransport`` (which needs a token). ``transport=`` replaces that choice (e.g. with
+    ``devrep.testing.MockTransport``); ``address`` is then only checked, not dialed."""
 
     def __init__(self, address: str, *, token: str | None = None, label: str | None = None,
                  fd_socket: str | os.PathLike[str] | None = None, timeout: float = 10.0,
-                 credentials: grpc.ChannelCredentials | None = None, server_uid: int | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, server_uid: int | None = None,
+                 transport: Transport | None = None) -> None:
         self.address = check_address(address)
         self.timeout = timeout
         self._ipc: dict[Any, list[Any]] = {}
@@ -476,48 +353,59 @@ class Client:
         self._heartbeat_thread: threading.Thread | None = None
         self._modes: set[str] | None = None
         self._mappings: dict[str, npt.NDArray[np.uint8]] = {}
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        target = f"unix:{unix_path(address)}" if unix_path(address) is not None else address
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
-        self._stub = pb_grpc.DevrepServiceStub(self._channel)
         sock = unix_path(address)
         fd_path = Path(fd_socket) if fd_socket else (
             Path(os.environ["DEVREP_FD_SOCKET"]) if os.environ.get("DEVREP_FD_SOCKET")
             else protocol.side_channel_path(sock) if sock else None)
         self._fd_path = fd_path
-        self._sc: _SideChannel | None = None
         self.label = ""
         """The session's label as the server knows it (``uid:<uid>/<label>`` for a label chosen in ``hello``, the
         operator's for a pre-authorized token): share with it as ``label:<that>``."""
         token = token or os.environ.get("DEVREP_TOKEN") or None
-        try:
+        if transport is None:
             if fd_path is not None and _exists(fd_path):
-                self._sc = _SideChannel(fd_path, timeout, _server_uids(server_uid))
-                hello: dict[str, Any] = {"op": "hello", "label": label or f"pid{os.getpid()}"}
-                if token:
-                    hello["token"] = token
-                reply, _ = self._sc.call(hello)
-                token = str(reply["token"])
-                self.session_id = str(reply["session"])
-                self.label = str(reply.get("label", ""))
+                transport = SideChannelTransport(address, fd_path, timeout=timeout, credentials=credentials,
+                                                 server_uid=server_uid)
             elif fd_path is not None and sock is not None and not token:
                 raise ServiceUnavailableError(f"no devrep server at {address} (no side channel {fd_path}); "
                                               f"{NO_SERVER_HINT}")
+            else:  # a token session: checks a Unix socket's owner before the token goes out
+                transport = GrpcTransport(address, credentials=credentials, server_uid=server_uid)
+        self._transport: Transport = transport
+        """What carries this client's requests (``SideChannelTransport`` locally, ``GrpcTransport`` over TCP)."""
+        try:
+            if transport.side_channel:
+                hello: dict[str, Any] = {"op": "hello", "label": label or f"pid{os.getpid()}"}
+                if token:
+                    hello["token"] = token
+                reply, _ = transport.call(hello)
+                token = str(reply["token"])
+                self.session_id = str(reply["session"])
+                self.label = str(reply.get("label", ""))
             if not token:
                 raise UnauthenticatedError(f"{address} has no fd side channel here: set DEVREP_TOKEN to a "
                                            "pre-authorized token")
-            if sock is not None:
-                _check_socket_owner(sock, _server_uids(server_uid))  # before the token goes over gRPC
             # The holder id names this process's gRPC-acquired leases: the server releases them when this client
             # stops calling for the holder TTL (it died), see _heartbeat.
             self._holder = secrets.token_hex(16)
             self._metadata = (("authorization", f"Bearer {token}"), (HOLDER_KEY, self._holder))
             self.token = token
-            self.session_id = self._call(self._stub.Ping, pb.PingRequest()).session_id
+            self.session_id = self._call("Ping", pb.PingRequest()).session_id
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _sc(self) -> Transport | None:
+        """The transport when it has the fd side channel, else ``None``."""
+        return self._transport if self._transport.side_channel else None
+
+    @property
+    def _stub(self) -> pb_grpc.DevrepServiceStub:
+        """The raw gRPC stub (tools and tests that send hand-made requests; calls through it are not mapped)."""
+        if not isinstance(self._transport, GrpcTransport):
+            raise errors.FailedPreconditionError(f"{type(self._transport).__name__} has no gRPC stub")
+        return self._transport.stub
 
     # ------------------------------------------------------------------ CUDA replicas
     # ``_ipc`` maps a replica buffer (its IPC handle, or ("cuda_fd", st_dev, st_ino) of its VMM fd) to
@@ -592,8 +480,8 @@ class Client:
                 with cupy.cuda.Device(index):
                     if lease.export_kind == "cuda_fd":
                         cupy.cuda.runtime.deviceSynchronize()  # makes the device's primary context current first
-                        granularity = lease._granularity or lease._buffer_nbytes
-                        mapping = _cuda_vmm.map_readonly(self._vmm(), lease._cuda_fd, lease._buffer_nbytes,
+                        granularity = lease.granularity or lease.buffer_nbytes
+                        mapping = _cuda_vmm.map_readonly(self._vmm(), lease._cuda_fd, lease.buffer_nbytes,
                                                          granularity, index)
                         entry = [mapping.ptr, index, 0, mapping]
                     else:
@@ -628,18 +516,16 @@ class Client:
                     cupy.cuda.runtime.ipcCloseMemHandle(entry[0])
 
     # ------------------------------------------------------------------ plumbing
-    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
-        try:
-            return method(request, metadata=self._metadata, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise _translate(exc) from None
+    def _call(self, method: str | Any, request: Any, timeout: float | None = None) -> Any:
+        """One unary call by RPC name (``"Ping"``); the reply message. Callers written against the stub may pass
+        its method instead (``client._stub.Ping``)."""
+        if not isinstance(method, str):
+            method = next(name for name, value in vars(self._stub).items() if value is method)
+        return self._transport.unary(method, request, timeout=timeout or self.timeout, metadata=self._metadata).message
 
-    def _side(self) -> _SideChannel:
-        if self._sc is None:
-            raise errors.FailedPreconditionError(
-                "this client has no fd side channel (TCP address): memfd regions and CPU replica mappings need "
-                "the server's Unix socket on this host")
-        return self._sc
+    def _side(self) -> Transport:
+        """The transport, for side-channel requests (its ``call`` explains when there is no side channel)."""
+        return self._transport
 
     def _put_fds(self, kind: str, fds: Sequence[int]) -> str:
         reply, _ = self._side().call({"op": "put_fds", "kind": kind}, fds)
@@ -647,11 +533,11 @@ class Client:
 
     # ------------------------------------------------------------------ server
     def ping(self) -> str:
-        return str(self._call(self._stub.Ping, pb.PingRequest()).session_id)
+        return str(self._call("Ping", pb.PingRequest()).session_id)
 
     def stats(self) -> ServerInfo:
         """Server-wide counters, the devices, tracking modes and this session's quota use."""
-        r = self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+        r = self._call("GetServerInfo", pb.GetServerInfoRequest())
         return ServerInfo(r.version, list(r.devices), r.sessions, r.regions, r.leases, r.host_bytes,
                           list(r.tracking_modes), r.session_id, r.quota.max_bytes, r.quota.max_regions,
                           r.quota.used_bytes, r.quota.used_regions)
@@ -688,7 +574,7 @@ class Client:
                 protocol.close_fds(extra)
         finally:
             os.close(fd)
-        reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
+        reply = self._call("RegisterRegion", pb.RegisterRegionRequest(
             name=name, memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
             tracking=MODES[TrackingMode(tracking)], block_size=block_size))
         # The writer's mapping lives as long as the region (not the handle): sync/async tracking is registered on it,
@@ -704,7 +590,7 @@ class Client:
         # A server in this very process (tests embed one) handles sync faults in a Python thread that a writer
         # faulting with the GIL held would wait for forever, and its async scans of its own pagemap are refused:
         # there, auto is explicit.
-        if self._sc is not None and self._sc.server_pid == os.getpid():
+        if isinstance(self._transport, SideChannelTransport) and self._transport.server_pid == os.getpid():
             return [], 0
         for mode in ("sync", "async"):
             if mode in self._modes:
@@ -738,28 +624,28 @@ class Client:
                 ticket = self._put_fds("file", [fd])
             finally:
                 os.close(fd)
-        reply = self._call(self._stub.RegisterRegion, pb.RegisterRegionRequest(
+        reply = self._call("RegisterRegion", pb.RegisterRegionRequest(
             name=name, file=pb.FileSource(path=str(p), fd_ticket=ticket), tracking=MODES[TrackingMode(tracking)],
             block_size=block_size))
         return RegionHandle(self, name, None, _region(reply.region))
 
     def unregister(self, name: str) -> None:
-        self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name))
+        self._call("UnregisterRegion", pb.UnregisterRegionRequest(name=name))
         self._mappings.pop(name, None)
 
     def list_regions(self, *, all_sessions: bool = False) -> list[RegionDescription]:
         """This session's regions and those shared with it; ``all_sessions``: every session's (root on the
         server's local socket only, else ``PermissionDeniedError``)."""
         request = pb.ListRegionsRequest(all=all_sessions)
-        return [_region(r) for r in self._call(self._stub.ListRegions, request).regions]
+        return [_region(r) for r in self._call("ListRegions", request).regions]
 
     def describe(self, name: str) -> RegionDescription:
-        return _region(self._call(self._stub.DescribeRegion, pb.DescribeRegionRequest(name=name)).region)
+        return _region(self._call("DescribeRegion", pb.DescribeRegionRequest(name=name)).region)
 
     def share(self, name: str, with_: str = "*", *, revoke: bool = False) -> None:
         """Let other sessions acquire and watch ``name`` read-only: ``with_`` is ``"*"``, ``"uid:<n>"`` or
         ``"label:<label>"``."""
-        self._call(self._stub.ShareRegion, pb.ShareRegionRequest(name=name, grantee=with_, revoke=revoke))
+        self._call("ShareRegion", pb.ShareRegionRequest(name=name, grantee=with_, revoke=revoke))
 
     # ------------------------------------------------------------------ replication
     def replicate(self, name: str, devices: Sequence[str], *, progress: Progress | None = None,
@@ -767,21 +653,18 @@ class Client:
         """Create the missing replicas on ``devices`` and bring all up to date; ``progress(done, total)``."""
         request = pb.ReplicateRequest(name=name, devices=list(devices),
                                       timeout_ms=int(timeout * 1000) if timeout else 0)
-        try:
-            for message in self._stub.Replicate(request, metadata=self._metadata,
-                                                timeout=(timeout or 30.0) + self.timeout):
-                if message.HasField("report"):
-                    if progress:
-                        progress(message.report.bytes_copied, message.bytes_total)
-                    return _report(message.report)
+        for message in self._transport.stream("Replicate", request, metadata=self._metadata,
+                                              timeout=(timeout or 30.0) + self.timeout):
+            if message.HasField("report"):
                 if progress:
-                    progress(message.bytes_copied, message.bytes_total)
-        except grpc.RpcError as exc:
-            raise _translate(exc) from None
+                    progress(message.report.bytes_copied, message.bytes_total)
+                return _report(message.report)
+            if progress:
+                progress(message.bytes_copied, message.bytes_total)
         raise errors.DevrepError("Replicate ended without a report")
 
     def sync(self, name: str, devices: Sequence[str] = (), *, timeout: float | None = None) -> SyncReport:
-        reply = self._call(self._stub.Sync, pb.SyncRequest(name=name, devices=list(devices),
+        reply = self._call("Sync", pb.SyncRequest(name=name, devices=list(devices),
                                                            timeout_ms=int(timeout * 1000) if timeout else 0),
                            timeout=(timeout or 30.0) + self.timeout)
         return _report(reply.report)
@@ -793,26 +676,16 @@ class Client:
         otherwise it is the gRPC ``Acquire``. ``numa:local`` is resolved here, on the calling thread, into
         ``numa:near:<its node>``: the server picks the replica on that node or the nearest one.
         """
-        device = numa.client_device(device)
-        if self._sc is not None:
-            message = {"op": "acquire", "name": name, "device": device, "fresh": fresh,
-                       "timeout_ms": int(timeout * 1000) if timeout else 0}
-            reply, fds = self._sc.call(message, timeout=(timeout or 30.0) + self.timeout)
-            try:
-                lease = ClientLease(self, name, reply, fds[0] if fds else -1)
-            finally:
-                protocol.close_fds(fds)
-            return lease
+        request = pb.AcquireRequest(name=name, device=numa.client_device(device), fresh=fresh,
+                                    timeout_ms=int(timeout * 1000) if timeout else 0)
+        got = self._transport.acquire(request, metadata=self._metadata, timeout=(timeout or 30.0) + self.timeout)
         try:
-            reply, call = self._stub.Acquire.with_call(pb.AcquireRequest(
-                name=name, device=device, fresh=fresh, timeout_ms=int(timeout * 1000) if timeout else 0),
-                metadata=self._metadata, timeout=(timeout or 30.0) + self.timeout)
-        except grpc.RpcError as exc:
-            raise _translate(exc) from None
-        ttl_ms = next((int(v) for k, v in call.trailing_metadata() or () if k == HOLDER_TTL_KEY), 0)
-        if ttl_ms > 0:
-            self._start_heartbeat(ttl_ms / 1000)
-        return ClientLease(self, name, reply)
+            if got.holder_ttl > 0:
+                self._start_heartbeat(got.holder_ttl)
+            return ClientLease(self, name, got.grant, got.fd)
+        finally:
+            if got.fd >= 0:
+                os.close(got.fd)
 
     def _start_heartbeat(self, ttl: float) -> None:
         """Keep this process's gRPC leases: a ``Ping`` carrying the holder id every quarter TTL until ``close()``."""
@@ -826,7 +699,7 @@ class Client:
     def _beat(self, ttl: float) -> None:
         while not self._closed.wait(max(0.05, ttl / 4)):
             with contextlib.suppress(errors.DevrepError):
-                self._call(self._stub.Ping, pb.PingRequest(), timeout=max(1.0, ttl / 2))
+                self._call("Ping", pb.PingRequest(), timeout=max(1.0, ttl / 2))
 
     def invalidate(self, name: str, offset: int = 0, length: int | None = None, *,
                    runs: npt.ArrayLike | None = None) -> int:
@@ -834,10 +707,10 @@ class Client:
         request = pb.InvalidateRequest(name=name, offset=offset, length=length or 0)
         if runs is not None:
             request.runs.extend(np.asarray(runs, dtype=np.int64).reshape(-1).tolist())
-        return int(self._call(self._stub.Invalidate, request).generation)
+        return int(self._call("Invalidate", request).generation)
 
     def verify(self, name: str, devices: Sequence[str] = (), *, resync: bool = True) -> list[VerifyReport]:
-        reply = self._call(self._stub.Verify, pb.VerifyRequest(name=name, devices=list(devices), resync=resync),
+        reply = self._call("Verify", pb.VerifyRequest(name=name, devices=list(devices), resync=resync),
                            timeout=max(self.timeout, 120.0))
         return [VerifyReport(name, r.device, r.pages_checked, _runs(r.mismatched_runs), r.resynced,
                              r.stale_pages)
@@ -856,15 +729,17 @@ class Client:
             raise errors.InvalidArgumentError(f"max_events must be a positive integer, got {max_events!r}")
         if timeout is not None and not timeout > 0:
             raise errors.InvalidArgumentError(f"timeout must be positive seconds, got {timeout!r}")
-        call = self._stub.Watch(pb.WatchRequest(names=list(names), coalesce_ms=coalesce_ms), metadata=self._metadata,
-                                timeout=timeout)
+        # A cancelled stream just ends; so does a bounded one at its deadline (DEADLINE_EXCEEDED is its normal end).
+        ends = {"CANCELLED", "DEADLINE_EXCEEDED"} if timeout is not None else {"CANCELLED"}
+        call = self._transport.stream("Watch", pb.WatchRequest(names=list(names), coalesce_ms=coalesce_ms),
+                                      metadata=self._metadata, timeout=timeout, ends=ends)
         try:
-            call.initial_metadata()  # the server sends it once the watcher is registered: no event is missed after
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
-                return EventStream(call, max_events=0, bounded=True)  # the whole timeout passed: nothing to yield
-            raise _translate(exc) from None
-        return EventStream(call, max_events=max_events, bounded=timeout is not None)
+            call.wait_ready()  # the server sends it once the watcher is registered: no event is missed after
+        except errors.DevrepError as exc:
+            if exc.grpc_code == "DEADLINE_EXCEEDED" and timeout is not None:
+                return EventStream(call, max_events=0)  # the whole timeout passed: nothing to yield
+            raise
+        return EventStream(call, max_events=max_events)
 
     def acquire_safetensors(self, name: str, device: str, *, fresh: bool = True) -> Any:
         """A replicated safetensors file as ``{tensor name: read-only numpy array}`` (zero-copy views)."""
@@ -880,15 +755,11 @@ class Client:
         Over a local socket the side-channel connection is the session's lifeline: it ends exactly when the server
         stops or dies. Without one (TCP, token sessions) a ping follows the wait: unreachable or an ended session
         is ``False``; a slow answer (a loaded server) is not taken for a dead one."""
-        sc = self._sc
-        if sc is not None:
-            poller = select.poll()
-            poller.register(sc.sock.fileno(), select.POLLIN | select.POLLRDHUP)
-            with sc.lock:  # no request in flight: the server never speaks unasked, so input is the end of stream
-                return not poller.poll(int(timeout * 1000))
+        if isinstance(self._transport, SideChannelTransport) and self._transport.side_channel:
+            return not self._transport.peer_closed(timeout)
         time.sleep(timeout)
         try:
-            self._call(self._stub.Ping, pb.PingRequest(), timeout=min(self.timeout, 10.0))
+            self._call("Ping", pb.PingRequest(), timeout=min(self.timeout, 10.0))
         except (ServiceUnavailableError, UnauthenticatedError):
             return False
         except errors.DevrepError:
@@ -917,9 +788,7 @@ class Client:
         if self._sc is not None:
             with contextlib.suppress(errors.DevrepError):
                 self._sc.call({"op": "bye"})
-            self._sc.close()
-            self._sc = None
-        self._channel.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -943,43 +812,16 @@ def _remote_tracking_setup(mode: str, array: npt.NDArray[np.uint8]) -> tuple[lis
     return [uffd, pagemap], buffer_address(array)
 
 
-def _check_socket_owner(sock: Path, server_uids: frozenset[int]) -> None:
-    """The gRPC socket file must belong to a trusted uid too (its owner is whoever bound it)."""
-    try:
-        owner = os.stat(sock).st_uid  # the socket itself, not a symlink to it
-    except OSError:
-        return  # no socket file: the gRPC call fails with UNAVAILABLE
-    trusted = {0, os.geteuid(), *server_uids}
-    if owner not in trusted:
-        raise errors.PermissionDeniedError(
-            f"the devrep socket {sock} belongs to uid {owner}, not root, this user or a configured server uid "
-            f"({sorted(trusted)}): refusing to send the session token to it (connect(server_uid=...) or "
-            "DEVREP_SERVER_UID name another server uid)")
-
-
-def _server_uids(server_uid: int | None) -> frozenset[int]:
-    """The uids besides root and this user that may serve the side channel: ``server_uid`` and
-    ``DEVREP_SERVER_UID`` (comma-separated)."""
-    uids = {server_uid} if server_uid is not None else set()
-    for item in os.environ.get("DEVREP_SERVER_UID", "").split(","):
-        if item.strip():
-            try:
-                uids.add(int(item))
-            except ValueError:
-                raise errors.InvalidArgumentError(f"DEVREP_SERVER_UID must be uids separated by commas, got "
-                                                  f"{item!r}") from None
-    return frozenset(uids)
-
-
 def connect(address: str | None = None, *, token: str | None = None, label: str | None = None,
             timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None,
-            server_uid: int | None = None) -> Client:
+            server_uid: int | None = None, transport: Transport | None = None) -> Client:
     """Open a session with the devrep server at ``address`` (default: ``DEVREP_ADDRESS``, else the default socket).
 
     ``token`` (default ``DEVREP_TOKEN``) is a pre-authorized token; without one the side channel issues one.
     The side channel's server must run as root, as this user, or as ``server_uid`` (or a uid in
     ``DEVREP_SERVER_UID``); otherwise ``PermissionDeniedError`` is raised before any token or fd is sent.
-    Raises ``ServiceUnavailableError`` when no server answers.
+    Raises ``ServiceUnavailableError`` when no server answers. ``transport``: talk through this instead of dialing
+    ``address`` (e.g. ``devrep.testing.MockTransport``).
     """
     return Client(address or default_address(), token=token, label=label, timeout=timeout, credentials=credentials,
-                  server_uid=server_uid)
+                  server_uid=server_uid, transport=transport)

@@ -32,6 +32,7 @@ import devrep.client
 from devrep._pages import PAGE_SIZE
 from devrep.client._client import MODES
 from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
+from devrep.model import TrackingMode
 from devrep.wire import sidechannel as protocol
 from devrep.wire._gen import devrep_pb2 as pb
 
@@ -219,7 +220,7 @@ def test_r4_lying_writer_base(target: tuple[ServerProcess, FdPool], lie: str) ->
 
         attempt("RegisterRegion", lambda: client._call(client._stub.RegisterRegion, pb.RegisterRegionRequest(
             name="liar", memfd=pb.MemfdSource(fd_ticket=ticket, nbytes=nbytes, writer_base=writer_base),
-            tracking=MODES["sync"])))
+            tracking=MODES[TrackingMode.SYNC])))
         outcome = statuses["RegisterRegion"]
         # Whatever the server made of it, this process's stores must never block for long.
         done = threading.Event()
