@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -18,6 +19,21 @@ ProgressCallback = Callable[[int, int], None]
 client: bytes written into replicas so far and in all (each replica counts: two replicas of 1 MiB are 2 MiB), so
 ``0 <= done <= total``; the last call has ``done == total`` (= ``SyncReport.bytes_copied`` unless a page was
 written again mid-copy)."""
+
+
+class ExportKind(StrEnum):
+    """How a replica buffer is shared with another process: ``ExportHandle.kind`` in the engine, ``export_kind``
+    on the wire (the values are the wire strings, so a member compares equal to what a client receives).
+
+    ``FD``: a sealed memfd (CPU and NUMA backends), mapped read-only; ``CUDA_FD``: a CUDA VMM allocation exported
+    as a POSIX fd (``cuMemExportToShareableHandle``), mapped read-only on the GPU; ``CUDA_IPC``: a classic
+    ``cudaIpcMemHandle_t`` (64 bytes, same PID namespace only); ``NONE``: the memory cannot be shared (OpenCL).
+    """
+
+    FD = "fd"
+    CUDA_FD = "cuda_fd"
+    CUDA_IPC = "cuda_ipc"
+    NONE = "none"
 
 
 @dataclass(frozen=True)
