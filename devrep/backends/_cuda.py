@@ -192,7 +192,7 @@ class CudaBackend(Backend):
         share = "VMM fd sharing" if d.fd_sharing else "CUDA IPC sharing"
         return f"cuda:{index} ({d.name}, {d.total >> 20} MiB, {d.uuid or 'no UUID'}, {share})"
 
-    def sharing(self, index: int) -> tuple[str, str]:
+    def sharing(self, index: int) -> tuple[ExportKind, str]:
         """``(CUDA_FD | CUDA_IPC, why)`` for a device: how its replicas are exported."""
         d = self._devices[self._check_device(index)]
         return (ExportKind.CUDA_FD if d.fd_sharing else ExportKind.CUDA_IPC), d.sharing_reason
