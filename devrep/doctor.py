@@ -20,6 +20,7 @@ from typing import Any
 
 from .linux.pagemap import PageCategory, PagemapScanner, ScanFlag
 from .linux.uffd import DEV_USERFAULTFD, Feature, RegisterMode, Userfaultfd
+from .model import ExportKind
 
 CAP_SYS_PTRACE = 19
 MODES = ("sync", "async", "file", "explicit")
@@ -61,8 +62,8 @@ class CudaDevice:
     device: str
     name: str
     uuid: str
-    sharing: str
-    """``"cuda_fd"`` (VMM fd, read-only mappings, works across PID namespaces) or ``"cuda_ipc"`` (classic IPC)."""
+    sharing: ExportKind
+    """``CUDA_FD`` (VMM fd, read-only mappings, works across PID namespaces) or ``CUDA_IPC`` (classic IPC)."""
     reason: str
     """Why VMM fd sharing is or is not used on this device."""
 
@@ -194,8 +195,9 @@ class Capabilities:
             for column in ("device", "name", "UUID", "VMM fd sharing (read-only)", "why"):
                 gpus.add_column(column)
             for g in self.cuda.devices:
-                fallback = "" if g.sharing == "cuda_fd" else "  (classic CUDA IPC: read-write, one PID namespace)"
-                gpus.add_row(g.device, g.name, g.uuid, yes(g.sharing == "cuda_fd") + fallback, escape(g.reason))
+                vmm = g.sharing == ExportKind.CUDA_FD
+                fallback = "" if vmm else "  (classic CUDA IPC: read-write, one PID namespace)"
+                gpus.add_row(g.device, g.name, g.uuid, yes(vmm) + fallback, escape(g.reason))
             console.print(gpus)
 
 

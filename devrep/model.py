@@ -45,6 +45,21 @@ def _no_runs() -> RunArray:
     return np.empty((0, 2), np.int64)
 
 
+class ExportKind(StrEnum):
+    """How a replica buffer is shared with another process: ``ExportHandle.kind`` in the engine, ``export_kind``
+    on the wire (the values are the wire strings, so a member compares equal to what a client receives).
+
+    ``FD``: a sealed memfd (CPU and NUMA backends), mapped read-only; ``CUDA_FD``: a CUDA VMM allocation exported
+    as a POSIX fd (``cuMemExportToShareableHandle``), mapped read-only on the GPU; ``CUDA_IPC``: a classic
+    ``cudaIpcMemHandle_t`` (64 bytes, same PID namespace only); ``NONE``: the memory cannot be shared (OpenCL).
+    """
+
+    FD = "fd"
+    CUDA_FD = "cuda_fd"
+    CUDA_IPC = "cuda_ipc"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class Event:
     """Something that happened to a region, for watchers and metrics.

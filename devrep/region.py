@@ -50,6 +50,7 @@ from .errors import (
 from .memory import HostMemory, anonymous, map_fd
 from .model import (
     Event,
+    ExportKind,
     Listener,
     ProgressCallback,
     RegionInfo,
@@ -165,7 +166,7 @@ class Lease:
             if backend.host_view(buffer) is None:
                 return None
             handle = backend.export(buffer)
-            if handle.kind == "fd" and isinstance(handle.payload, int):
+            if handle.kind == ExportKind.FD and isinstance(handle.payload, int):
                 self._readonly = map_fd(handle.payload, buffer.nbytes, writable=False)[: self.nbytes]
             else:  # host memory without an fd: numpy's read-only flag is all the protection there is
                 self._readonly = backend.host_view(buffer)

@@ -9,16 +9,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import xxhash
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, pages_from_runs
-from devrep.backends import Backend, CpuBackend, DeviceBuffer, load_backend
+from devrep.backends import Backend, DeviceBuffer, load_backend
 from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
 from devrep.testing import random_host
@@ -190,9 +192,8 @@ def test_compare(backend: Backend) -> None:
     assert backend.compare(a, a).size == 0
     assert backend.compare(a[:0], b[:0]).size == 0
     assert np.array_equal(backend.compare(a[:1], b[:1] + np.uint64(1)), [0])
-    if not isinstance(backend, type(load_backend("cpu"))):
-        with pytest.raises(InvalidArgumentError):
-            backend.compare(a, b[:-1])
+    with pytest.raises(InvalidArgumentError):
+        backend.compare(a, b[:-1])
 
 
 def test_export(backend: Backend, kind: str) -> None:
@@ -238,17 +239,15 @@ def test_capacity_exhausted_names_device(kind: str) -> None:
 def test_bad_ranges(backend: Backend) -> None:
     buf = backend.allocate(0, 4 * PAGE_SIZE)
     host = random_host(4)
-    if not isinstance(backend, CpuBackend):  # the CPU backend (and NUMA, built on it) leaves checks to the engine
-        with pytest.raises(InvalidArgumentError):
-            backend.copy_runs(host, np.array([[3, 2]]), [buf])
-        with pytest.raises(InvalidArgumentError):
-            backend.read(buf, 3 * PAGE_SIZE, 2 * PAGE_SIZE)
-        with pytest.raises(InvalidArgumentError):
-            backend.allocate(0, 100)
+    with pytest.raises(InvalidArgumentError):
+        backend.copy_runs(host, np.array([[3, 2]]), [buf])
+    with pytest.raises(InvalidArgumentError):
+        backend.read(buf, 3 * PAGE_SIZE, 2 * PAGE_SIZE)
+    with pytest.raises(InvalidArgumentError):
+        backend.allocate(0, 100)
     backend.free(buf)
-    if not isinstance(backend, CpuBackend):
-        with pytest.raises(InvalidArgumentError, match="freed"):
-            backend.hash_pages(buf)
+    with pytest.raises(InvalidArgumentError, match="freed"):
+        backend.hash_pages(buf)
 
 
 @pytest.mark.parametrize("runs", [[[0, 1], [2, 1], [2, 1]], [[2, 2], [3, 1]], [[4, 1], [1, 1]], [[0, 3], [1, 1]]],
@@ -268,6 +267,161 @@ def test_overlapping_or_unsorted_runs_are_refused(backend: Backend, runs: list[l
         assert not back[3 * PAGE_SIZE:5 * PAGE_SIZE].any()
     finally:
         backend.free(buf)
+
+
+# ---------------------------------------------------------------------------- bad input, every backend alike
+
+@dataclass
+class Setup:
+    """What each bad call works on: an 8-page host, an 8-page buffer, a 4-page one, a freed one and one another
+    instance of the same backend allocated (``foreign``)."""
+
+    backend: Backend
+    host: npt.NDArray[np.uint8]
+    buf: DeviceBuffer
+    small: DeviceBuffer
+    freed: DeviceBuffer
+    foreign: DeviceBuffer
+
+
+Call = Callable[[Setup], object]
+
+
+def _runs(*runs: tuple[int, int]) -> npt.NDArray[np.int64]:
+    return np.array(runs, dtype=np.int64).reshape(-1, 2)
+
+
+# (id, call, error class, message fragment): every backend must refuse each the same way, before touching a buffer.
+BAD_CALLS: list[tuple[str, Call, type[Exception], str]] = [
+    ("run-negative-first", lambda s: s.backend.copy_runs(s.host, _runs((-1, 1)), [s.buf]), InvalidArgumentError,
+     "inside"),
+    ("run-zero-count", lambda s: s.backend.copy_runs(s.host, _runs((0, 0)), [s.buf]), InvalidArgumentError, "inside"),
+    ("run-past-host-end", lambda s: s.backend.copy_runs(s.host, _runs((6, 5)), [s.buf]), InvalidArgumentError,
+     "inside"),
+    ("run-huge-count", lambda s: s.backend.copy_runs(s.host, _runs((1, 2**63 - 1)), [s.buf]), InvalidArgumentError,
+     "inside"),
+    ("runs-overlapping", lambda s: s.backend.copy_runs(s.host, _runs((0, 3), (2, 1)), [s.buf]),
+     InvalidArgumentError, "sorted"),
+    ("runs-unsorted", lambda s: s.backend.copy_runs(s.host, _runs((4, 1), (1, 1)), [s.buf]), InvalidArgumentError,
+     "sorted"),
+    ("runs-bad-shape", lambda s: s.backend.copy_runs(s.host, np.array([1, 2, 3]), [s.buf]), InvalidArgumentError,
+     "runs"),
+    ("target-past-buffer-end", lambda s: s.backend.copy_runs(s.host, _runs((0, 1)), [s.buf, s.small]),
+     InvalidArgumentError, "less than the host"),
+    ("target-twice", lambda s: s.backend.copy_runs(s.host, _runs((0, 1)), [s.buf, s.buf]), InvalidArgumentError,
+     "twice"),
+    ("host-not-whole-pages", lambda s: s.backend.copy_runs(s.host[:100], _runs((0, 1)), [s.buf]),
+     InvalidArgumentError, "whole pages"),
+    ("host-not-bytes", lambda s: s.backend.copy_runs(s.host.view(np.uint64), _runs((0, 1)), [s.buf]),
+     InvalidArgumentError, "uint8"),
+    ("host-strided", lambda s: s.backend.copy_runs(np.lib.stride_tricks.as_strided(
+        s.host, (s.host.size // 2,), (2,)), _runs((0, 1)), [s.buf]), InvalidArgumentError, "contiguous"),
+    ("read-past-buffer-end", lambda s: s.backend.read(s.buf, 7 * PAGE_SIZE, 2 * PAGE_SIZE), InvalidArgumentError,
+     "outside"),
+    ("read-negative-offset", lambda s: s.backend.read(s.buf, -1, 1), InvalidArgumentError, "outside"),
+    ("read-offset-past-end", lambda s: s.backend.read(s.buf, 9 * PAGE_SIZE), InvalidArgumentError, "outside"),
+    ("hash-page-past-end", lambda s: s.backend.hash_pages(s.buf, np.array([8])), InvalidArgumentError,
+     "out of range"),
+    ("hash-negative-page", lambda s: s.backend.hash_pages(s.buf, np.array([-1])), InvalidArgumentError,
+     "out of range"),
+    ("compare-lengths", lambda s: s.backend.compare(np.zeros(3, np.uint64), np.zeros(2, np.uint64)),
+     InvalidArgumentError, "compare"),
+    ("allocate-not-page-multiple", lambda s: s.backend.allocate(0, 100), InvalidArgumentError, "multiple"),
+    ("allocate-zero", lambda s: s.backend.allocate(0, 0), InvalidArgumentError, "positive"),
+    ("allocate-negative", lambda s: s.backend.allocate(0, -PAGE_SIZE), InvalidArgumentError, "positive"),
+    ("allocate-wrong-index", lambda s: s.backend.allocate(99, PAGE_SIZE), UnknownDeviceError, ":99"),
+    ("allocate-negative-index", lambda s: s.backend.allocate(-1, PAGE_SIZE), UnknownDeviceError, ":-1"),
+    ("bytes-in-use-wrong-index", lambda s: s.backend.bytes_in_use(99), UnknownDeviceError, ":99"),
+    ("describe-wrong-index", lambda s: s.backend.describe(99), UnknownDeviceError, ":99"),
+    ("copy-to-freed", lambda s: s.backend.copy_runs(s.host, _runs((0, 1)), [s.freed]), InvalidArgumentError,
+     "freed"),
+    ("read-freed", lambda s: s.backend.read(s.freed), InvalidArgumentError, "freed"),
+    ("hash-freed", lambda s: s.backend.hash_pages(s.freed), InvalidArgumentError, "freed"),
+    ("export-freed", lambda s: s.backend.export(s.freed), InvalidArgumentError, "freed"),
+    ("host-view-freed", lambda s: s.backend.host_view(s.freed), InvalidArgumentError, "freed"),
+    ("device-array-freed", lambda s: s.backend.device_array(s.freed), InvalidArgumentError, "freed"),
+    ("copy-to-foreign", lambda s: s.backend.copy_runs(s.host, _runs((0, 1)), [s.buf, s.foreign]),
+     InvalidArgumentError, "not allocated by this"),
+    ("read-foreign", lambda s: s.backend.read(s.foreign), InvalidArgumentError, "not allocated by this"),
+    ("hash-foreign", lambda s: s.backend.hash_pages(s.foreign), InvalidArgumentError, "not allocated by this"),
+    ("export-foreign", lambda s: s.backend.export(s.foreign), InvalidArgumentError, "not allocated by this"),
+    ("free-foreign", lambda s: s.backend.free(s.foreign), InvalidArgumentError, "not allocated by this"),
+    ("read-forged", lambda s: s.backend.read(DeviceBuffer(s.buf.device, 0, s.buf.nbytes, s.buf.handle)),
+     InvalidArgumentError, "not allocated by this"),
+]
+
+
+@pytest.fixture
+def setup(kind: str, backend: Backend) -> Iterator[Setup]:
+    other = make_backend(kind)
+    try:
+        freed = backend.allocate(0, 8 * PAGE_SIZE)
+        backend.free(freed)
+        yield Setup(backend, random_host(8, seed=21), backend.allocate(0, 8 * PAGE_SIZE),
+                    backend.allocate(0, 4 * PAGE_SIZE), freed, other.allocate(0, 8 * PAGE_SIZE))
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_refused_alike(setup: Setup, call: Call, error: type[Exception], match: str) -> None:
+    """Issue 13: the checks live in ``Backend`` (the public layer), so the CPU and NUMA backends refuse what OpenCL
+    and CUDA refuse, with the same error class, and nothing is written or accounted for a refused call."""
+    before = setup.backend.bytes_in_use(0)
+    with pytest.raises(error, match=match) as info:
+        call(setup)
+    print(f"{setup.backend.name}: {type(info.value).__name__}: {info.value}")
+    assert setup.backend.bytes_in_use(0) == before, "a refused call changed the bytes in use"
+    assert not setup.backend.read(setup.buf).any(), "a refused call wrote into the buffer"
+    assert not setup.backend.read(setup.small).any(), "a refused call wrote into the buffer"
+
+
+def test_free_is_idempotent_and_close_frees_everything(kind: str) -> None:
+    """Double free does nothing; close() frees every live buffer and accounts it; afterwards every call but free,
+    release_reader and close is a ``BackendError`` saying the backend was closed."""
+    backend = make_backend(kind)
+    host = random_host(2, seed=4)
+    try:
+        a, b = backend.allocate(0, 2 * PAGE_SIZE), backend.allocate(0, 2 * PAGE_SIZE)
+        backend.free(a)
+        backend.free(a)  # idempotent (documented)
+        assert a.freed and not b.freed and backend.bytes_in_use(0) == 2 * PAGE_SIZE
+    finally:
+        backend.close()
+    assert b.freed, "close() left a live buffer"
+    backend.close()  # idempotent too
+    backend.free(b)  # freed by close: nothing to do
+    backend.release_reader(b)
+    calls: list[Callable[[], object]] = [
+        lambda: backend.allocate(0, PAGE_SIZE), lambda: backend.bytes_in_use(0), lambda: backend.describe(0),
+        lambda: backend.copy_runs(host, _runs((0, 1)), [b]), lambda: backend.read(b), lambda: backend.hash_pages(b),
+        lambda: backend.export(b), lambda: backend.host_view(b), lambda: backend.device_array(b),
+        lambda: backend.compare(np.zeros(2, np.uint64), np.ones(2, np.uint64)),
+    ]
+    for call in calls:
+        with pytest.raises(BackendError, match="closed"):
+            call()
+
+
+def test_accounting_is_per_device_and_survives_failures(kind: str) -> None:
+    """Bytes in use are kept per device by the base class: a refused allocation reserves nothing, a free gives back
+    exactly what the buffer held."""
+    backend = make_backend(kind, capacity=8 * PAGE_SIZE)
+    try:
+        bufs = [backend.allocate(0, 3 * PAGE_SIZE), backend.allocate(0, 3 * PAGE_SIZE)]
+        with pytest.raises(ResourceExhaustedError, match=f"{backend.name}:0.*is full: {6 * PAGE_SIZE} of"):
+            backend.allocate(0, 3 * PAGE_SIZE)
+        assert backend.bytes_in_use(0) == 6 * PAGE_SIZE
+        last = backend.allocate(0, 2 * PAGE_SIZE)  # exactly full
+        if backend.device_count() > 1:
+            assert backend.bytes_in_use(1) == 0
+            other = backend.allocate(1, 8 * PAGE_SIZE)  # the capacity is per device
+            backend.free(other)
+        for buf in [*bufs, last]:
+            backend.free(buf)
+        assert backend.bytes_in_use(0) == 0
+    finally:
+        backend.close()
 
 
 # ---------------------------------------------------------------------------- OpenCL specifics

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,9 +36,10 @@ from ..errors import (
     ResourceExhaustedError,
 )
 from ..linux import cuda_vmm as cvmm
-from ._base import Backend, DeviceBuffer, ExportHandle, Progress
-from ._kernels import kernels_dir
-from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
+from ..model import ExportKind
+from ._base import Backend, DeviceBuffer, ExportHandle, HostArray, Progress
+from ._kernels import kernel_source
+from ._staging import gather_pages, page_batches
 
 T = TypeVar("T")
 
@@ -97,7 +98,6 @@ class _Device:
     copy_lock: threading.Lock = field(default_factory=threading.Lock)
     hash_lock: threading.Lock = field(default_factory=threading.Lock)
     init_lock: threading.Lock = field(default_factory=threading.Lock)
-    in_use: int = 0
 
     @property
     def label(self) -> str:
@@ -141,15 +141,14 @@ class CudaBackend(Backend):
             raise InvalidArgumentError(f"sharing must be 'auto', 'vmm' or 'ipc', got {sharing!r}")
         if release_wait not in ("device", "stream"):
             raise InvalidArgumentError(f"release_wait must be 'device' or 'stream', got {release_wait!r}")
-        self._capacity = capacity
+        super().__init__()
+        self._capacity_bytes = capacity
         self._margin = capacity_margin
         self._batch_pages = batch_bytes // PAGE_SIZE
         self._kernel_source = kernel_source
         self._release_wait = release_wait
-        self._lock = threading.Lock()
-        self._live: dict[int, DeviceBuffer] = {}
+        self._lock = threading.Lock()  # guards _state and the readers lists in it
         self._state: dict[int, _BufferState] = {}
-        self._closed = False
         try:
             count = self._rt.getDeviceCount()
         except self._rt.CUDARuntimeError:  # no driver or no GPU: a backend with no devices
@@ -188,24 +187,25 @@ class CudaBackend(Backend):
     def device_count(self) -> int:
         return len(self._devices)
 
-    def _dev(self, index: int) -> _Device:
-        if self._closed:
-            raise BackendError("the CUDA backend was closed")
-        self._check_index(index)
-        return self._devices[index]
-
-    def describe(self, index: int) -> str:
-        d = self._dev(index)
+    def _describe(self, index: int) -> str:
+        d = self._devices[index]
         share = "VMM fd sharing" if d.fd_sharing else "CUDA IPC sharing"
         return f"cuda:{index} ({d.name}, {d.total >> 20} MiB, {d.uuid or 'no UUID'}, {share})"
 
-    def sharing(self, index: int) -> tuple[str, str]:
-        """``("cuda_fd" | "cuda_ipc", why)`` for a device: how its replicas are exported."""
-        d = self._dev(index)
-        return ("cuda_fd" if d.fd_sharing else "cuda_ipc"), d.sharing_reason
+    def sharing(self, index: int) -> tuple[ExportKind, str]:
+        """``(CUDA_FD | CUDA_IPC, why)`` for a device: how its replicas are exported."""
+        d = self._devices[self._check_device(index)]
+        return (ExportKind.CUDA_FD if d.fd_sharing else ExportKind.CUDA_IPC), d.sharing_reason
 
-    def bytes_in_use(self, index: int) -> int:
-        return self._dev(index).in_use
+    def _label(self, index: int) -> str:
+        return self._devices[index].label
+
+    def _device_total(self, index: int) -> int:
+        # Whatever the driver would answer (cuMemCreate may call a request past it an invalid value).
+        return self._devices[index].total
+
+    def _capacity(self, index: int) -> int:
+        return self._capacity_of(self._devices[index])
 
     def _ready(self, d: _Device) -> None:
         """Build the kernels and create the streams of a device on first use (call inside its context)."""
@@ -214,12 +214,7 @@ class CudaBackend(Backend):
                 self._build(d)
 
     def _build(self, d: _Device) -> None:
-        source = self._kernel_source
-        if source is None:
-            try:
-                source = (kernels_dir() / "devrep.cu").read_text()
-            except OSError as exc:
-                raise BackendError(f"cannot read the CUDA kernels for {d.label}: {exc}") from exc
+        source = kernel_source(self._kernel_source, "devrep.cu", "CUDA", d.label)
         try:
             module = self._cp.RawModule(code=source, options=(f"-DPAGE_WORDS={_PAGE_WORDS}",))
             for name in _NAMES:
@@ -268,8 +263,8 @@ class CudaBackend(Backend):
         raise AssertionError("unreachable")
 
     def _capacity_of(self, d: _Device) -> int:
-        if self._capacity is not None:
-            return self._capacity
+        if self._capacity_bytes is not None:
+            return self._capacity_bytes
         if d.capacity is None:  # free memory when devrep first allocates here, less a margin for everyone else
             with self._cp.cuda.Device(d.index):
                 free, total = self._rt.memGetInfo()
@@ -278,34 +273,19 @@ class CudaBackend(Backend):
         return d.capacity
 
     # ------------------------------------------------------------------ memory
-    def allocate(self, index: int, nbytes: int) -> DeviceBuffer:
-        d = self._dev(index)
-        check_page_multiple("replica size", nbytes)
-        capacity = self._capacity_of(d)
-        if nbytes > d.total:  # whatever the driver would answer (cuMemCreate may call it an invalid value)
-            raise ResourceExhaustedError(f"{d.label} cannot hold {nbytes} bytes: the device has {d.total}")
-        with self._lock:
-            if d.in_use + nbytes > capacity:
-                raise ResourceExhaustedError(
-                    f"{d.label} is full: {d.in_use} of {capacity} bytes in use, {nbytes} more requested"
-                )
-            d.in_use += nbytes
-        try:
-            with self._cp.cuda.Device(index):
-                state = self._oom_retry(d, f"allocating {nbytes} bytes", lambda: self._new_memory(d, nbytes))
-                try:
-                    memory = state.memory
-                    ptr = memory.ptr
-                    self._rt.memset(ptr, 0, nbytes)
-                    # cudaMemset runs on the legacy stream, which our non-blocking streams do not wait for.
-                    self._rt.deviceSynchronize()
-                except Exception as exc:
-                    self._drop_memory(d, state)
-                    raise BackendError(f"{d.label}: zeroing {nbytes} new bytes failed: {exc}") from exc
-        except BaseException:
-            with self._lock:
-                d.in_use -= nbytes
-            raise
+    def _allocate(self, index: int, nbytes: int) -> DeviceBuffer:
+        d = self._devices[index]
+        with self._cp.cuda.Device(index):
+            state = self._oom_retry(d, f"allocating {nbytes} bytes", lambda: self._new_memory(d, nbytes))
+            try:
+                memory = state.memory
+                ptr = memory.ptr
+                self._rt.memset(ptr, 0, nbytes)
+                # cudaMemset runs on the legacy stream, which our non-blocking streams do not wait for.
+                self._rt.deviceSynchronize()
+            except Exception as exc:
+                self._drop_memory(d, state)
+                raise BackendError(f"{d.label}: zeroing {nbytes} new bytes failed: {exc}") from exc
         if isinstance(memory, cvmm.VmmAllocation):
             owner = self._cp.cuda.UnownedMemory(memory.ptr, memory.size, memory, device_id=index)
             handle = self._cp.cuda.MemoryPointer(owner, 0)
@@ -313,7 +293,6 @@ class CudaBackend(Backend):
             handle = self._cp.cuda.MemoryPointer(memory, 0)
         buffer = DeviceBuffer(f"cuda:{index}", index, nbytes, handle)
         with self._lock:
-            self._live[id(buffer)] = buffer
             self._state[id(buffer)] = state
         return buffer
 
@@ -328,15 +307,10 @@ class CudaBackend(Backend):
             cvmm.free(self._vmm, state.memory)
         state.memory = None  # a cudaMalloc allocation goes when the last array viewing it is dropped
 
-    def free(self, buffer: DeviceBuffer) -> None:
+    def _free(self, buffer: DeviceBuffer) -> None:
         with self._lock:
-            if buffer.freed:
-                return
-            buffer.freed = True
-            self._live.pop(id(buffer), None)
             state = self._state.pop(id(buffer), None)
-            d = self._devices[buffer.index]
-            d.in_use -= buffer.nbytes
+        d = self._devices[buffer.index]
         buffer.handle = None
         if state is None:
             return
@@ -353,7 +327,7 @@ class CudaBackend(Backend):
             finally:
                 self._drop_memory(d, state)
 
-    def release_reader(self, buffer: DeviceBuffer) -> None:
+    def _release_reader(self, buffer: DeviceBuffer) -> None:
         """A lease on ``buffer`` ended in this process: record an event on the current stream (the next copy
         into the buffer waits for it on the GPU) and, with ``release_wait="device"``, wait until every kernel
         this process queued on the GPU has finished (kernels on other, non-blocking streams included)."""
@@ -387,20 +361,10 @@ class CudaBackend(Backend):
             raise
 
     # ------------------------------------------------------------------ copies
-    def copy_runs(
-        self,
-        host: npt.NDArray[np.uint8],
-        runs: RunArray,
-        targets: Sequence[DeviceBuffer],
-        progress: Progress | None = None,
-    ) -> None:
-        targets = list(targets)
-        runs = check_copy(host, runs, targets)
-        if not targets or not runs.size:
-            return
+    def _copy_runs(self, host: HostArray, runs: RunArray, targets: list[DeviceBuffer],
+                   progress: Progress | None) -> None:
         groups: dict[int, list[DeviceBuffer]] = {}
         for t in targets:
-            self._dev(t.index)
             groups.setdefault(t.index, []).append(t)
         jobs = [(index, group, progress if k == 0 else None)  # bytes are reported once, for the first device
                 for k, (index, group) in enumerate(groups.items())]
@@ -431,7 +395,7 @@ class CudaBackend(Backend):
 
     def _copy_group(self, index: int, group: list[DeviceBuffer], progress: Progress | None,
                     host: npt.NDArray[np.uint8], runs: RunArray) -> None:
-        d = self._dev(index)
+        d = self._devices[index]
         with d.copy_lock, self._cp.cuda.Device(index):
             self._ready(d)
             self._oom_retry(d, "allocating staging buffers", lambda: self._staging(d))
@@ -498,15 +462,9 @@ class CudaBackend(Backend):
             progress(pending.popleft()[1])
 
     # ------------------------------------------------------------------ hashes
-    def hash_pages(self, buffer: DeviceBuffer, pages: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.uint64]:
-        d = self._dev(buffer.index)
-        total = buffer.nbytes // PAGE_SIZE
-        index = None if pages is None else check_pages(pages, total, buffer.device)
-        n = total if index is None else int(index.size)
-        if n == 0:
-            return np.empty(0, dtype=np.uint64)
-        if buffer.freed or buffer.handle is None:
-            raise InvalidArgumentError(f"buffer on {buffer.device} was freed")
+    def _hash_pages(self, buffer: DeviceBuffer, index: npt.NDArray[np.int64] | None) -> npt.NDArray[np.uint64]:
+        d = self._devices[buffer.index]
+        n = buffer.nbytes // PAGE_SIZE if index is None else int(index.size)
         cp = self._cp
 
         def run() -> npt.NDArray[np.uint64]:
@@ -530,14 +488,8 @@ class CudaBackend(Backend):
             self._ready(d)
             return self._oom_retry(d, f"hashing {n} pages", run)
 
-    def compare(self, a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-        a = np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        b = np.ascontiguousarray(b, dtype=np.uint64).reshape(-1)
-        if a.shape != b.shape:
-            raise InvalidArgumentError(f"cannot compare hash arrays of {a.size} and {b.size} entries")
-        if a.size == 0 or a.size >= 1 << 32 or not self._devices:  # the kernel's counter is 32-bit
-            return super().compare(a, b)
-        d = self._dev(0)
+    def _compare(self, a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        d = self._devices[0]
         n = int(a.size)
         cp = self._cp
 
@@ -559,58 +511,46 @@ class CudaBackend(Backend):
             return self._oom_retry(d, f"comparing {n} hashes", run)
 
     # ------------------------------------------------------------------ read / export
-    def read(self, buffer: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> npt.NDArray[np.uint8]:
-        d = self._dev(buffer.index)
-        nbytes = check_range(buffer, offset, nbytes)
+    def _read(self, buffer: DeviceBuffer, offset: int, nbytes: int) -> HostArray:
+        d = self._devices[buffer.index]
         out = np.empty(nbytes, dtype=np.uint8)
-        if nbytes:
-            with self._cp.cuda.Device(buffer.index):
-                try:
-                    self._rt.memcpy(out.ctypes.data, buffer.handle.ptr + offset, nbytes, self._rt.memcpyDeviceToHost)
-                except Exception as exc:
-                    raise BackendError(f"{d.label}: reading {nbytes} bytes back failed: {exc}") from exc
+        with self._cp.cuda.Device(buffer.index):
+            try:
+                self._rt.memcpy(out.ctypes.data, buffer.handle.ptr + offset, nbytes, self._rt.memcpyDeviceToHost)
+            except Exception as exc:
+                raise BackendError(f"{d.label}: reading {nbytes} bytes back failed: {exc}") from exc
         return out
 
-    def export(self, buffer: DeviceBuffer) -> ExportHandle:
+    def _export(self, buffer: DeviceBuffer) -> ExportHandle:
         """``"cuda_fd"`` (VMM: the payload is an fd owned by the buffer, ``nbytes`` the size to map, with the
         granularity and the GPU UUID) or ``"cuda_ipc"`` (the 64-byte ``cudaIpcMemHandle_t``, and the UUID)."""
-        d = self._dev(buffer.index)
-        if buffer.freed or buffer.handle is None:
-            raise InvalidArgumentError(f"buffer on {buffer.device} was freed")
+        d = self._devices[buffer.index]
         with self._lock:
             state = self._state.get(id(buffer))
         memory = state.memory if state is not None else None
         if isinstance(memory, cvmm.VmmAllocation) and self._vmm is not None:
             fd = cvmm.export(self._vmm, memory)
-            return ExportHandle("cuda_fd", fd, memory.size, buffer.device, gpu_uuid=d.uuid,
+            return ExportHandle(ExportKind.CUDA_FD, fd, memory.size, buffer.device, gpu_uuid=d.uuid,
                                 granularity=memory.granularity)
         with self._cp.cuda.Device(buffer.index):
             try:
                 handle = bytes(self._rt.ipcGetMemHandle(buffer.handle.ptr))
             except Exception as exc:
                 raise BackendError(f"{d.label}: cudaIpcGetMemHandle failed: {exc}") from exc
-        return ExportHandle("cuda_ipc", handle, buffer.nbytes, buffer.device, gpu_uuid=d.uuid)
+        return ExportHandle(ExportKind.CUDA_IPC, handle, buffer.nbytes, buffer.device, gpu_uuid=d.uuid)
 
-    def device_array(self, buffer: DeviceBuffer) -> Any:
+    def _device_array(self, buffer: DeviceBuffer) -> Any:
         """A CuPy uint8 array over the replica (zero-copy; DLPack works from it). CuPy has no read-only
         arrays: readers must not write it (a write would be overwritten by the next sync)."""
-        self._dev(buffer.index)
         return self._array(buffer)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        with self._lock:
-            live = list(self._live.values())
-        for buffer in live:
-            self.free(buffer)
+    def _close(self) -> None:
         for d in self._devices:
             if d.copy_stream is not None:
                 with self._cp.cuda.Device(d.index):
                     d.copy_stream.synchronize()
                     d.hash_stream.synchronize()
             d.pinned, d.pinned_views, d.staging = [], [], []
-        self._closed = True
 
 
 def _load_vmm() -> tuple[cvmm.VmmDriver | None, str]:

@@ -15,6 +15,8 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from ..errors import BackendError
+
 KERNELS_ENV = "DEVREP_KERNELS_DIR"
 POCL_DISTRIBUTION = "pocl-binary-distribution"
 BUILD_SCRIPT = "build_pocl_bitcode.sh"
@@ -24,6 +26,17 @@ def kernels_dir() -> Traversable:
     """``$DEVREP_KERNELS_DIR`` (for tests and kernel development), else the ``devrep.kernels`` package data."""
     env = os.environ.get(KERNELS_ENV)
     return Path(env) if env else files("devrep") / "kernels"
+
+
+def kernel_source(override: str | None, filename: str, api: str, devices: str) -> str:
+    """The kernel source a backend builds: ``override`` (the ``kernel_source`` option, for tests), else
+    ``filename`` from ``kernels_dir()``; an unreadable file is a ``BackendError`` naming ``api`` and ``devices``."""
+    if override is not None:
+        return override
+    try:
+        return (kernels_dir() / filename).read_text()
+    except OSError as exc:
+        raise BackendError(f"cannot read the {api} kernels for {devices}: {exc} (set ${KERNELS_ENV})") from exc
 
 
 def pocl_version() -> str:

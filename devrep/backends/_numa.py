@@ -48,7 +48,7 @@ class NumaBackend(CpuBackend):
         self._check_index(index)
         return self.topology.nodes[index]
 
-    def describe(self, index: int) -> str:
+    def _describe(self, index: int) -> str:
         node = self.node(index)
         return (f"numa:{index} (NUMA node {node}, {self.topology.memory.get(node, 0) / 2**30:.1f} GiB, "
                 "sealed memfd bound with mbind)")

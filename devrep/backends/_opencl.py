@@ -23,7 +23,6 @@ import hashlib
 import mmap
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,10 @@ import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
 from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
-from ._base import Backend, DeviceBuffer, ExportHandle, Progress
-from ._kernels import KERNELS_ENV, bitcode_stamp, kernels_dir
-from ._staging import check_copy, check_pages, check_range, gather_pages, page_batches
+from ..model import ExportKind
+from ._base import Backend, DeviceBuffer, ExportHandle, HostArray, Progress
+from ._kernels import bitcode_stamp, kernel_source, kernels_dir
+from ._staging import gather_pages, page_batches
 
 PLATFORM_ENV = "DEVREP_OPENCL_PLATFORM"
 
@@ -128,7 +128,6 @@ class _Device:
     device: Any
     ctx: _Context
     queue: Any
-    in_use: int = 0
 
     @property
     def label(self) -> str:
@@ -165,15 +164,14 @@ class OpenCLBackend(Backend):
         if device_type not in _DEVICE_TYPES:
             raise InvalidArgumentError(f"device_type must be one of {', '.join(_DEVICE_TYPES)}, got {device_type!r}")
         check_page_multiple("batch_bytes", batch_bytes)
-        self._capacity = capacity
+        super().__init__()
+        self._capacity_bytes = capacity
         self._zero_copy = zero_copy
         self._kernel_source = kernel_source
         self._batch_pages = batch_bytes // PAGE_SIZE
-        self._lock = threading.Lock()
-        self._live: dict[int, DeviceBuffer] = {}
+        self._lock = threading.Lock()  # guards _backing
         self._backing: dict[int, npt.NDArray[np.uint8]] = {}  # id(cl.Buffer) -> host memory it wraps
         self._devices: list[_Device] = []
-        self._closed = False
         choice = platform if platform is not None else os.environ.get(PLATFORM_ENV) or None
         for plat in self._platforms(choice):
             try:
@@ -213,19 +211,18 @@ class OpenCLBackend(Backend):
     def device_count(self) -> int:
         return len(self._devices)
 
-    def _dev(self, index: int) -> _Device:
-        if self._closed:
-            raise BackendError("the OpenCL backend was closed")
-        self._check_index(index)
-        return self._devices[index]
-
-    def describe(self, index: int) -> str:
-        d = self._dev(index)
+    def _describe(self, index: int) -> str:
+        d = self._devices[index]
         return (f"opencl:{index} ({d.device.name.strip()}, {d.ctx.platform.name.strip()}, "
                 f"{d.device.global_mem_size >> 20} MiB, program from {d.ctx.source or 'not built yet'})")
 
-    def bytes_in_use(self, index: int) -> int:
-        return self._dev(index).in_use
+    def _label(self, index: int) -> str:
+        return self._devices[index].label
+
+    def _capacity(self, index: int) -> int:
+        if self._capacity_bytes is not None:
+            return self._capacity_bytes
+        return int(self._devices[index].device.global_mem_size)
 
     # ------------------------------------------------------------------ program
     def _kernel(self, d: _Device, name: str) -> Any:
@@ -239,12 +236,7 @@ class OpenCLBackend(Backend):
     def _build(self, ctx: _Context) -> tuple[Any, str]:
         devices = ctx.context.devices
         labels = ", ".join(d.label for d in self._devices if d.ctx is ctx)
-        source = self._kernel_source
-        if source is None:
-            try:
-                source = (kernels_dir() / "devrep.cl").read_text()
-            except OSError as exc:
-                raise BackendError(f"cannot read the OpenCL kernels for {labels}: {exc} (set ${KERNELS_ENV})") from exc
+        source = kernel_source(self._kernel_source, "devrep.cl", "OpenCL", labels)
         try:
             return cl.Program(ctx.context, source).build(options=[f"-DPAGE_WORDS={_PAGE_WORDS}"]), "source"
         except cl.Error as exc:
@@ -288,41 +280,26 @@ class OpenCLBackend(Backend):
         return program, path.name
 
     # ------------------------------------------------------------------ memory
-    def allocate(self, index: int, nbytes: int) -> DeviceBuffer:
-        d = self._dev(index)
-        check_page_multiple("replica size", nbytes)
-        capacity = self._capacity if self._capacity is not None else int(d.device.global_mem_size)
-        with self._lock:
-            if d.in_use + nbytes > capacity:
-                raise ResourceExhaustedError(
-                    f"{d.label} is full: {d.in_use} of {capacity} bytes in use, {nbytes} more requested"
-                )
-            d.in_use += nbytes
+    def _allocate(self, index: int, nbytes: int) -> DeviceBuffer:
+        d = self._devices[index]
         try:
+            buf = self._new_buffer(d, nbytes)
             try:
-                buf = self._new_buffer(d, nbytes)
-                try:
-                    # Zero it now: replicas start defined, and a lazily allocating driver fails here, not later.
-                    cl.enqueue_fill_buffer(d.queue, buf, np.zeros(1, np.uint8), 0, nbytes).wait()
-                except BaseException:
-                    buf.release()
+                # Zero it now: replicas start defined, and a lazily allocating driver fails here, not later.
+                cl.enqueue_fill_buffer(d.queue, buf, np.zeros(1, np.uint8), 0, nbytes).wait()
+            except BaseException:
+                buf.release()
+                with self._lock:
                     self._backing.pop(id(buf), None)
-                    raise
-            except cl.Error as exc:
-                if exc.code in _OOM:
-                    raise ResourceExhaustedError(
-                        f"{d.label} cannot allocate {nbytes} bytes (largest single buffer "
-                        f"{d.device.max_mem_alloc_size} bytes, {d.in_use - nbytes} in use): {exc}"
-                    ) from exc
-                raise BackendError(f"{d.label}: allocating {nbytes} bytes failed: {exc}") from exc
-        except BaseException:
-            with self._lock:
-                d.in_use -= nbytes
-            raise
-        buffer = DeviceBuffer(f"opencl:{index}", index, nbytes, buf)
-        with self._lock:
-            self._live[id(buffer)] = buffer
-        return buffer
+                raise
+        except cl.Error as exc:
+            if exc.code in _OOM:
+                raise ResourceExhaustedError(
+                    f"{d.label} cannot allocate {nbytes} bytes (largest single buffer "
+                    f"{d.device.max_mem_alloc_size} bytes, {self._used.get(index, 0) - nbytes} in use): {exc}"
+                ) from exc
+            raise BackendError(f"{d.label}: allocating {nbytes} bytes failed: {exc}") from exc
+        return DeviceBuffer(f"opencl:{index}", index, nbytes, buf)
 
     def _new_buffer(self, d: _Device, nbytes: int) -> Any:
         """Replica memory. On a device that works in host memory (PoCL and other CPU drivers) the buffer wraps
@@ -337,39 +314,25 @@ class OpenCLBackend(Backend):
         except OSError as exc:
             raise ResourceExhaustedError(f"{d.label} cannot allocate {nbytes} bytes of host memory: {exc}") from exc
         buf = cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=backing)
-        self._backing[id(buf)] = backing  # the driver uses this memory until the buffer is released
+        with self._lock:
+            self._backing[id(buf)] = backing  # the driver uses this memory until the buffer is released
         return buf
 
-    def free(self, buffer: DeviceBuffer) -> None:
-        with self._lock:
-            if buffer.freed:
-                return
-            buffer.freed = True
-            self._live.pop(id(buffer), None)
-            self._devices[buffer.index].in_use -= buffer.nbytes
+    def _free(self, buffer: DeviceBuffer) -> None:
         buffer.handle.release()
         with self._lock:
             self._backing.pop(id(buffer.handle), None)  # after the release: the driver no longer uses it
         buffer.handle = None
 
     # ------------------------------------------------------------------ copies
-    def copy_runs(
-        self,
-        host: npt.NDArray[np.uint8],
-        runs: RunArray,
-        targets: Sequence[DeviceBuffer],
-        progress: Progress | None = None,
-    ) -> None:
-        targets = list(targets)
-        runs = check_copy(host, runs, targets)
-        if not targets or not runs.size:
-            return
+    def _copy_runs(self, host: HostArray, runs: RunArray, targets: list[DeviceBuffer],
+                   progress: Progress | None) -> None:
         groups: dict[int, list[DeviceBuffer]] = {}
         for t in targets:  # one group per context, in the order the targets came
-            groups.setdefault(id(self._dev(t.index).ctx), []).append(t)
+            groups.setdefault(id(self._devices[t.index].ctx), []).append(t)
         long = runs[:, 1] * PAGE_SIZE >= _DIRECT_RUN_BYTES
         for group in groups.values():
-            d = self._dev(group[0].index)
+            d = self._devices[group[0].index]
             with d.ctx.lock:
                 try:
                     self._copy_long(d, host, runs[long], group, progress)
@@ -389,7 +352,7 @@ class OpenCLBackend(Backend):
         # One work-group per page; its work-items share the page's 16-byte words.
         k = self._kernel(d, kernel)
         k.set_args(src, dst.handle, pages_buf, np.int64(n))
-        return cl.enqueue_nd_range_kernel(self._dev(dst.index).queue, k, (n * _LOCAL,), (_LOCAL,))
+        return cl.enqueue_nd_range_kernel(self._devices[dst.index].queue, k, (n * _LOCAL,), (_LOCAL,))
 
     def _fan_out(self, d: _Device, first: DeviceBuffer, rest: list[DeviceBuffer], pages_buf: Any, n: int) -> None:
         for t in rest:  # device-side copy from the first replica: the host pages are read once
@@ -460,16 +423,10 @@ class OpenCLBackend(Backend):
                 progress(n * PAGE_SIZE)
 
     # ------------------------------------------------------------------ hashes
-    def hash_pages(self, buffer: DeviceBuffer, pages: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.uint64]:
-        d = self._dev(buffer.index)
-        if buffer.freed:
-            raise InvalidArgumentError(f"buffer on {buffer.device} was freed")
-        total = buffer.nbytes // PAGE_SIZE
-        index = None if pages is None else check_pages(pages, total, buffer.device)
-        n = total if index is None else int(index.size)
+    def _hash_pages(self, buffer: DeviceBuffer, index: npt.NDArray[np.int64] | None) -> npt.NDArray[np.uint64]:
+        d = self._devices[buffer.index]
+        n = buffer.nbytes // PAGE_SIZE if index is None else int(index.size)
         out = np.empty(n, dtype=np.uint64)
-        if n == 0:
-            return out
         with d.ctx.lock:
             try:
                 out_buf = cl.Buffer(d.ctx.context, cl.mem_flags.WRITE_ONLY, n * 8)
@@ -494,14 +451,8 @@ class OpenCLBackend(Backend):
                 raise BackendError(f"{d.label}: page hash failed: {exc}") from exc
         return out
 
-    def compare(self, a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-        a = np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
-        b = np.ascontiguousarray(b, dtype=np.uint64).reshape(-1)
-        if a.shape != b.shape:
-            raise InvalidArgumentError(f"cannot compare hash arrays of {a.size} and {b.size} entries")
-        if a.size == 0 or a.size >= 1 << 32 or not self._devices:  # the kernel's counter is 32-bit
-            return super().compare(a, b)
-        d = self._dev(0)
+    def _compare(self, a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        d = self._devices[0]
         n = int(a.size)
         count = np.zeros(1, dtype=np.uint32)
         flags = cl.mem_flags
@@ -528,31 +479,22 @@ class OpenCLBackend(Backend):
         return out
 
     # ------------------------------------------------------------------ read / export
-    def read(self, buffer: DeviceBuffer, offset: int = 0, nbytes: int | None = None) -> npt.NDArray[np.uint8]:
-        d = self._dev(buffer.index)
-        nbytes = check_range(buffer, offset, nbytes)
+    def _read(self, buffer: DeviceBuffer, offset: int, nbytes: int) -> HostArray:
+        d = self._devices[buffer.index]
         out = np.empty(nbytes, dtype=np.uint8)
-        if nbytes:
-            try:
-                cl.enqueue_copy(d.queue, out, buffer.handle, src_offset=offset).wait()
-            except cl.Error as exc:
-                raise BackendError(f"{d.label}: reading {nbytes} bytes back failed: {exc}") from exc
+        try:
+            cl.enqueue_copy(d.queue, out, buffer.handle, src_offset=offset).wait()
+        except cl.Error as exc:
+            raise BackendError(f"{d.label}: reading {nbytes} bytes back failed: {exc}") from exc
         return out
 
-    def export(self, buffer: DeviceBuffer) -> ExportHandle:
+    def _export(self, buffer: DeviceBuffer) -> ExportHandle:
         # OpenCL has no portable cross-process sharing of device memory.
-        return ExportHandle("none", 0, buffer.nbytes, buffer.device)
+        return ExportHandle(ExportKind.NONE, 0, buffer.nbytes, buffer.device)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        with self._lock:
-            live = list(self._live.values())
-        for buffer in live:
-            self.free(buffer)
+    def _close(self) -> None:
         for d in self._devices:
             d.queue.finish()
             if d.ctx.staging is not None:
                 d.ctx.staging.release()
                 d.ctx.staging = None
-        self._closed = True

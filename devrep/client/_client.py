@@ -21,7 +21,7 @@ from .. import errors, numa
 from .._pages import PAGE_SIZE, pages_for
 from ..errors import ServiceUnavailableError, UnauthenticatedError
 from ..memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_create
-from ..model import Event, RegionInfo, RegionStats, ReplicaInfo, SyncReport, TrackingMode, VerifyReport
+from ..model import Event, ExportKind, RegionInfo, RegionStats, ReplicaInfo, SyncReport, TrackingMode, VerifyReport
 from ..wire import HOLDER_KEY, default_address, unix_path
 from ..wire import sidechannel as protocol
 from ..wire._gen import devrep_pb2 as pb
@@ -38,6 +38,7 @@ MODES = {TrackingMode.AUTO: pb.TRACKING_MODE_UNSPECIFIED, TrackingMode.EXPLICIT:
 
 
 SCHEMES = ("unix:", "dns:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")
+_CUDA_KINDS = (ExportKind.CUDA_IPC, ExportKind.CUDA_FD)  # replicas in GPU memory, opened with to_cupy()
 
 
 def check_address(address: str) -> str:
@@ -113,7 +114,7 @@ class ClientLease(LeaseGrant):
         self._cuda_key: Any = None  # the client's mapping this lease holds one reference on (CUDA replicas)
         self._cuda_fd = -1  # a CUDA VMM replica's fd until it is mapped
         self.released = False
-        if fd >= 0 and self.export_kind == "cuda_fd":
+        if fd >= 0 and self.export_kind == ExportKind.CUDA_FD:
             self._cuda_fd = os.dup(fd)
         elif fd >= 0:
             self._array = map_fd(fd, self.buffer_nbytes, writable=False)[: self.nbytes]
@@ -133,7 +134,7 @@ class ClientLease(LeaseGrant):
         if self.released:
             raise errors.FailedPreconditionError("lease already released")
         if self._array is None:
-            if self.export_kind != "fd":
+            if self.export_kind != ExportKind.FD:
                 raise errors.FailedPreconditionError(
                     f"replica on {self.device} exports {self.export_kind!r}; use to_cupy() for CUDA replicas")
             self._map()
@@ -153,7 +154,7 @@ class ClientLease(LeaseGrant):
         of the release its next sync may overwrite it. So ``release()`` first waits for all work this process has
         queued on the replica's GPU (``cudaDeviceSynchronize``), then tells the server: release costs as much as
         finishing that work. Do not queue work on the array after releasing."""
-        if self.export_kind not in ("cuda_ipc", "cuda_fd"):
+        if self.export_kind not in _CUDA_KINDS:
             raise errors.FailedPreconditionError(f"replica on {self.device} is not a CUDA replica")
         if self.released:
             raise errors.FailedPreconditionError("lease already released")
@@ -172,7 +173,7 @@ class ClientLease(LeaseGrant):
         ``release()``; ``.copy()`` gives a writable array of your own."""
         from ..views import check_layout, numpy_dtype, numpy_view
 
-        if self.export_kind != "cuda_ipc":
+        if self.export_kind != ExportKind.CUDA_IPC:
             return numpy_view(self.array, self.nbytes, dtype, shape, offset)
         dt = numpy_dtype(dtype, "numpy view")
         _, start, size = check_layout(self.nbytes, dt.itemsize, dt.alignment, shape, offset, "numpy view")
@@ -190,17 +191,17 @@ class ClientLease(LeaseGrant):
         from ..views import _torch, torch_view
 
         _torch()
-        source = self.to_cupy() if self.export_kind == "cuda_ipc" else self.array
+        source = self.to_cupy() if self.export_kind == ExportKind.CUDA_IPC else self.array
         return torch_view(source, self.nbytes, dtype, shape, offset)
 
     def __dlpack__(self, **kwargs: Any) -> Any:
-        if self.export_kind in ("cuda_ipc", "cuda_fd"):
+        if self.export_kind in _CUDA_KINDS:
             return self.to_cupy().__dlpack__(**kwargs)
         kwargs.setdefault("max_version", (1, 0))  # DLPack >= 1.0 can flag the tensor read-only
         return self.array.__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> Any:
-        if self.export_kind in ("cuda_ipc", "cuda_fd"):
+        if self.export_kind in _CUDA_KINDS:
             return self.to_cupy().__dlpack_device__()
         return self.array.__dlpack_device__()
 
@@ -463,7 +464,7 @@ class Client:
 
         cupy = self._cuda()
         index = self._gpu_ordinal(lease.gpu_uuid, lease.device)
-        if lease.export_kind == "cuda_fd":
+        if lease.export_kind == ExportKind.CUDA_FD:
             if lease._cuda_fd < 0:
                 _, fds = self._side().call({"op": "lease_fd", "lease": lease.lease_id})
                 if len(fds) != 1:
@@ -478,7 +479,7 @@ class Client:
             entry = self._ipc.get(key)
             if entry is None:
                 with cupy.cuda.Device(index):
-                    if lease.export_kind == "cuda_fd":
+                    if lease.export_kind == ExportKind.CUDA_FD:
                         cupy.cuda.runtime.deviceSynchronize()  # makes the device's primary context current first
                         granularity = lease.granularity or lease.buffer_nbytes
                         mapping = _cuda_vmm.map_readonly(self._vmm(), lease._cuda_fd, lease.buffer_nbytes,

@@ -29,6 +29,7 @@ from ..errors import (
     UnauthenticatedError,
 )
 from ..memory import F_GET_SEALS, F_SEAL_SHRINK
+from ..model import ExportKind
 from ..region import DEFAULT_TIMEOUT, Lease
 from ..wire import sidechannel as protocol
 from . import sockets
@@ -44,6 +45,7 @@ MAX_CONNECTIONS = 256
 MAX_CONNECTIONS_PER_UID = 32
 """Side-channel connections one unprivileged uid may hold at a time (root is not limited per uid, see
 ``limits.ROOT_UID``); the rest of ``MAX_CONNECTIONS`` stays for everyone else."""
+_FD_KINDS = (ExportKind.FD, ExportKind.CUDA_FD)  # exports whose payload is an fd the reply carries (SCM_RIGHTS)
 
 # What put_fds accepts: the roles of the fds, in order.
 FD_KINDS: dict[str, tuple[str, ...]] = {
@@ -386,8 +388,8 @@ class SideChannel:
         if op == "lease_fd":
             lease_id = _positive_int(message, "lease")
             handle = self.registry.lease(session, lease_id).export()
-            if handle.kind not in ("fd", "cuda_fd") or not isinstance(handle.payload, int):
-                raise NotFoundError(f"lease {lease_id} is on {handle.device}, which exports {handle.kind!r}, "
+            if handle.kind not in _FD_KINDS or not isinstance(handle.payload, int):
+                raise NotFoundError(f"lease {lease_id} is on {handle.device}, which exports {str(handle.kind)!r}, "
                                     "not an fd")
             return {"ok": True, "nbytes": handle.nbytes}, [os.dup(handle.payload)]
         if op == "acquire" and self.acquire is not None:
@@ -403,7 +405,7 @@ class SideChannel:
                                                    None if owns_session else holder)
             reply: dict[str, Any] = {"ok": True, "lease": lease_id, "generation": lease.generation,
                      "invalid_runs": lease.invalid_runs.reshape(-1).tolist(), "nbytes": lease.nbytes,
-                     "device": lease.device, "export_kind": handle.kind, "buffer_nbytes": handle.nbytes,
+                     "device": lease.device, "export_kind": str(handle.kind), "buffer_nbytes": handle.nbytes,
                      "cuda_ipc_handle": handle.payload.hex() if isinstance(handle.payload, bytes) else "",
                      "gpu_uuid": handle.gpu_uuid, "granularity": handle.granularity}
             if len(reply["invalid_runs"]) > 4096:
@@ -412,7 +414,7 @@ class SideChannel:
                 runs = lease.invalid_runs
                 first, end = int(runs[0, 0]), int(runs[-1, 0] + runs[-1, 1])
                 reply["invalid_runs"], reply["invalid_runs_superset"] = [first, end - first], True
-            if handle.kind in ("fd", "cuda_fd") and isinstance(handle.payload, int):  # memfd / CUDA VMM fd
+            if handle.kind in _FD_KINDS and isinstance(handle.payload, int):  # memfd / CUDA VMM fd
                 return reply, [os.dup(handle.payload)]
             return reply, []
         if op == "release":
