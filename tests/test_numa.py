@@ -218,7 +218,9 @@ def test_replicas_are_bound_and_placed_on_their_node(rep: devrep.Replicator) -> 
         node = backend.node(int(device.partition(":")[2]))
         with region.acquire(device) as lease:
             assert np.array_equal(lease.array, region.array)
-            check_placed(backend.host_view(lease.buffer), node, device)
+            view = backend.host_view(lease.buffer)
+            assert view is not None, f"{device}: a NUMA replica is host memory, it must have a host view"
+            check_placed(view, node, device)
             # a write under the lease makes the next sync allocate the second (spare) buffer: bound the same way
             region.array[5 * PAGE] ^= 0xFF
             region.invalidate(5 * PAGE, 1)
@@ -226,7 +228,9 @@ def test_replicas_are_bound_and_placed_on_their_node(rep: devrep.Replicator) -> 
             buffers = [b for b in lease.replica.buffers if b is not None]
             assert len(buffers) == 2, f"{device}: expected a spare buffer after syncing under a lease"
             for i, buf in enumerate(buffers):
-                check_placed(backend.host_view(buf), node, f"{device} buffer {i}")
+                view = backend.host_view(buf)
+                assert view is not None
+                check_placed(view, node, f"{device} buffer {i}")
 
 
 def test_numa_local_in_process(rep: devrep.Replicator, pinned: int) -> None:
