@@ -77,26 +77,6 @@ def wait_for_baseline(pid: int, base_kib: int, base_maps: int, what: str) -> Non
         time.sleep(0.1)
 
 
-CLIENT = """
-import numpy as np, devrep.client
-client = devrep.client.connect(ADDRESS)
-nbytes = int(ARGS[0])
-for i in range(2):
-    region = client.create_region(f"mem{i}", nbytes, tracking=ARGS[2])
-    region.array[::4096] = 1 + i
-    client.replicate(f"mem{i}", ["cpu:0", "cpu:1"])
-    with client.acquire(f"mem{i}", "cpu:0") as lease:
-        assert int(lease.array[4096]) == 1 + i
-lease = client.acquire("mem0", "cpu:1")  # still held when the process goes
-print("ready", flush=True)
-sys.stdin.readline()
-if ARGS[1] == "close":
-    client.close()
-    print("closed", flush=True)
-    sys.stdin.readline()
-"""
-
-
 @pytest.mark.parametrize(("ending", "tracking"), [("exit", "explicit"), ("kill", "explicit"), ("close", "explicit"),
                                                   ("exit", "sync"), ("kill", "async")])
 def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: str) -> None:
@@ -104,7 +84,7 @@ def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: st
         with connect(address) as warm:  # the server's first session: lazily created state settles
             warm.ping()
         base_kib, base_maps = shmem_kib(server.pid), len(memfd_mappings(server.pid))
-        client = client_process(CLIENT, address, str(REGION), ending, tracking)
+        client = client_process("memory_client", address, str(REGION), ending, tracking)
         try:
             assert read_line(client, 120) == "ready"
             held_kib = shmem_kib(server.pid)

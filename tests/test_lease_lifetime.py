@@ -53,19 +53,6 @@ def block_both_buffers(owner: Client, take: Callable[[], object]) -> list[object
     return held
 
 
-GRPC_ONLY_CHILD = """
-from devrep.client import Client
-client = Client(ADDRESS, token=ARGS[0], fd_socket="/nonexistent/devrep.fd.sock")   # gRPC only: no side channel
-assert client._sc is None
-leases = [client.acquire("t", "cpu:0", fresh=False)]
-print("held", leases[0].lease_id, flush=True)
-sys.stdin.readline()
-leases.append(client.acquire("t", "cpu:0", fresh=False))
-print("held", leases[1].lease_id, flush=True)
-sys.stdin.readline()                     # killed here
-"""
-
-
 def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
     tokens = TokenStore()
     tokens.add(TOKEN, "grpc-job")
@@ -75,7 +62,7 @@ def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
         region.array[:] = 1
         owner.replicate("t", ["cpu:0"])
         owner.share("t", "*")
-        child = client_process(GRPC_ONLY_CHILD, server.address, TOKEN)
+        child = client_process("lease_holder", server.address, "grpc-only", TOKEN)
         try:
             taken: list[str] = []
 
@@ -163,16 +150,6 @@ def test_release_twice_is_failed_precondition_on_both_paths() -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-JOINED_CHILD = """
-from devrep.client import connect
-client = connect(ADDRESS, token=ARGS[0])                 # joins the pre-authorized session over the side channel
-assert client._sc is not None
-lease = client.acquire("t", "cpu:0")
-print("held", lease.lease_id, flush=True)
-sys.stdin.readline()                     # killed here
-"""
-
-
 def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_leases() -> None:
     tokens = TokenStore()
     tokens.add(TOKEN, "pod")
@@ -180,7 +157,7 @@ def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_lea
         owner.create_region("t", 64 << 10)
         owner.replicate("t", ["cpu:0"])
         owner.share("t", "*")
-        child = client_process(JOINED_CHILD, server.address, TOKEN)
+        child = client_process("lease_holder", server.address, "joined", TOKEN)
         try:
             assert read_line(child, 60).startswith("held")
             assert owner.stats().leases == 1
