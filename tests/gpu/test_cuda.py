@@ -8,11 +8,11 @@ The backend-independent checks run for CUDA in ``tests/test_backend_conformance.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from _support import child_argv
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, runs_from_pages
@@ -52,36 +52,11 @@ def _random(nbytes: int, seed: int = 0) -> np.ndarray:
     return host
 
 
-_MAP_CHILD = """
-import os, sys, cupy, numpy as np
-from devrep.linux import cuda_vmm as v
-kind, payload, nbytes, gran, uuid, write = sys.argv[1:7]
-nbytes, gran = int(nbytes), int(gran)
-if kind == "cuda_fd":
-    drv = v.CudaBindingsDriver()
-    index = v.ordinal_for_uuid(drv, uuid)
-    cupy.cuda.Device(index).use()
-    m = v.map_readonly(drv, int(payload), nbytes, gran, index)
-    ptr = m.ptr
-else:
-    index = 0
-    ptr = cupy.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(payload))
-mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, device_id=index)
-arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-if write == "write":
-    arr[:8] = 1  # a read-only mapping must fault (the context dies: this child reports it)
-    cupy.cuda.runtime.deviceSynchronize()
-    sys.stdout.write("wrote")
-else:
-    sys.stdout.write(arr.get().tobytes().hex())
-"""
-
-
 def _map_in_child(handle: ExportHandle, write: bool) -> subprocess.CompletedProcess[str]:
     payload = str(handle.payload) if isinstance(handle.payload, int) else handle.payload.hex()
     fds = (handle.payload,) if isinstance(handle.payload, int) else ()
-    return subprocess.run([sys.executable, "-c", _MAP_CHILD, handle.kind, payload, str(handle.nbytes),
-                           str(handle.granularity), handle.gpu_uuid, "write" if write else "read"],
+    return subprocess.run(child_argv("cuda_map", handle.kind, payload, str(handle.nbytes),
+                                     str(handle.granularity), handle.gpu_uuid, "write" if write else "read"),
                           capture_output=True, text=True, timeout=120, pass_fds=fds)
 
 
