@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _devrep_service import ROOT, server_process, short_tmpdir
+from _support import child_argv
 from prometheus_client.parser import text_string_to_metric_families
 
 from devrep.client import connect
@@ -131,29 +132,10 @@ def test_serve_metrics_count_quota_rejections() -> None:
     assert samples[("devrep_quota_rejections_total", (("resource", "regions"),))] == 1.0
 
 
-PEER = """
-import socket, sys
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-grpc_sock, fd_sock = sys.argv[1:3]
-with grpc.insecure_channel("unix:" + grpc_sock) as ch:
-    try:
-        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        print("grpc ok")
-    except grpc.RpcError as exc:
-        print("grpc", exc.code().name)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-try:
-    s.connect(fd_sock)
-    print("fd ok")
-except OSError as exc:
-    print("fd", type(exc).__name__)
-"""
-
-
 def as_nobody(*args: str) -> list[str]:
-    """Run the peer script as uid/gid 65534 (nobody/nogroup) with no other groups: a non-root client."""
-    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", PEER, *args]
+    """Run children/socket_peer.py as uid/gid 65534 (nobody/nogroup) with no other groups: a non-root client."""
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+           *child_argv("socket_peer", *args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")[:2]
 
 

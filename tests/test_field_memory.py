@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _devrep_service import client_process, read_line, short_tmpdir
+from _support import child_argv
 
 from devrep.client import connect
 from devrep.demo import stop_server
@@ -27,8 +27,6 @@ REGION = 256 * MIB
 WAIT = 30.0
 SLACK_KIB = 8 * 1024  # shared memory the server may legitimately hold besides our regions (none expected)
 
-_NO_GC_SERVE = "import gc, sys; gc.disable(); from devrep.cli import main; sys.exit(main(sys.argv[1:]))"
-
 pytestmark = pytest.mark.timeout(300)  # a server start, a 256 MiB client, bounded waits
 
 
@@ -37,7 +35,7 @@ def gc_off_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     with short_tmpdir() as tmp:
         sock = tmp / "devrep.sock"
         log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-c", _NO_GC_SERVE, "serve", "--socket", str(sock)],
+        proc = subprocess.Popen(child_argv("serve_without_gc", "serve", "--socket", str(sock)),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
