@@ -7,7 +7,11 @@ path in a fresh interpreter: ``child_argv("name", *args)`` is the argv. Run by p
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHILDREN = Path(__file__).resolve().with_name("children")
@@ -23,3 +27,22 @@ def child_path(name: str) -> Path:
 def child_argv(name: str, *args: str) -> list[str]:
     """The argv that runs child program ``name`` with ``args`` in this interpreter."""
     return [sys.executable, str(child_path(name)), *args]
+
+
+@contextmanager
+def remote_writer(mode: str, *args: str) -> Iterator[tuple[socket.socket, int, list[int], subprocess.Popen[bytes]]]:
+    """``children/remote_writer.py MODE <fd> ARGS...`` over a socket pair: yields our end (30 s timeout), the
+    address of the child's mapping, the fds it sent (sync: userfaultfd, memfd; async: userfaultfd, pagemap,
+    memfd) and the child; closes our end and kills the child (if still running) afterwards."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(child_argv("remote_writer", mode, str(theirs.fileno()), *args), pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        msg, fds, _, _ = socket.recv_fds(ours, 64, 3)
+        yield ours, int.from_bytes(msg, "little"), fds, proc
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
-import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
-from _support import child_argv
+from _support import remote_writer
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
@@ -85,14 +83,8 @@ def test_ranges_to_pages() -> None:
 
 
 def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen(child_argv("remote_writer", "async", str(theirs.fileno()), "--pages", "2,3,50"),
-                             pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, pagemap, memfd), _, _ = socket.recv_fds(ours, 64, 3)
-        tracker = AsyncTracker.remote(uffd, pagemap, int.from_bytes(msg, "little"), 64 * PAGE_SIZE, interval=None)
+    with remote_writer("async", "--pages", "2,3,50") as (ours, address, (uffd, pagemap, memfd), child):
+        tracker = AsyncTracker.remote(uffd, pagemap, address, 64 * PAGE_SIZE, interval=None)
         region = rep.register_fd("remote", memfd, tracking=tracker)
         rep.replicate("remote", [DEV])
         ours.sendall(b"g")
@@ -103,11 +95,6 @@ def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
             assert [int(data[p * PAGE_SIZE]) for p in (2, 3, 50)] == [2, 3, 50]
         ours.sendall(b"q")
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     assert os.path.exists("/proc/self/pagemap")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _support import child_argv
+from _support import child_argv, remote_writer
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
@@ -142,14 +142,8 @@ def test_unsupported_memory_names_modes_that_work(rep: devrep.Replicator, tmp_pa
 
 
 def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen(child_argv("remote_writer", "sync", str(theirs.fileno()), "--pages", "1,30,63",
-                                        "--offset", "5"), pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
-        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 64 * PAGE_SIZE)
+    with remote_writer("sync", "--pages", "1,30,63", "--offset", "5") as (ours, address, (uffd, memfd), child):
+        tracker = SyncTracker.remote(uffd, address, 64 * PAGE_SIZE)
         region = rep.register_fd("remote", memfd, tracking=tracker)
         rep.replicate("remote", [DEV])
         ours.sendall(b"g")
@@ -160,11 +154,6 @@ def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
             assert [int(data[p * PAGE_SIZE + 5]) for p in (1, 30, 63)] == [1, 30, 63]
         ours.sendall(b"q")
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_prepare_client_rejects_bad_input() -> None:
@@ -230,23 +219,12 @@ def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
 
 
 def test_failed_remote_registration_releases_the_client(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen(child_argv("remote_writer", "sync", str(theirs.fileno()), "--npages", "8", "--blocked"),
-                             pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
-        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 4 * PAGE_SIZE)  # wrong length
+    with remote_writer("sync", "--npages", "8", "--blocked") as (ours, address, (uffd, memfd), child):
+        tracker = SyncTracker.remote(uffd, address, 4 * PAGE_SIZE)  # wrong length
         with pytest.raises(devrep.InvalidArgumentError, match="registered 16384 bytes"):
             rep.register_fd("bad", memfd, tracking=tracker)
         assert ours.recv(1) == b"w", "the client's write stayed blocked"
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_hung_handler_is_killed_on_rearm_timeout() -> None:
