@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def child_path(name: str) -> Path:
 def child_argv(name: str, *args: str) -> list[str]:
     """The argv that runs child program ``name`` with ``args`` in this interpreter."""
     return [sys.executable, str(child_path(name)), *args]
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 15.0, interval: float = 0.02) -> float:
+    """Poll ``predicate`` until it returns a true value; the seconds that took. A bounded wait for what is
+    guaranteed to happen eventually (not a speed assertion): raises AssertionError naming ``what`` after
+    ``timeout`` seconds."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
 
 
 @contextmanager

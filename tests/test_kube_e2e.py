@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _kube import WAIT, FakeKubelet, node_dirs
+from _support import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from test_kube_plugin import WAIT, FakeKubelet, wait_for
 
 import devrep
 import devrep.client
@@ -35,12 +34,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "read_re
 
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
-    root = tempfile.mkdtemp(prefix="dn", dir="/tmp")
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens")}
-    for path in dirs.values():
-        os.makedirs(path)
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    with node_dirs("dn", "plugins", "run", "tokens") as dirs:
+        yield dirs
 
 
 def test_allocated_pod_reads_a_replica(node: dict[str, str]) -> None:

@@ -19,7 +19,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -29,8 +28,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from _support import child_argv
-from test_kube_plugin import WAIT, FakeKubelet, wait_for
+from _kube import WAIT, FakeKubelet, node_dirs
+from _support import child_argv, wait_for
 
 import devrep
 import devrep.client
@@ -87,14 +86,10 @@ class FakePodResources(podresources_pb2_grpc.PodResourcesListerServicer):
 
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
-    root = tempfile.mkdtemp(prefix="kn", dir="/tmp")  # short: Unix socket paths are limited to 107 bytes
-    os.chmod(root, 0o755)  # a node's /run, /var/lib: other users may search them
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens", "podres")}
-    for name in ("plugins", "run", "podres"):
-        os.makedirs(dirs[name])
-    os.makedirs(dirs["tokens"], mode=0o755)  # as kubelet's DirectoryOrCreate hostPath leaves it
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    # 0755: a node's /run, /var/lib (other users may search them); the tokens directory as kubelet's
+    # DirectoryOrCreate hostPath leaves it.
+    with node_dirs("kn", "plugins", "run", "tokens", "podres", mode=0o755) as dirs:
+        yield dirs
 
 
 def allocate(stub: Any, slots: list[str]) -> str:
