@@ -11,9 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 CHILDREN = Path(__file__).resolve().with_name("children")
 
@@ -28,6 +31,32 @@ def child_path(name: str) -> Path:
 def child_argv(name: str, *args: str) -> list[str]:
     """The argv that runs child program ``name`` with ``args`` in this interpreter."""
     return [sys.executable, str(child_path(name)), *args]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Prometheus samples: (name, sorted label pairs) -> value."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server's ``--metrics-port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric_samples(text: str | bytes) -> Samples:
+    """The samples of a Prometheus text exposition (``Metrics.render()`` or a scrape)."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def scrape(port: int) -> Samples:
+    """GET http://127.0.0.1:PORT/metrics (must answer 200) and parse it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        return metric_samples(reply.read())
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 15.0, interval: float = 0.02) -> float:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _devrep_service import ROOT, server_process, short_tmpdir
-from _support import child_argv
-from prometheus_client.parser import text_string_to_metric_families
+from _support import child_argv, free_port, scrape
 
 from devrep.client import connect
 from devrep.demo import server_process as start_server
@@ -116,19 +113,14 @@ def test_demo_runs_end_to_end() -> None:
 
 
 def test_serve_metrics_count_quota_rejections() -> None:
-    with socket.socket() as s:  # a free port for --metrics-port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with short_tmpdir() as tmp, \
             start_server(tmp, "--metrics-port", str(port), "--quota-regions", "1") as (addr, _proc), \
             connect(addr) as client:
         client.create_region("one", 4096)
         with pytest.raises(ResourceExhaustedError):
             client.create_region("two", 4096)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = scrape(port)
     assert samples[("devrep_quota_rejections_total", (("resource", "regions"),))] == 1.0
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from _kube import WAIT, FakeKubelet, node_dirs
-from _support import wait_for
+from _support import free_port, wait_for
 
 from devrep.kube import chart, probe
 from devrep.kube._gen import api_pb2
@@ -28,12 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS_ON_NODE = "/var/lib/devrep/tokens"
 POD_RESOURCES_ON_NODE = "/var/lib/kubelet/pod-resources"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -9,14 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _kube import WAIT, FakeKubelet, node_dirs
-from _support import wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from _support import scrape, wait_for
 
 import devrep
 import devrep.client
@@ -69,9 +67,7 @@ def test_allocated_pod_reads_a_replica(node: dict[str, str]) -> None:
         with pytest.raises(devrep.DevrepError):  # a made-up token is refused
             devrep.client.connect(envs["DEVREP_ADDRESS"], token="x" * 43, timeout=5).list_regions()
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+        samples = scrape(port)
         assert samples[("devrep_replicated_bytes_total", (("device", "cpu:1"),))] >= (4 << 20) + 8 * 4096
         assert samples[("devrep_invalidated_pages_total", ())] >= 8
         ok = sum(v for (name, labels), v in samples.items()
