@@ -7,17 +7,19 @@ path in a fresh interpreter: ``child_argv("name", *args)`` is the argv. Run by p
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+ROOT = Path(__file__).resolve().parents[1]
 CHILDREN = Path(__file__).resolve().with_name("children")
 
 
@@ -31,6 +33,24 @@ def child_path(name: str) -> Path:
 def child_argv(name: str, *args: str) -> list[str]:
     """The argv that runs child program ``name`` with ``args`` in this interpreter."""
     return [sys.executable, str(child_path(name)), *args]
+
+
+def run_cli(*args: str, address: str | None = None, env: Mapping[str, str | None] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``devrep ARGS`` (``python -m devrep.cli`` in this interpreter, from the checkout's root), its output captured
+    as text. ``address`` becomes $DEVREP_ADDRESS (without it the variable is unset: no server is picked up by
+    accident); ``env`` sets variables over this process's environment (a None value unsets one)."""
+    full = dict(os.environ)
+    full.pop("DEVREP_ADDRESS", None)
+    if address:
+        full["DEVREP_ADDRESS"] = address
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    return subprocess.run([sys.executable, "-m", "devrep.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full)
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

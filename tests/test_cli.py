@@ -7,12 +7,11 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _devrep_service import ROOT, server_process, short_tmpdir
-from _support import child_argv, free_port, scrape
+from _devrep_service import ROOT, short_tmpdir
+from _support import child_argv, free_port, run_cli, scrape
 
 from devrep.client import connect
 from devrep.demo import server_process as start_server
@@ -22,17 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def devrep_cli(*args: str, timeout: float = 60, address: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "160"}
-    if address:
-        env["DEVREP_ADDRESS"] = address
-    return subprocess.run([sys.executable, "-m", "devrep.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
-
-
-@pytest.fixture(scope="module")
-def address() -> Iterator[str]:
-    with server_process() as (addr, _proc):
-        yield addr
+    return run_cli(*args, address=address, env={"COLUMNS": "160"}, timeout=timeout)
 
 
 def test_usage_and_connection_exit_codes(tmp_path: Path) -> None:

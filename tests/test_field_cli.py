@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _devrep_service import client_process, inproc_server, read_line, server_process, tell
+from _support import run_cli
 
 from devrep.client import connect
 from devrep.errors import PermissionDeniedError
@@ -25,8 +26,7 @@ pytestmark = pytest.mark.timeout(300)  # real server and CLI processes, bounded 
 
 
 def cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "devrep.cli", *args, "--address", address], capture_output=True,
-                          text=True, timeout=120)
+    return run_cli(*args, "--address", address, timeout=120)
 
 
 def wait_for_stderr(proc: subprocess.Popen[bytes], needle: str, timeout: float) -> str:
