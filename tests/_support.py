@@ -79,6 +79,27 @@ def scrape(port: int) -> Samples:
         return metric_samples(reply.read())
 
 
+def proc_fds(pid: int) -> int:
+    """How many fds process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_rss(pid: int) -> int:
+    """Resident set size of process ``pid`` in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def soak_scale() -> float:
+    """``DEVREP_SOAK_SCALE`` (default 1): multiplies the soak versions' sizes (``make soak``)."""
+    try:
+        return float(os.environ.get("DEVREP_SOAK_SCALE", "1"))
+    except ValueError:
+        raise ValueError(f"DEVREP_SOAK_SCALE must be a number, got {os.environ['DEVREP_SOAK_SCALE']!r}") from None
+
+
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 15.0, interval: float = 0.02) -> float:
     """Poll ``predicate`` until it returns a true value; the seconds that took. A bounded wait for what is
     guaranteed to happen eventually (not a speed assertion): raises AssertionError naming ``what`` after

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _support import proc_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +36,7 @@ from devrep.memory import F_SEAL_GROW, F_SEAL_SHRINK, add_seals, map_fd, memfd_c
 from devrep.wire import sidechannel as protocol
 from devrep.wire._gen import devrep_pb2 as pb
 
-from .conftest import ServerProcess, proc_fds, require_tracking
+from .conftest import ServerProcess, require_tracking
 
 CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",
          "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED"}
