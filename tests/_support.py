@@ -22,6 +22,30 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 CHILDREN = Path(__file__).resolve().with_name("children")
 
+SPIN_KERNEL = r"""
+extern "C" __global__ void spin(const unsigned char* p, long long cycles, unsigned int* out) {
+    long long start = clock64();
+    unsigned int acc = 0;
+    while (clock64() - start < cycles) acc += p[threadIdx.x];
+    out[threadIdx.x] = acc;
+}
+"""
+"""CUDA source of ``spin(p, cycles, out)``: each of a block's threads keeps reading ``p[threadIdx.x]`` for
+``cycles`` GPU clock cycles (a kernel still reading a replica when its lease is released)."""
+
+
+def cuda_missing() -> str | None:
+    """Why CUDA tests cannot run here (CuPy missing, or no GPU the driver shows), or None when they can."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        return f"CuPy is installed but the CUDA driver reports no GPU ({exc})"
+    return None if count else "CuPy is installed but no NVIDIA GPU is visible"
+
 
 def child_path(name: str) -> Path:
     """The file of child program ``name`` (``tests/children/<name>.py``)."""
