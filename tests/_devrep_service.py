@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from _support import ROOT, child_argv
+from _support import child_argv
 
 from devrep.engine import Replicator
 from devrep.service import DevrepServer, Quota, TokenStore, build_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
