@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from _support import child_argv
 
 from devrep.service import DevrepServer, Quota, TokenStore
 from devrep.testing import serve_in_process, short_tmpdir
@@ -41,10 +41,10 @@ def inproc_server(quota: Quota | None = None, tokens: TokenStore | None = None, 
         yield server
 
 
-def client_process(code: str, address: str, *args: str) -> subprocess.Popen[str]:
-    """Run ``code`` in a fresh Python process with ``ADDRESS`` and ``ARGS`` defined; stdout is a pipe."""
-    prelude = f"import sys\nADDRESS = {address!r}\nARGS = {list(args)!r}\n"
-    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], stdout=subprocess.PIPE,
+def client_process(name: str, address: str, *args: str) -> subprocess.Popen[str]:
+    """Run child program ``name`` (``tests/children/<name>.py``) as ``<name> ADDRESS ARGS...`` in a fresh Python
+    process; stdin, stdout and stderr are pipes."""
+    return subprocess.Popen(child_argv(name, address, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

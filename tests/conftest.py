@@ -68,3 +68,12 @@ def rep() -> Iterator[devrep.Replicator]:
     """A plain two-device CPU replicator."""
     with devrep.Replicator(cpu_devices=2) as r:
         yield r
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[str]:
+    """The address of a ``devrep serve`` process shared by one test module (the CLI tests)."""
+    from _devrep_service import server_process
+
+    with server_process() as (addr, _proc):
+        yield addr

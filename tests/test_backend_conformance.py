@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import xxhash
+from _support import child_argv
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, pages_from_runs
@@ -541,31 +540,8 @@ def test_cuda_backend_absent_is_a_clear_error() -> None:
 def test_opencl_fan_out_across_two_devices_of_one_context() -> None:
     """PoCL can expose two devices (POCL_DEVICES); they share a context, so the second replica is filled
     on the device from the first. Runs in a child process: PoCL reads POCL_DEVICES once per process."""
-    child = textwrap.dedent("""
-        import numpy as np
-        from devrep import Replicator
-        from devrep._pages import PAGE_SIZE
-        from devrep.backends import load_backend
-        for zero_copy in (True, False):
-            backend = load_backend("opencl", zero_copy=zero_copy, batch_bytes=16 * PAGE_SIZE)
-            assert backend.device_count() == 2, backend.device_count()
-            with Replicator(backends={"opencl": backend}) as rep:
-                region = rep.create_region("two", 64 * PAGE_SIZE)
-                region.array[:] = np.random.default_rng(1).integers(0, 256, region.nbytes, dtype=np.uint8)
-                rep.replicate("two", ["opencl:0", "opencl:1"])
-                region.array[3 * PAGE_SIZE:9 * PAGE_SIZE] = 9
-                region.invalidate(3 * PAGE_SIZE, 6 * PAGE_SIZE)
-                assert rep.sync("two")[0].host_bytes_read == 6 * PAGE_SIZE
-                for device in ("opencl:0", "opencl:1"):
-                    with region.acquire(device) as lease:
-                        assert np.array_equal(lease.read(), region.array), device
-                assert all(r.mismatched_pages == 0 for r in region.verify())
-                rep.unregister("two")
-                assert backend.bytes_in_use(0) == backend.bytes_in_use(1) == 0
-        print("ok")
-    """)
     env = dict(os.environ, POCL_DEVICES="pthread pthread")
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(child_argv("opencl_two_devices"), capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
 
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _devrep_service import ROOT, server_process, short_tmpdir
-from prometheus_client.parser import text_string_to_metric_families
+from _devrep_service import ROOT, short_tmpdir
+from _support import child_argv, free_port, run_cli, scrape
 
 from devrep.client import connect
 from devrep.demo import server_process as start_server
@@ -24,17 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def devrep_cli(*args: str, timeout: float = 60, address: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "160"}
-    if address:
-        env["DEVREP_ADDRESS"] = address
-    return subprocess.run([sys.executable, "-m", "devrep.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
-
-
-@pytest.fixture(scope="module")
-def address() -> Iterator[str]:
-    with server_process() as (addr, _proc):
-        yield addr
+    return run_cli(*args, address=address, env={"COLUMNS": "160"}, timeout=timeout)
 
 
 def test_usage_and_connection_exit_codes(tmp_path: Path) -> None:
@@ -115,45 +102,21 @@ def test_demo_runs_end_to_end() -> None:
 
 
 def test_serve_metrics_count_quota_rejections() -> None:
-    with socket.socket() as s:  # a free port for --metrics-port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with short_tmpdir() as tmp, \
             start_server(tmp, "--metrics-port", str(port), "--quota-regions", "1") as (addr, _proc), \
             connect(addr) as client:
         client.create_region("one", 4096)
         with pytest.raises(ResourceExhaustedError):
             client.create_region("two", 4096)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = scrape(port)
     assert samples[("devrep_quota_rejections_total", (("resource", "regions"),))] == 1.0
 
 
-PEER = """
-import socket, sys
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-grpc_sock, fd_sock = sys.argv[1:3]
-with grpc.insecure_channel("unix:" + grpc_sock) as ch:
-    try:
-        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        print("grpc ok")
-    except grpc.RpcError as exc:
-        print("grpc", exc.code().name)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-try:
-    s.connect(fd_sock)
-    print("fd ok")
-except OSError as exc:
-    print("fd", type(exc).__name__)
-"""
-
-
 def as_nobody(*args: str) -> list[str]:
-    """Run the peer script as uid/gid 65534 (nobody/nogroup) with no other groups: a non-root client."""
-    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c", PEER, *args]
+    """Run children/socket_peer.py as uid/gid 65534 (nobody/nogroup) with no other groups: a non-root client."""
+    cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+           *child_argv("socket_peer", *args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")[:2]
 
 

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _devrep_service import ROOT, read_line, server_process
+from _devrep_service import ROOT, read_line
+from _support import run_cli
 
 from devrep.client import connect
 
@@ -20,23 +20,11 @@ pytestmark = pytest.mark.timeout(180)
 
 def devrep_cli(*args: str, address: str | None = None, timeout: float = 60,
                token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    if token:
-        env["DEVREP_TOKEN"] = token
-    env.pop("DEVREP_ADDRESS", None)
-    if address:
-        env["DEVREP_ADDRESS"] = address
-    out = subprocess.run([sys.executable, "-m", "devrep.cli", *args], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT, env=env)
+    env = {"COLUMNS": "200", **({"DEVREP_TOKEN": token} if token else {})}
+    out = run_cli(*args, address=address, env=env, timeout=timeout)
     print(f"devrep {' '.join(args)} -> {out.returncode}\n{out.stderr}")
     assert "Traceback" not in out.stderr, out.stderr
     return out
-
-
-@pytest.fixture(scope="module")
-def address() -> Iterator[str]:
-    with server_process() as (addr, _proc):
-        yield addr
 
 
 def test_no_server_suggests_devrep_serve_and_devrep_address(tmp_path: Path) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _devrep_service import ROOT, short_tmpdir
+from _support import run_cli
 
 import devrep
 from devrep import Replicator
@@ -29,9 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``devrep ARGS`` with stdout a pipe and no $COLUMNS: what a script or CI log sees."""
-    base = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run([sys.executable, "-m", "devrep.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**base, **(env or {})})
+    return run_cli(*args, env={"COLUMNS": None, **(env or {})}, timeout=timeout)
 
 
 def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-try:
-    import cupy
-except ImportError:
-    pytest.skip("CUDA client test not run: CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])",
-                allow_module_level=True)
-try:
-    _GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError as _exc:
-    pytest.skip(f"CUDA client test not run: the CUDA driver reports no GPU ({_exc})", allow_module_level=True)
-if _GPUS == 0:
-    pytest.skip("CUDA client test not run: no NVIDIA GPU is visible", allow_module_level=True)
-
 from _devrep_service import server_process
+from _support import SPIN_KERNEL, cuda_missing
 
 from devrep.client import connect
+
+if (_missing := cuda_missing()) is not None:
+    pytest.skip(f"CUDA client test not run: {_missing}", allow_module_level=True)
+cupy = pytest.importorskip("cupy")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(180)]
 
@@ -51,16 +43,6 @@ def test_cuda_replica_via_ipc_and_dlpack() -> None:
             assert int(cupy.asnumpy(lease.to_cupy()[4096])) == 3
 
 
-SPIN = r"""
-extern "C" __global__ void spin(const unsigned char* p, long long cycles, unsigned int* out) {
-    long long start = clock64();
-    unsigned int acc = 0;
-    while (clock64() - start < cycles) acc += p[threadIdx.x];
-    out[threadIdx.x] = acc;
-}
-"""
-
-
 def test_release_waits_for_kernels_still_reading_the_replica() -> None:
     with server_process() as (address, _), connect(address) as client:
         region = client.create_region("k", 1 << 20)
@@ -69,7 +51,7 @@ def test_release_waits_for_kernels_still_reading_the_replica() -> None:
         client.replicate("k", ["cuda:0"])
         keep = client.acquire("k", "cuda:0")  # a second lease on the same buffer keeps the IPC mapping open
         lease = client.acquire("k", "cuda:0")
-        spin = cupy.RawKernel(SPIN, "spin")
+        spin = cupy.RawKernel(SPIN_KERNEL, "spin")
         out = cupy.zeros(32, dtype=cupy.uint32)
         stream = cupy.cuda.Stream(non_blocking=True)  # not the stream release() would sync if it synced only one
         with stream:

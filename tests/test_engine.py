@@ -5,12 +5,12 @@ from __future__ import annotations
 import mmap
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
+from _support import child_argv
 
 import devrep
 from devrep import PAGE_SIZE
@@ -282,17 +282,7 @@ def test_cpu_replica_fd_maps_read_only_in_another_process() -> None:
             assert handle.kind == "fd"
             assert not lease.array.flags.writeable
             fd = os.dup(int(handle.payload))
-            code = (
-                "import mmap, os, sys\n"
-                "fd = int(sys.argv[1])\n"
-                "m = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)\n"
-                "assert m[0] == 42 and m[-1] == 42\n"
-                "try:\n"
-                "    mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n"
-                "except PermissionError:\n"
-                "    print('read-only ok')\n"
-            )
-            out = subprocess.run([sys.executable, "-c", code, str(fd)], pass_fds=[fd], capture_output=True,
+            out = subprocess.run(child_argv("readonly_fd", str(fd)), pass_fds=[fd], capture_output=True,
                                  text=True, timeout=30)
             os.close(fd)
             assert out.stdout.strip() == "read-only ok", out.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _devrep_service import client_process, inproc_server, read_line, server_process, tell
+from _support import run_cli
 
 from devrep.client import connect
 from devrep.errors import PermissionDeniedError
@@ -25,8 +26,7 @@ pytestmark = pytest.mark.timeout(300)  # real server and CLI processes, bounded 
 
 
 def cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "devrep.cli", *args, "--address", address], capture_output=True,
-                          text=True, timeout=120)
+    return run_cli(*args, "--address", address, timeout=120)
 
 
 def wait_for_stderr(proc: subprocess.Popen[bytes], needle: str, timeout: float) -> str:
@@ -70,22 +70,12 @@ def test_add_exits_when_its_server_dies(tmp_path: Path) -> None:
             add.wait(10)
 
 
-HOLDER = """
-import devrep.client
-client = devrep.client.connect(ADDRESS)
-region = client.create_region("theirs", 1 << 16)
-client.replicate("theirs", ["cpu:0"])
-print("ready", flush=True)
-sys.stdin.readline()
-"""
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="the admin view is for root: this test runs the CLI as this user")
 def test_ls_admin_view_for_root() -> None:
     with server_process() as (address, _server):
         empty = cli("ls", address=address)
         assert empty.returncode == 0 and "the server holds no regions" in empty.stderr, empty.stderr
-        holder = client_process(HOLDER, address)
+        holder = client_process("region_holder", address)
         try:
             assert read_line(holder, 120) == "ready"
             admin = cli("ls", "--json", address=address)  # root: every session's regions by default

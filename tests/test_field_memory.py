@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _devrep_service import client_process, read_line, short_tmpdir
+from _support import child_argv
 
 from devrep.client import connect
 from devrep.demo import stop_server
@@ -27,8 +27,6 @@ REGION = 256 * MIB
 WAIT = 30.0
 SLACK_KIB = 8 * 1024  # shared memory the server may legitimately hold besides our regions (none expected)
 
-_NO_GC_SERVE = "import gc, sys; gc.disable(); from devrep.cli import main; sys.exit(main(sys.argv[1:]))"
-
 pytestmark = pytest.mark.timeout(300)  # a server start, a 256 MiB client, bounded waits
 
 
@@ -37,7 +35,7 @@ def gc_off_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     with short_tmpdir() as tmp:
         sock = tmp / "devrep.sock"
         log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-c", _NO_GC_SERVE, "serve", "--socket", str(sock)],
+        proc = subprocess.Popen(child_argv("serve_without_gc", "serve", "--socket", str(sock)),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
@@ -77,26 +75,6 @@ def wait_for_baseline(pid: int, base_kib: int, base_maps: int, what: str) -> Non
         time.sleep(0.1)
 
 
-CLIENT = """
-import numpy as np, devrep.client
-client = devrep.client.connect(ADDRESS)
-nbytes = int(ARGS[0])
-for i in range(2):
-    region = client.create_region(f"mem{i}", nbytes, tracking=ARGS[2])
-    region.array[::4096] = 1 + i
-    client.replicate(f"mem{i}", ["cpu:0", "cpu:1"])
-    with client.acquire(f"mem{i}", "cpu:0") as lease:
-        assert int(lease.array[4096]) == 1 + i
-lease = client.acquire("mem0", "cpu:1")  # still held when the process goes
-print("ready", flush=True)
-sys.stdin.readline()
-if ARGS[1] == "close":
-    client.close()
-    print("closed", flush=True)
-    sys.stdin.readline()
-"""
-
-
 @pytest.mark.parametrize(("ending", "tracking"), [("exit", "explicit"), ("kill", "explicit"), ("close", "explicit"),
                                                   ("exit", "sync"), ("kill", "async")])
 def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: str) -> None:
@@ -104,7 +82,7 @@ def test_server_frees_an_ended_sessions_memory_at_once(ending: str, tracking: st
         with connect(address) as warm:  # the server's first session: lazily created state settles
             warm.ping()
         base_kib, base_maps = shmem_kib(server.pid), len(memfd_mappings(server.pid))
-        client = client_process(CLIENT, address, str(REGION), ending, tracking)
+        client = client_process("memory_client", address, str(REGION), ending, tracking)
         try:
             assert read_line(client, 120) == "ready"
             held_kib = shmem_kib(server.pid)

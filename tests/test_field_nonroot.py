@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import xxhash
 from _devrep_service import ROOT, short_tmpdir
+from _support import child_path
 
 NOBODY = 65534
 
@@ -57,6 +58,10 @@ class Nobody:
         return subprocess.run([f"/proc/self/fd/{self.exe}", *argv], env=env, user=NOBODY, group=NOBODY,
                               extra_groups=[], pass_fds=tuple(self.fds), capture_output=True, text=True,
                               cwd="/", timeout=timeout)
+
+    def child(self, name: str) -> str:
+        """Child program ``name`` as a path ``nobody`` can open (through the checkout's fd)."""
+        return f"/proc/self/fd/{self.paths[0]}/{child_path(name).relative_to(ROOT)}"
 
     def close(self) -> None:
         for fd in self.fds:
@@ -96,9 +101,7 @@ def _clean(result: subprocess.CompletedProcess[str], what: str) -> None:
 def test_the_install_is_not_writable_by_nobody(nobody: Nobody, tmp_path: Path) -> None:
     """The premise: nobody can write neither the package's __pycache__ nor a home (else the test proves nothing)."""
     tmp = _tmpdir(tmp_path, "t", writable=True)
-    probe = ("import os, devrep._numba_cache as c, pathlib; p = pathlib.Path(c.__file__).parent / '__pycache__';"
-             "print(os.getuid(), c._usable(p), c._usable(c._user_cache_dir()))")
-    result = nobody.run("-c", probe, tmpdir=tmp)
+    result = nobody.run(nobody.child("nonroot_probe"), "premise", tmpdir=tmp)
     _clean(result, "probe")
     assert result.stdout.split() == [str(NOBODY), "False", "False"]
 
@@ -114,9 +117,7 @@ def test_numba_kernel_as_nobody_caches_in_a_private_dir(nobody: Nobody, tmp_path
     """A jitted hash runs (and is right); its cache lands in <TMPDIR>/devrep-numba-65534, owned by nobody, 0700."""
     tmp = _tmpdir(tmp_path, "t", writable=True)
     page = np.arange(4096, dtype=np.uint8)
-    code = ("import numpy as np\nfrom devrep.hashing import hash_pages\n"
-            "print(int(hash_pages(np.tile(np.arange(4096, dtype=np.uint8), 3))[2]))")
-    result = nobody.run("-c", code, tmpdir=tmp)
+    result = nobody.run(nobody.child("nonroot_probe"), "hash", tmpdir=tmp)
     _clean(result, "hash_pages")
     assert int(result.stdout.split()[-1]) == xxhash.xxh64_intdigest(page.tobytes())
     cache = tmp / f"devrep-numba-{NOBODY}"
@@ -132,9 +133,7 @@ def test_planted_cache_dir_is_refused_and_numba_runs_uncached(nobody: Nobody, tm
     planted = tmp / f"devrep-numba-{NOBODY}"
     planted.mkdir()
     os.chmod(planted, 0o777)
-    code = ("import numpy as np, devrep._numba_cache as c\nfrom devrep.hashing import hash_pages\n"
-            "print(c.NUMBA_CACHE, int(hash_pages(np.zeros(4096, np.uint8))[0]))")
-    result = nobody.run("-c", code, tmpdir=tmp)
+    result = nobody.run(nobody.child("nonroot_probe"), "hash-uncached", tmpdir=tmp)
     _clean(result, "hash_pages without a cache")
     assert result.stdout.split() == ["False", str(xxhash.xxh64_intdigest(bytes(4096)))]
     assert list(planted.iterdir()) == []

@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xxhash
+from _support import child_argv
 
 from devrep._pages import PAGE_SIZE
 from devrep.backends import load_backend
@@ -183,27 +183,9 @@ def test_every_pocl_bitcode_variant_this_cpu_runs_is_exact(tmp_path: Path) -> No
 
     native = _cpu_variant()
     runnable = ["sse2", "avx2", "avx512"][: ["sse2", "avx2", "avx512"].index(native) + 1]
-    child = textwrap.dedent("""
-        import sys, numpy as np, xxhash
-        from devrep.backends import load_backend
-        from devrep.backends._staging import aligned_empty
-        b = load_backend("opencl", platform="portable")
-        d = b._devices[0]
-        # the bitcode path, whether or not this PoCL could build the source
-        d.ctx.program, d.ctx.source = b._build_bitcode(d.ctx, d.ctx.context.devices, "opencl:0", "(test)")
-        host = aligned_empty(13 * 4096)
-        host[:] = np.random.default_rng(2).integers(0, 256, host.size, dtype=np.uint8)
-        buf = b.allocate(0, host.nbytes)
-        b.copy_runs(host, np.array([[0, 2], [5, 8]]), [buf])
-        want = [xxhash.xxh64_intdigest(host[p * 4096:(p + 1) * 4096].tobytes()) if p < 2 or p >= 5
-                else xxhash.xxh64_intdigest(bytes(4096)) for p in range(13)]
-        assert b.hash_pages(buf).tolist() == want
-        assert b.compare(np.array(want, np.uint64), np.zeros(13, np.uint64)).tolist() == list(range(13))
-        print(d.ctx.source)
-    """)
     for variant in runnable:
         env = dict(os.environ, DEVREP_POCL_VARIANT=variant, POCL_CACHE_DIR=str(tmp_path / variant))
-        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, env=env)
+        out = subprocess.run(child_argv("pocl_variant"), capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, f"{variant}: {out.stdout}{out.stderr}"
         assert out.stdout.strip() == f"devrep-{variant}.bc"
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from test_kube_plugin import WAIT, FakeKubelet, wait_for
+from _kube import WAIT, FakeKubelet, node_dirs
+from _support import free_port, wait_for
 
 from devrep.kube import chart, probe
 from devrep.kube._gen import api_pb2
@@ -31,20 +29,10 @@ TOKENS_ON_NODE = "/var/lib/devrep/tokens"
 POD_RESOURCES_ON_NODE = "/var/lib/kubelet/pod-resources"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
-    root = tempfile.mkdtemp(prefix="ds", dir="/tmp")
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens", "podres")}
-    for path in dirs.values():
-        os.makedirs(path)
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    with node_dirs("ds", "plugins", "run", "tokens", "podres") as dirs:
+        yield dirs
 
 
 def local(argv: list[str], dirs: dict[str, str]) -> list[str]:

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from test_kube_plugin import WAIT, FakeKubelet, wait_for
+from _kube import WAIT, FakeKubelet, node_dirs
+from _support import scrape, wait_for
 
 import devrep
 import devrep.client
@@ -35,12 +32,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "read_re
 
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
-    root = tempfile.mkdtemp(prefix="dn", dir="/tmp")
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens")}
-    for path in dirs.values():
-        os.makedirs(path)
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    with node_dirs("dn", "plugins", "run", "tokens") as dirs:
+        yield dirs
 
 
 def test_allocated_pod_reads_a_replica(node: dict[str, str]) -> None:
@@ -74,9 +67,7 @@ def test_allocated_pod_reads_a_replica(node: dict[str, str]) -> None:
         with pytest.raises(devrep.DevrepError):  # a made-up token is refused
             devrep.client.connect(envs["DEVREP_ADDRESS"], token="x" * 43, timeout=5).list_regions()
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+        samples = scrape(port)
         assert samples[("devrep_replicated_bytes_total", (("device", "cpu:1"),))] >= (4 << 20) + 8 * 4096
         assert samples[("devrep_invalidated_pages_total", ())] >= 8
         ok = sum(v for (name, labels), v in samples.items()

@@ -19,7 +19,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -29,7 +28,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from test_kube_plugin import WAIT, FakeKubelet, wait_for
+from _kube import WAIT, FakeKubelet, node_dirs
+from _support import child_argv, wait_for
 
 import devrep
 import devrep.client
@@ -86,14 +86,10 @@ class FakePodResources(podresources_pb2_grpc.PodResourcesListerServicer):
 
 @pytest.fixture
 def node() -> Iterator[dict[str, str]]:
-    root = tempfile.mkdtemp(prefix="kn", dir="/tmp")  # short: Unix socket paths are limited to 107 bytes
-    os.chmod(root, 0o755)  # a node's /run, /var/lib: other users may search them
-    dirs = {name: os.path.join(root, name) for name in ("plugins", "run", "tokens", "podres")}
-    for name in ("plugins", "run", "podres"):
-        os.makedirs(dirs[name])
-    os.makedirs(dirs["tokens"], mode=0o755)  # as kubelet's DirectoryOrCreate hostPath leaves it
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
+    # 0755: a node's /run, /var/lib (other users may search them); the tokens directory as kubelet's
+    # DirectoryOrCreate hostPath leaves it.
+    with node_dirs("kn", "plugins", "run", "tokens", "podres", mode=0o755) as dirs:
+        yield dirs
 
 
 def allocate(stub: Any, slots: list[str]) -> str:
@@ -334,16 +330,6 @@ def test_kubelet_restart_is_seen_by_inotify(node: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- socketGroup
 GROUP = 1000680000  # an OpenShift-range gid: renders as 1.00068e+09 without int64
-CLIENT = """
-import sys, devrep, devrep.client
-try:
-    with devrep.client.connect(sys.argv[1], timeout=10) as c:
-        print("connected", c.list_regions())
-except devrep.DevrepError as e:
-    print("refused", e)
-"""
-
-
 def as_container(cmd: list[str], uid: int, gid: int, groups: list[int]) -> list[str]:
     """``cmd`` as a container process: that uid/gid and supplementary groups, every capability dropped."""
     group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
@@ -372,7 +358,7 @@ def test_socket_group_lets_a_non_root_client_pod_in(node: dict[str, str]) -> Non
         wait_for(lambda: probe.check(address, timeout=1)[0] or server.poll() is not None, "the server", WAIT * 4)
         assert server.poll() is None, server.communicate()[0]
         assert os.stat(address).st_gid == GROUP
-        client = [sys.executable, "-c", CLIENT, address]
+        client = child_argv("kube_client", address)
         member = subprocess.run(as_container(client, 1000, 1000, [GROUP]), capture_output=True, text=True,
                                 timeout=WAIT * 4, env=env)
         assert member.stdout.startswith("connected []"), member.stdout + member.stderr
@@ -386,39 +372,6 @@ def test_socket_group_lets_a_non_root_client_pod_in(node: dict[str, str]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- pod namespaces
-POD_CLIENT = r"""
-import ctypes, json, os, sys
-import numpy as np
-import devrep, devrep.client
-from devrep.linux import uffd
-
-libc = ctypes.CDLL(None, use_errno=True)
-report = {"pid": os.getpid(), "caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")]}
-# What a default container gets: userfaultfd(2) without CAP_SYS_PTRACE may only see user-mode faults.
-fd = libc.syscall(uffd.SYS_USERFAULTFD, os.O_CLOEXEC)
-report["syscall_errno"] = 0 if fd >= 0 else ctypes.get_errno()
-with devrep.client.connect(sys.argv[1], timeout=30) as dr:
-    for mode in ("sync", "async", "explicit"):
-        try:
-            region = dr.create_region(mode, 64 * 4096, tracking=mode)
-        except devrep.UnsupportedModeError as e:
-            report[mode] = f"unsupported: {e}"
-            continue
-        region.array[:] = 1
-        dr.replicate(mode, ["cpu:0"])
-        with dr.acquire(mode, "cpu:0") as lease:
-            assert int(lease.array.sum()) == 64 * 4096
-        region.array[4096:3 * 4096] = 7        # sync/async: no invalidate, the kernel must report these writes
-        region.array[-1] = 9
-        if mode == "explicit":
-            region.invalidate(4096, 2 * 4096)
-            region.invalidate(63 * 4096, 4096)
-        with dr.acquire(mode, "cpu:0", fresh=True) as lease:
-            report[mode] = bool(np.array_equal(lease.array, region.array))
-print(json.dumps(report))
-"""
-
-
 def in_own_namespaces(cmd: list[str], uid: int = 0, groups: tuple[int, ...] = ()) -> list[str]:
     """``cmd`` as a pod's process: its own PID (it is pid 1 there) and mount namespace with its own /proc, every
     capability dropped, uid (and gid) ``uid`` (0 is a container's default user) with ``groups`` as its
@@ -452,7 +405,7 @@ def test_sync_and_async_tracking_across_pod_namespaces_without_capabilities(node
         assert server.poll() is None, server.communicate()[0]
 
         def pod_client(uid: int, groups: tuple[int, ...]) -> dict[str, Any]:
-            done = subprocess.run(in_own_namespaces([sys.executable, "-c", POD_CLIENT, address], uid, groups),
+            done = subprocess.run(in_own_namespaces(child_argv("pod_client", address), uid, groups),
                                   capture_output=True, text=True, timeout=WAIT * 8, env=env)
             assert done.returncode == 0, done.stdout + done.stderr
             report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from _devrep_service import client_process, inproc_server, read_line, server_process, tell
+from _support import wait_for
 
 from devrep import errors
 from devrep.client import Client, connect
@@ -33,15 +34,6 @@ def kill_and_reap(child: subprocess.Popen[str]) -> None:
     child.wait(30)
 
 
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = BOUND) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def block_both_buffers(owner: Client, take: Callable[[], object]) -> list[object]:
     """Lease the readable buffer, let the owner sync into the spare (flip), lease that one too: with a new write,
     the owner's next sync has no buffer to write (until a lease goes)."""
@@ -53,19 +45,6 @@ def block_both_buffers(owner: Client, take: Callable[[], object]) -> list[object
     return held
 
 
-GRPC_ONLY_CHILD = """
-from devrep.client import Client
-client = Client(ADDRESS, token=ARGS[0], fd_socket="/nonexistent/devrep.fd.sock")   # gRPC only: no side channel
-assert client._sc is None
-leases = [client.acquire("t", "cpu:0", fresh=False)]
-print("held", leases[0].lease_id, flush=True)
-sys.stdin.readline()
-leases.append(client.acquire("t", "cpu:0", fresh=False))
-print("held", leases[1].lease_id, flush=True)
-sys.stdin.readline()                     # killed here
-"""
-
-
 def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
     tokens = TokenStore()
     tokens.add(TOKEN, "grpc-job")
@@ -75,7 +54,7 @@ def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
         region.array[:] = 1
         owner.replicate("t", ["cpu:0"])
         owner.share("t", "*")
-        child = client_process(GRPC_ONLY_CHILD, server.address, TOKEN)
+        child = client_process("lease_holder", server.address, "grpc-only", TOKEN)
         try:
             taken: list[str] = []
 
@@ -94,7 +73,8 @@ def test_sigkilled_grpc_only_client_releases_its_leases() -> None:
             assert owner.stats().leases == 2, "a live gRPC client lost its leases"
         finally:
             kill_and_reap(child)
-        took = eventually(lambda: owner.stats().leases == 0, "the killed client's leases were not released")
+        took = wait_for(lambda: owner.stats().leases == 0, "the killed client's leases were not released",
+                        BOUND)
         print(f"leases of the SIGKILLed gRPC-only client released after {took:.1f}s (holder TTL {ttl}s)")
         report = owner.sync("t", timeout=10)                   # no longer blocked
         assert report.pages_copied >= 1
@@ -118,7 +98,7 @@ def test_leases_are_revoked_after_max_lease_s_and_the_reader_gets_failed_precond
         if time.monotonic() - start < limit - 1:                # (under heavy load the leases may already be gone)
             with pytest.raises(errors.LeaseTimeoutError):
                 owner.sync("t", timeout=0.3)
-        eventually(lambda: owner.stats().leases == 0, "leases held past --max-lease-s were not revoked")
+        wait_for(lambda: owner.stats().leases == 0, "leases held past --max-lease-s were not revoked", BOUND)
         print(f"leases gone {time.monotonic() - start:.1f}s after the first was taken (limit {limit}s)")
         assert owner.sync("t", timeout=10).pages_copied >= 1   # the owner's syncs proceed
         for lease in held:
@@ -137,7 +117,7 @@ def test_devrep_serve_max_lease_s_flag() -> None:
         client.create_region("t", 8192)
         client.replicate("t", ["cpu:0"])
         lease = client.acquire("t", "cpu:0")
-        took = eventually(lambda: client.stats().leases == 0, "devrep serve --max-lease-s 1 did not revoke")
+        took = wait_for(lambda: client.stats().leases == 0, "devrep serve --max-lease-s 1 did not revoke", BOUND)
         print(f"revoked within {took:.1f}s of polling")
         with pytest.raises(errors.FailedPreconditionError, match="revoked"):
             lease.release()
@@ -163,16 +143,6 @@ def test_release_twice_is_failed_precondition_on_both_paths() -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-JOINED_CHILD = """
-from devrep.client import connect
-client = connect(ADDRESS, token=ARGS[0])                 # joins the pre-authorized session over the side channel
-assert client._sc is not None
-lease = client.acquire("t", "cpu:0")
-print("held", lease.lease_id, flush=True)
-sys.stdin.readline()                     # killed here
-"""
-
-
 def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_leases() -> None:
     tokens = TokenStore()
     tokens.add(TOKEN, "pod")
@@ -180,12 +150,13 @@ def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_lea
         owner.create_region("t", 64 << 10)
         owner.replicate("t", ["cpu:0"])
         owner.share("t", "*")
-        child = client_process(JOINED_CHILD, server.address, TOKEN)
+        child = client_process("lease_holder", server.address, "joined", TOKEN)
         try:
             assert read_line(child, 60).startswith("held")
             assert owner.stats().leases == 1
         finally:
             kill_and_reap(child)
-        took = eventually(lambda: owner.stats().leases == 0, "the killed process's lease outlived its connection")
+        took = wait_for(lambda: owner.stats().leases == 0, "the killed process's lease outlived its connection",
+                        BOUND)
         print(f"lease of the SIGKILLed token-sharing process released after {took:.2f}s")
         assert any(s.persistent for s in server.registry.sessions())  # the session itself lives on

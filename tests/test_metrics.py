@@ -3,14 +3,13 @@ server whose interceptor counts requests by method and code."""
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
+from _support import metric_samples, scrape
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 import devrep
 import devrep.metrics
@@ -20,14 +19,6 @@ from devrep.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(60)
 PAGE = 4096
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.fixture
@@ -92,8 +83,7 @@ def test_hooks_fault_roundtrip_and_quota() -> None:
         devrep.metrics.observe_fault_roundtrip(12e-6)  # the module hook reaches every live Metrics
         metrics.observe_fault_roundtrip(3e-3)
         metrics.quota_rejected("bytes")
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+        samples = metric_samples(metrics.render())
         assert samples[("devrep_fault_roundtrip_seconds_count", ())] == 2
         assert samples[("devrep_fault_roundtrip_seconds_bucket", (("le", "2e-05"),))] == 1
         assert samples[("devrep_quota_rejections_total", (("resource", "bytes"),))] == 1
@@ -151,8 +141,7 @@ def test_grpc_interceptor_counts_methods_and_codes() -> None:
                 channel.unary_unary("/test.Echo/Missing")(b"", timeout=10)
     finally:
         server.stop(0).wait(10)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    samples = metric_samples(metrics.render())
 
     def requests(method: str, code: str) -> float:
         return samples.get(("devrep_grpc_requests_total", (("code", code), ("method", method))), 0.0)

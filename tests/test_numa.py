@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _devrep_service import inproc_server
-from prometheus_client.parser import text_string_to_metric_families
+from _support import metric_samples
 
 import devrep
 from devrep import numa
@@ -306,8 +306,7 @@ def test_metrics_label_numa_replicas_by_node(rep: devrep.Replicator) -> None:
     try:
         region = rep.create_region("m", 16 * PAGE)
         rep.replicate("m", [*devices, "cpu:0"])
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(metrics.render().decode()) for s in family.samples}
+        samples = metric_samples(metrics.render())
         backend = rep.backend("numa")
         assert isinstance(backend, NumaBackend)
         for i, device in enumerate(devices):

@@ -14,35 +14,6 @@ from devrep.tracking import TRACKERS, _register_kernel_trackers
 
 pytestmark = pytest.mark.timeout(90)
 
-OWNER = """
-import numpy as np
-from devrep.client import connect
-c = connect(ADDRESS, label="owner")
-r = c.create_region("e2e/t", 1 << 20, tracking=ARGS[0])
-r.array[:] = 1
-if ARGS[0] == "explicit":
-    r.invalidate()
-c.replicate("e2e/t", ["cpu:0", "cpu:1"])
-c.share("e2e/t", "*")
-print("READY", flush=True)
-for line in sys.stdin:
-    cmd, *rest = line.split()
-    if cmd == "write":
-        page, value = int(rest[0]), int(rest[1])
-        r.array[page * 4096: page * 4096 + 4096] = value
-        if ARGS[0] == "explicit":
-            r.invalidate(page * 4096, 4096)
-        print("WROTE", flush=True)
-    elif cmd == "writeall":
-        r.array[:] = int(rest[0])
-        print("WROTEALL", flush=True)
-    elif cmd == "hold":
-        lease = c.acquire("e2e/t", "cpu:0")
-        w = c.watch("e2e/t")
-        print("HOLDING", lease.lease_id, flush=True)
-"""
-
-
 def _need(mode: str) -> None:
     _register_kernel_trackers()
     if mode not in TRACKERS:
@@ -53,7 +24,7 @@ def _need(mode: str) -> None:
 def test_replicate_acquire_watch_across_processes(mode: str) -> None:
     _need(mode)
     with server_process() as (address, _server):
-        owner = client_process(OWNER, address, mode)
+        owner = client_process("e2e_owner", address, mode)
         try:
             assert read_line(owner) == "READY"
             with connect(address, label="reader") as reader:
@@ -86,7 +57,7 @@ def test_replicate_acquire_watch_across_processes(mode: str) -> None:
 
 def test_client_killed_minus_9_has_everything_freed_within_1s() -> None:
     with server_process() as (address, _server), connect(address, label="observer") as observer:
-        owner = client_process(OWNER, address, "explicit")
+        owner = client_process("e2e_owner", address, "explicit")
         try:
             assert read_line(owner) == "READY"
             tell(owner, "hold")
@@ -109,7 +80,7 @@ def test_client_killed_minus_9_has_everything_freed_within_1s() -> None:
 def test_sigterm_releases_every_write_protection_and_exits_cleanly() -> None:
     _need("sync")
     with server_process() as (address, server):
-        owner = client_process(OWNER, address, "sync")
+        owner = client_process("e2e_owner", address, "sync")
         try:
             assert read_line(owner) == "READY"
             tell(owner, "hold")  # a lease and a watch stream open while the server shuts down

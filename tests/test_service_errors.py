@@ -209,18 +209,8 @@ def test_shutdown_releases_write_protection_while_the_process_lives() -> None:
 
     _register_kernel_trackers()
     assert "sync" in TRACKERS, "sync tracking is not installed"
-    code = """
-    from devrep.client import connect
-    c = connect(ADDRESS)
-    r = c.create_region("w", 1 << 20, tracking="sync")
-    c.replicate("w", ["cpu:0"])
-    print("READY", flush=True)
-    sys.stdin.readline()
-    r.array[:] = 3
-    print("WROTE", flush=True)
-    """
     with inproc_server() as server:
-        proc = client_process(code, server.address)
+        proc = client_process("sync_writer_after_stop", server.address)
         try:
             assert read_line(proc) == "READY"
             server.stop(1.0)

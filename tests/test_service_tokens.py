@@ -4,13 +4,12 @@ calls UNAUTHENTICATED, the live session that used it ended with its regions, rep
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _devrep_service import inproc_server, short_tmpdir
+from _support import wait_for
 
 from devrep.client import UnauthenticatedError, connect
 from devrep.service import TokenStore
@@ -24,15 +23,6 @@ def write_token(directory: Path, label: str, token: str) -> Path:
     tmp.write_text(token + "\n")
     os.replace(tmp, directory / label)  # atomic, as the device plugin writes them
     return directory / label
-
-
-def within(seconds: float, predicate: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_removed_token_file_ends_its_live_session() -> None:
@@ -54,7 +44,7 @@ def test_removed_token_file_ends_its_live_session() -> None:
 
             (tokens_dir / "pod-a").unlink()
             # The watch ends the session without any call using the token...
-            assert within(1.0, lambda: session.closed), "session not closed within 1 s of the token's removal"
+            wait_for(lambda: session.closed, "the session's close (1 s after its token's removal)", 1.0, 0.01)
             assert not session.leases and not session.regions
             assert [r.name.partition("/")[2] for r in server.replicator.regions()] == ["keep"]  # keys: <session>/<name>
             # ...and a new call with it is refused.
@@ -99,13 +89,13 @@ def test_watch_survives_the_directory_being_replaced() -> None:
         try:
             tokens_dir.mkdir()
             write_token(tokens_dir, "pod-a", TOKEN)
-            assert within(2.0, lambda: store.known(TOKEN) == "pod-a")
+            wait_for(lambda: store.known(TOKEN) == "pod-a", "pod-a's token known", 2.0, 0.01)
             (tokens_dir / "pod-a").unlink()
             tokens_dir.rmdir()
-            assert within(2.0, lambda: revoked == [{TOKEN}])
+            wait_for(lambda: revoked == [{TOKEN}], "the token revoked", 2.0, 0.01)
             tokens_dir.mkdir()
             write_token(tokens_dir, "pod-b", TOKEN)
-            assert within(2.0, lambda: store.known(TOKEN) == "pod-b")
+            wait_for(lambda: store.known(TOKEN) == "pod-b", "pod-b's token known", 2.0, 0.01)
         finally:
             store.close()
         assert not store.watching

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
 import numpy as np
 import pytest
+from _support import remote_writer
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
@@ -85,32 +82,9 @@ def test_ranges_to_pages() -> None:
     assert ranges_to_pages(np.empty((0, 2), np.uint64), base, 10).tolist() == []
 
 
-_CLIENT = textwrap.dedent("""
-    import os, socket, sys
-    from devrep.memory import memfd_create, map_fd
-    from devrep.protect import prepare_async_client
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    fd = memfd_create("client", 64 * 4096)
-    array = map_fd(fd, 64 * 4096, writable=True)
-    uffd, pagemap = prepare_async_client(array)
-    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, pagemap, fd])
-    os.close(uffd); os.close(pagemap)
-    assert sock.recv(1) == b"g"
-    for page in (2, 3, 50):
-        array[page * 4096] = page
-    sock.sendall(b"d")
-    sock.recv(1)
-""")
-
-
 def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen([sys.executable, "-c", _CLIENT, str(theirs.fileno())], pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, pagemap, memfd), _, _ = socket.recv_fds(ours, 64, 3)
-        tracker = AsyncTracker.remote(uffd, pagemap, int.from_bytes(msg, "little"), 64 * PAGE_SIZE, interval=None)
+    with remote_writer("async", "--pages", "2,3,50") as (ours, address, (uffd, pagemap, memfd), child):
+        tracker = AsyncTracker.remote(uffd, pagemap, address, 64 * PAGE_SIZE, interval=None)
         region = rep.register_fd("remote", memfd, tracking=tracker)
         rep.replicate("remote", [DEV])
         ours.sendall(b"g")
@@ -121,11 +95,6 @@ def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
             assert [int(data[p * PAGE_SIZE]) for p in (2, 3, 50)] == [2, 3, 50]
         ours.sendall(b"q")
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     assert os.path.exists("/proc/self/pagemap")
 
 

@@ -7,13 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import child_argv, remote_writer
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
@@ -106,31 +106,8 @@ def test_unregister_releases_protection(rep: devrep.Replicator) -> None:
         os.kill(pid, 0)
 
 
-_KILL_CHILD = textwrap.dedent("""
-    import os, signal, sys, time
-    import devrep
-    with devrep.Replicator() as rep:
-        region = rep.create_region("k", 64 * 4096, tracking="sync")
-        rep.replicate("k", ["cpu:0"])
-        pid = region.tracker.helper_pid
-        os.kill(pid, signal.SIGSTOP)  # the handler stops answering: the next store blocks
-        print(pid, flush=True)
-        region.array[3 * 4096] = 1
-        print(time.monotonic(), flush=True)
-        print(region.invalid_runs("cpu:0").tolist(), flush=True)
-        try:
-            rep.sync("k")
-        except devrep.FailedPreconditionError as exc:
-            print("refused:", exc, flush=True)
-        deadline = time.monotonic() + 5
-        while region.failed is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        print("failed:", region.failed, flush=True)
-""")
-
-
 def test_killed_handler_releases_blocked_writer_within_1s() -> None:
-    child = subprocess.Popen([sys.executable, "-c", _KILL_CHILD], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(child_argv("sync_killed_helper"), stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         helper = int(child.stdout.readline())
@@ -164,33 +141,9 @@ def test_unsupported_memory_names_modes_that_work(rep: devrep.Replicator, tmp_pa
     assert rep.regions() == []
 
 
-_CLIENT = textwrap.dedent("""
-    import mmap, os, socket, sys
-    import numpy as np
-    from devrep.memory import memfd_create, map_fd
-    from devrep.protect import prepare_sync_client
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    fd = memfd_create("client", 64 * 4096)
-    array = map_fd(fd, 64 * 4096, writable=True)
-    uffd = prepare_sync_client(array)
-    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, fd])
-    os.close(uffd)  # the service must hold the last reference
-    assert sock.recv(1) == b"g"
-    for page in (1, 30, 63):
-        array[page * 4096 + 5] = page
-    sock.sendall(b"d")
-    sock.recv(1)
-""")
-
-
 def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen([sys.executable, "-c", _CLIENT, str(theirs.fileno())], pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
-        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 64 * PAGE_SIZE)
+    with remote_writer("sync", "--pages", "1,30,63", "--offset", "5") as (ours, address, (uffd, memfd), child):
+        tracker = SyncTracker.remote(uffd, address, 64 * PAGE_SIZE)
         region = rep.register_fd("remote", memfd, tracking=tracker)
         rep.replicate("remote", [DEV])
         ours.sendall(b"g")
@@ -201,11 +154,6 @@ def test_remote_writer_in_another_process(rep: devrep.Replicator) -> None:
             assert [int(data[p * PAGE_SIZE + 5]) for p in (1, 30, 63)] == [1, 30, 63]
         ours.sendall(b"q")
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_prepare_client_rejects_bad_input() -> None:
@@ -270,62 +218,17 @@ def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
         assert np.array_equal(lease.read(), region.array)
 
 
-_BLOCKED_CLIENT = textwrap.dedent("""
-    import os, socket, sys
-    from devrep.memory import memfd_create, map_fd
-    from devrep.protect import prepare_sync_client
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    fd = memfd_create("client", 8 * 4096)
-    array = map_fd(fd, 8 * 4096, writable=True)
-    uffd = prepare_sync_client(array)
-    socket.send_fds(sock, [array.__array_interface__["data"][0].to_bytes(8, "little")], [uffd, fd])
-    os.close(uffd)
-    array[4096] = 1  # blocks until the service handles the fault or lets go of the userfaultfd
-    sock.sendall(b"w")
-""")
-
-
 def test_failed_remote_registration_releases_the_client(rep: devrep.Replicator) -> None:
-    ours, theirs = socket.socketpair()
-    child = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLIENT, str(theirs.fileno())],
-                             pass_fds=[theirs.fileno()])
-    theirs.close()
-    try:
-        ours.settimeout(30)
-        msg, (uffd, memfd), _, _ = socket.recv_fds(ours, 64, 2)
-        tracker = SyncTracker.remote(uffd, int.from_bytes(msg, "little"), 4 * PAGE_SIZE)  # wrong length
+    with remote_writer("sync", "--npages", "8", "--blocked") as (ours, address, (uffd, memfd), child):
+        tracker = SyncTracker.remote(uffd, address, 4 * PAGE_SIZE)  # wrong length
         with pytest.raises(devrep.InvalidArgumentError, match="registered 16384 bytes"):
             rep.register_fd("bad", memfd, tracking=tracker)
         assert ours.recv(1) == b"w", "the client's write stayed blocked"
         assert child.wait(30) == 0
-    finally:
-        ours.close()
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
-_HUNG_CHILD = textwrap.dedent("""
-    import os, signal, threading, time
-    import devrep
-    from devrep.tracking._sync import SyncTracker
-    with devrep.Replicator() as rep:
-        region = rep.create_region("h", 16 * 4096, tracking=SyncTracker(rearm_timeout=0.5))
-        rep.replicate("h", ["cpu:0"])
-        region.array[4096] = 1  # unprotected now; the next sync re-protects it
-        os.kill(region.tracker.helper_pid, signal.SIGSTOP)
-        try:
-            rep.sync("h")
-        except devrep.LeaseTimeoutError as exc:
-            print("timeout:", exc, flush=True)
-        region.array[2 * 4096] = 1  # a protected page: must not block now that the handler was killed
-        print("wrote", flush=True)
-        print(region.invalid_runs("cpu:0").tolist(), flush=True)
-""")
 
 
 def test_hung_handler_is_killed_on_rearm_timeout() -> None:
-    out = subprocess.run([sys.executable, "-c", _HUNG_CHILD], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(child_argv("sync_hung_helper"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("timeout:") and "did not answer" in lines[0]

@@ -7,13 +7,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from _devrep_service import ROOT, inproc_server
+from _support import child_argv
 
 from devrep import Replicator
 from devrep.client import connect
@@ -149,35 +149,10 @@ def test_opencl_replicas_give_read_only_host_copies() -> None:
                 lease.numpy(np.uint8, NBYTES + 1)
 
 
-WRITER = """
-import numpy as np, torch
-from devrep import Replicator
-from devrep.client import connect
-{setup}
-print("viewed", flush=True)
-tensor[0] = 42.0
-print("wrote", flush=True)
-"""
-IN_PROCESS = """
-rep = Replicator(cpu_devices=1)
-region = rep.create_region("t", 4 * 4096, tracking="explicit")
-rep.replicate("t", ["cpu:0"])
-lease = region.acquire("cpu:0")
-tensor = lease.torch(torch.float32, 16)
-"""
-CLIENT = """
-client = connect({address!r})
-region = client.create_region("w", 4 * 4096, tracking="explicit")
-client.replicate("w", ["cpu:0"])
-lease = client.acquire("w", "cpu:0")
-tensor = lease.torch(torch.float32, 16)
-"""
-
-
 @pytest.mark.parametrize("where", ["in-process", "client"])
 def test_writing_a_torch_view_of_a_cpu_replica_raises_sigsegv(where: str, server: DevrepServer) -> None:
-    setup = IN_PROCESS if where == "in-process" else CLIENT.format(address=server.address)
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(WRITER.format(setup=textwrap.dedent(setup)))],
+    args = ["in-process"] if where == "in-process" else ["client", server.address]
+    child = subprocess.run(child_argv("torch_view_writer", *args),
                            capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert "viewed" in child.stdout, child.stderr
     assert "wrote" not in child.stdout

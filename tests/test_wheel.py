@@ -13,13 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _support import child_path
 from packaging.requirements import Requirement
 
 pytestmark = [pytest.mark.wheel, pytest.mark.timeout(900)]
@@ -157,27 +157,7 @@ def test_devrep_demo_and_doctor_from_the_installed_wheel(installed: Installed) -
 
 def test_opencl_hashes_from_the_installed_kernels_match_xxhash(installed: Installed) -> None:
     script = installed.outside / "opencl_crosscheck.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        import numpy as np
-        import xxhash
-        from devrep.backends import load_backend
-        from devrep.backends._kernels import kernels_dir
-        from devrep.backends._staging import aligned_empty
-
-        backend = load_backend("opencl", platform="portable")
-        npages = 37
-        host = aligned_empty(npages * 4096)
-        host[:] = np.random.default_rng(7).integers(0, 256, host.size, dtype=np.uint8)
-        buf = backend.allocate(0, host.nbytes)
-        backend.copy_runs(host, np.array([[0, npages]]), [buf])
-        want = [xxhash.xxh64_intdigest(host[p * 4096:(p + 1) * 4096].tobytes()) for p in range(npages)]
-        got = backend.hash_pages(buf).tolist()
-        assert got == want, (got[:4], want[:4])
-        print(kernels_dir())
-        print(backend.describe(0))
-        backend.close()
-    """))
+    shutil.copy(child_path("opencl_crosscheck"), script)
     result = installed.run("python", str(script))
     _check(result, "OpenCL cross-check")
     kernels, described = result.stdout.strip().splitlines()[-2:]

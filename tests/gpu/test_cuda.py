@@ -8,31 +8,22 @@ The backend-independent checks run for CUDA in ``tests/test_backend_conformance.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from _support import SPIN_KERNEL, child_argv, cuda_missing
 
 from devrep import Replicator
 from devrep._pages import PAGE_SIZE, runs_from_pages
 from devrep.backends import Backend, ExportHandle, load_backend
-from devrep.backends._staging import aligned_empty
 from devrep.errors import BackendError, ResourceExhaustedError, UnknownDeviceError
 from devrep.hashing import hash_pages
+from devrep.testing import random_host
 
-try:
-    import cupy
-except ImportError:
-    pytest.skip("CUDA suite not run: CuPy is not installed (pip install devrep[cuda12] or devrep[cuda13])",
-                allow_module_level=True)
-try:
-    _GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError as _exc:
-    pytest.skip(f"CUDA suite not run: CuPy is installed but the CUDA driver reports no GPU ({_exc})",
-                allow_module_level=True)
-if _GPUS == 0:
-    pytest.skip("CUDA suite not run: CuPy is installed but no NVIDIA GPU is visible", allow_module_level=True)
+if (_missing := cuda_missing()) is not None:
+    pytest.skip(f"CUDA suite not run: {_missing}", allow_module_level=True)
+cupy = pytest.importorskip("cupy")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -46,47 +37,16 @@ def cuda() -> Iterator[Backend]:
         b.close()
 
 
-def _random(nbytes: int, seed: int = 0) -> np.ndarray:
-    host = aligned_empty(nbytes)
-    host[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
-    return host
-
-
-_MAP_CHILD = """
-import os, sys, cupy, numpy as np
-from devrep.linux import cuda_vmm as v
-kind, payload, nbytes, gran, uuid, write = sys.argv[1:7]
-nbytes, gran = int(nbytes), int(gran)
-if kind == "cuda_fd":
-    drv = v.CudaBindingsDriver()
-    index = v.ordinal_for_uuid(drv, uuid)
-    cupy.cuda.Device(index).use()
-    m = v.map_readonly(drv, int(payload), nbytes, gran, index)
-    ptr = m.ptr
-else:
-    index = 0
-    ptr = cupy.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(payload))
-mem = cupy.cuda.UnownedMemory(ptr, nbytes, None, device_id=index)
-arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-if write == "write":
-    arr[:8] = 1  # a read-only mapping must fault (the context dies: this child reports it)
-    cupy.cuda.runtime.deviceSynchronize()
-    sys.stdout.write("wrote")
-else:
-    sys.stdout.write(arr.get().tobytes().hex())
-"""
-
-
 def _map_in_child(handle: ExportHandle, write: bool) -> subprocess.CompletedProcess[str]:
     payload = str(handle.payload) if isinstance(handle.payload, int) else handle.payload.hex()
     fds = (handle.payload,) if isinstance(handle.payload, int) else ()
-    return subprocess.run([sys.executable, "-c", _MAP_CHILD, handle.kind, payload, str(handle.nbytes),
-                           str(handle.granularity), handle.gpu_uuid, "write" if write else "read"],
+    return subprocess.run(child_argv("cuda_map", handle.kind, payload, str(handle.nbytes),
+                                     str(handle.granularity), handle.gpu_uuid, "write" if write else "read"),
                           capture_output=True, text=True, timeout=120, pass_fds=fds)
 
 
 def test_export_is_mapped_by_another_process(cuda: Backend) -> None:
-    host = _random(64 * PAGE_SIZE)
+    host = random_host(64)
     buf = cuda.allocate(0, host.nbytes)
     cuda.copy_runs(host, np.array([[0, 64]]), [buf])
     handle = cuda.export(buf)
@@ -112,16 +72,6 @@ def test_vmm_mapping_is_read_only(cuda: Backend) -> None:
     cuda.free(buf)
 
 
-SPIN = r"""
-extern "C" __global__ void spin(const unsigned char* p, long long cycles, unsigned int* out) {
-    long long start = clock64();
-    unsigned int acc = 0;
-    while (clock64() - start < cycles) acc += p[threadIdx.x];
-    out[threadIdx.x] = acc;
-}
-"""
-
-
 def test_inprocess_release_waits_for_kernels_reading_the_replica() -> None:
     with Replicator() as rep:
         region = rep.create_region("spin", 1 << 20)
@@ -131,14 +81,14 @@ def test_inprocess_release_waits_for_kernels_reading_the_replica() -> None:
         out = cupy.zeros(32, dtype=cupy.uint32)
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
-            cupy.RawKernel(SPIN, "spin")((1,), (32,), (lease.array, cupy.int64(1_000_000_000), out))
+            cupy.RawKernel(SPIN_KERNEL, "spin")((1,), (32,), (lease.array, cupy.int64(1_000_000_000), out))
         lease.release()
         assert stream.done, "Lease.release() returned while a kernel still read the replica"
         rep.unregister("spin")
 
 
 def test_device_array_is_cupy_and_dlpack_exports(cuda: Backend) -> None:
-    host = _random(8 * PAGE_SIZE, seed=1)
+    host = random_host(8, seed=1)
     buf = cuda.allocate(0, host.nbytes)
     cuda.copy_runs(host, np.array([[0, 8]]), [buf])
     arr = cuda.device_array(buf)
@@ -152,7 +102,7 @@ def test_device_array_is_cupy_and_dlpack_exports(cuda: Backend) -> None:
 
 def test_large_scattered_copy_and_hash(cuda: Backend) -> None:
     npages = (256 << 20) // PAGE_SIZE
-    host = _random(npages * PAGE_SIZE, seed=2)
+    host = random_host(npages, seed=2)
     targets = [cuda.allocate(0, host.nbytes), cuda.allocate(0, host.nbytes)]
     pages = np.sort(np.random.default_rng(3).choice(npages, npages // 7, replace=False))
     wanted = np.unique(np.concatenate([pages, np.arange(npages - 5000, npages)]))  # scattered plus one long run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import socket
 import subprocess
@@ -225,14 +224,6 @@ def run_checker(rep: devrep.Replicator, regions: list[tuple[devrep.Region, int]]
                 same = np.array_equal(np.asarray(lease.array), region.array)
             if not same:
                 tally.errors.append(f"{region.name} on {device}: replica differs from the quiescent host")
-
-
-def soak_scale() -> float:
-    """``DEVREP_SOAK_SCALE`` (default 1): multiplies the soak versions' sizes."""
-    try:
-        return float(os.environ.get("DEVREP_SOAK_SCALE", "1"))
-    except ValueError:
-        raise ValueError(f"DEVREP_SOAK_SCALE must be a number, got {os.environ['DEVREP_SOAK_SCALE']!r}") from None
 
 
 def summary(mode: str, variant: str, tally: Tally, seconds: float) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 import subprocess
 import sys
@@ -42,18 +41,6 @@ def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     faulthandler.dump_traceback_later(timeout + 30, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
-
-
-def proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def proc_rss(pid: int) -> int:
-    """Resident set size in bytes (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 class ServerProcess:

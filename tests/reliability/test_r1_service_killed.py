@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import soak_scale
 
-from ._coherence import soak_scale
 from .conftest import ServerProcess, require_tracking
 
 WRITER = Path(__file__).with_name("r1_writer.py")

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _support import proc_fds, proc_rss, soak_scale
 
 import devrep.client
 
-from ._coherence import soak_scale
-from .conftest import ServerProcess, proc_fds, proc_rss
+from .conftest import ServerProcess
 
 ZYGOTE = Path(__file__).with_name("r2_zygote.py")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import soak_scale
 
 import devrep
 import devrep.tracking
@@ -25,7 +26,7 @@ from devrep._pages import PAGE_SIZE, PageArray
 from devrep.memory import HostMemory
 from devrep.tracking import Notify
 
-from ._coherence import STAMP_SHIFT, Tally, WriterProcess, local_writer, run_checker, soak_scale, summary
+from ._coherence import STAMP_SHIFT, Tally, WriterProcess, local_writer, run_checker, summary
 from .conftest import require_tracking
 
 DEVICES = ["cpu:0", "cpu:1", "cpu:2"]

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _support import proc_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,7 @@ from devrep.model import TrackingMode
 from devrep.wire import sidechannel as protocol
 from devrep.wire._gen import devrep_pb2 as pb
 
-from .conftest import ServerProcess, proc_fds, require_tracking
+from .conftest import ServerProcess, require_tracking
 
 CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED",
          "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED"}

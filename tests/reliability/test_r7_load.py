@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import soak_scale
 
 import devrep.client
 from devrep._pages import PAGE_SIZE
 
-from ._coherence import soak_scale
 from .conftest import ServerProcess
 
 CLIENT = Path(__file__).with_name("r7_client.py")

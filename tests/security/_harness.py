@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import devrep.client
 from devrep.demo import server_process
 
 from ._attacker import RESULT_MARK
@@ -52,6 +53,23 @@ class RootServer:
 
     def log(self) -> str:
         return (self.workdir / "server.log").read_text(errors="replace")
+
+
+RSS_BOUND = 200 << 20
+"""A generous bound on what one attack may add to the server's resident memory (the limit attacks cost 0.5 GiB to
+OOM before the fixes)."""
+
+
+def still_serves(server: RootServer) -> None:
+    """A victim (another client) is served normally after the attack."""
+    assert server.alive(), server.log()[-3000:]
+    with devrep.client.connect(server.address, label="victim") as victim:
+        region = victim.create_region("victim", 1 << 16)
+        region.array[:] = 3
+        victim.replicate("victim", ["cpu:0"])
+        with victim.acquire("victim", "cpu:0") as lease:
+            assert int(lease.array[-1]) == 3
+    assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
 @contextmanager

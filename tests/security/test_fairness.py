@@ -4,11 +4,12 @@ concurrent calls; a victim client is still served, within a bounded wait, while 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _support import proc_fds
 
 import devrep.client
 from devrep.service.sidechannel import HELLO_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_UID
@@ -135,9 +136,9 @@ def test_watch_streams_are_capped_per_uid(server: RootServer) -> None:
 
 def test_fd_budget_per_session() -> None:
     with root_server("--quota-fds", "24") as srv:
-        before = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        before = proc_fds(srv.pid)
         got = run_as_attacker(ATTACKS, "fd_hoard", srv.address, 100)
-        after = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        after = proc_fds(srv.pid)
         print(got, f"server fds {before} -> {after}")
         assert got["registered"] == 24 and got["code"] == "RESOURCE_EXHAUSTED", got
         assert "file descriptors" in got["message"], got

@@ -6,40 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import devrep.client
+from _support import proc_rss
+
 from devrep.service.sessions import physical_memory
 
-from ._harness import RootServer, run_as_attacker
+from ._harness import RSS_BOUND, RootServer, run_as_attacker, still_serves
 
 ATTACKS = Path(__file__).with_name("_attacks_limits.py")
-RSS_BOUND = 200 << 20
-"""A generous bound on what one attack may add to the server's resident memory (the attacks below cost 0.5 GiB to
-OOM before the fixes)."""
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def still_serves(server: RootServer) -> None:
-    """A victim (another client) is served normally after the attack."""
-    assert server.alive(), server.log()[-3000:]
-    with devrep.client.connect(server.address, label="victim") as victim:
-        region = victim.create_region("victim", 1 << 16)
-        region.array[:] = 3
-        victim.replicate("victim", ["cpu:0"])
-        with victim.acquire("victim", "cpu:0") as lease:
-            assert int(lease.array[-1]) == 3
-    assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
 def test_block_size_is_bounded(server: RootServer) -> None:
-    before = rss(server.pid)
+    before = proc_rss(server.pid)
     got = run_as_attacker(ATTACKS, "huge_block_sizes", server.address)
-    grown = rss(server.pid) - before
+    grown = proc_rss(server.pid) - before
     print(got, f"server RSS +{grown >> 20} MiB")
     for exp in (37, 40, 62):
         assert got[f"register 2^{exp}"] == "INVALID_ARGUMENT", got
@@ -50,9 +29,9 @@ def test_block_size_is_bounded(server: RootServer) -> None:
 
 
 def test_sparse_memfd_counts_against_the_host_bytes_quota(server: RootServer) -> None:
-    before = rss(server.pid)
+    before = proc_rss(server.pid)
     got = run_as_attacker(ATTACKS, "sparse_memfd", server.address, 1 << 40)
-    grown = rss(server.pid) - before
+    grown = proc_rss(server.pid) - before
     print(got, f"server RSS +{grown >> 20} MiB")
     assert physical_memory() < 1 << 40, "this host has 1 TiB of RAM: pick a bigger sparse size"
     assert got == {"register": "RESOURCE_EXHAUSTED", "invalidate": "-"}, got
@@ -67,9 +46,9 @@ def test_nested_json_on_the_side_channel(server: RootServer) -> None:
 
 
 def test_big_requests_before_authentication(server: RootServer) -> None:
-    before = rss(server.pid)
+    before = proc_rss(server.pid)
     got = run_as_attacker(ATTACKS, "big_unauthenticated", server.address, [60, 15, 15, 15, 15])
-    grown = rss(server.pid) - before
+    grown = proc_rss(server.pid) - before
     print(got, f"server RSS +{grown >> 20} MiB")
     assert got == {"60": "RESOURCE_EXHAUSTED", "15": "UNAUTHENTICATED"}, got
     # Before the fix the 60 MiB request alone cost ~1 GiB (parsed into a list of 10^7 integers). Now each refused

@@ -5,21 +5,16 @@ rounds (``make soak``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from _support import proc_fds, proc_rss, soak_scale
 
-from ._harness import root_server, run_as_attacker
-from .test_limits import RSS_BOUND, rss, still_serves
+from ._harness import RSS_BOUND, root_server, run_as_attacker, still_serves
 
 ATTACKS = Path(__file__).with_name("_attacks_limits.py")
 FD_SLACK = 8
 """Open fds the server may legitimately hold beyond its start (gRPC and the allocator grow lazily)."""
-
-
-def soak_scale() -> float:
-    return float(os.environ.get("DEVREP_SOAK_SCALE", "1"))
 
 
 def rounds_of_attacks(rounds: int) -> None:
@@ -35,9 +30,9 @@ def rounds_of_attacks(rounds: int) -> None:
             run_as_attacker(ATTACKS, "big_unauthenticated", srv.address, [20, 8])
             still_serves(srv)
             if i == 0:  # a warm-up round: first-use allocations (buffers, arenas, caches) are not leaks
-                base_rss, base_fds = rss(srv.pid), len(os.listdir(f"/proc/{srv.pid}/fd"))
+                base_rss, base_fds = proc_rss(srv.pid), proc_fds(srv.pid)
                 continue
-            grown, fds = rss(srv.pid) - base_rss, len(os.listdir(f"/proc/{srv.pid}/fd"))
+            grown, fds = proc_rss(srv.pid) - base_rss, proc_fds(srv.pid)
             print(f"round {i}: RSS +{grown >> 20} MiB, fds {base_fds} -> {fds}")
             assert grown < RSS_BOUND, f"round {i}: server RSS grew by {grown >> 20} MiB"
             assert fds <= base_fds + FD_SLACK, f"round {i}: server fds {base_fds} -> {fds}"

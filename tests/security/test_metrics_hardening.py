@@ -3,21 +3,13 @@ default."""
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from _support import free_port, scrape
 
 from ._harness import root_server, run_as_attacker
 
 ATTACKS = Path(__file__).with_name("_attacks_limits.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening_addresses(pid: int, port: int) -> set[str]:
@@ -31,13 +23,6 @@ def listening_addresses(pid: int, port: int) -> set[str]:
             if int(hexport, 16) == port and fields[3] == "0A":
                 found.add(address)
     return found
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 def test_metrics_listen_on_loopback_by_default() -> None:
