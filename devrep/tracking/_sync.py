@@ -308,6 +308,8 @@ class SyncTracker(Tracker):
                     raise InvalidArgumentError(str(exc)) from exc
             return
         with self._lock:
+            if self._sock is None:  # closed meanwhile: rearm runs off the region lock, close may win the race
+                raise FailedPreconditionError("sync tracking was stopped (the region is being unregistered)")
             for start in range(0, len(runs), h.RUNS_PER_MESSAGE):
                 chunk = runs[start:start + h.RUNS_PER_MESSAGE]
                 self._send(h.OP_REARM + chunk.astype("<i8").tobytes())
