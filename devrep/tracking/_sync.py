@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import numpy as np
@@ -314,6 +315,44 @@ class SyncTracker(Tracker):
                 chunk = runs[start:start + h.RUNS_PER_MESSAGE]
                 self._send(h.OP_REARM + chunk.astype("<i8").tobytes())
                 self._expect_ack(self.rearm_timeout, "re-protect")
+
+    @property
+    def pipelines_rearm(self) -> bool:  # type: ignore[override]
+        return self._proc is not None  # the helper protects while this process copies
+
+    def rearm_batches(self, batches: Sequence[RunArray]) -> Generator[int, None, None]:
+        """All batches go to the helper at once; batch ``i`` is yielded when the helper acknowledged it, so the
+        helper re-protects batch ``i + 1`` while the caller copies batch ``i`` (another CPU)."""
+        if self._handler is not None or self.closed:
+            yield from super().rearm_batches(batches)
+            return
+        merged = [merge_close_runs(np.asarray(runs, dtype=np.int64).reshape(-1, 2)) for runs in batches]
+        self._check_alive()
+        if self._failed is not None:
+            raise FailedPreconditionError(f"cannot re-protect pages: {self._failed}")
+        with self._lock:
+            if self._sock is None:  # closed meanwhile: rearm runs off the region lock, close may win the race
+                raise FailedPreconditionError("sync tracking was stopped (the region is being unregistered)")
+            outstanding = 0
+            try:
+                messages = []
+                for runs in merged:
+                    messages.append(-(-len(runs) // h.RUNS_PER_MESSAGE))  # ceil
+                    for start in range(0, len(runs), h.RUNS_PER_MESSAGE):
+                        self._send(h.OP_REARM + runs[start:start + h.RUNS_PER_MESSAGE].astype("<i8").tobytes())
+                        outstanding += 1
+                for i, count in enumerate(messages):
+                    for _ in range(count):
+                        outstanding -= 1  # first: a failed wait consumed (or gave up on) this ack
+                        self._expect_ack(self.rearm_timeout, "re-protect")
+                    yield i
+            finally:
+                # Stopped early (a failed copy, an error reply): collect the acks still due, so the next
+                # request does not read them as its own.
+                while outstanding and self._failed is None:
+                    outstanding -= 1
+                    with contextlib.suppress(DevrepError):
+                        self._expect_ack(self.rearm_timeout, "re-protect")
 
     def _send(self, message: bytes) -> None:
         assert self._sock is not None
