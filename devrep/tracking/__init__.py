@@ -41,7 +41,8 @@ the rearm round trip. Coherence still holds, for any write W to a copied page p:
 * A collect between steps 1 and 3 by another thread (the lock is free) is such an invalidation: same result.
 
 So the rule the rearm must keep is only: it has re-protected every page of ``runs`` when it returns, and the
-copy starts after that. Holding the region lock across it added nothing but readers waiting (up to the
+copy starts after that. ``rearm_batches`` keeps it per batch (a batch is copied only once it was yielded, i.e.
+re-armed), which is what lets sync mode's helper re-protect one batch while the sync copies the previous one. Holding the region lock across it added nothing but readers waiting (up to the
 rearm timeout). A mutant that skips the rearm is caught by the coherence checker and the sync-mode
 hypothesis state machine (tests/test_region_rules.py).
 """
