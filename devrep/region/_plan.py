@@ -4,7 +4,6 @@ that marks copied pages valid. Planning and the commit run under the region's lo
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,75 +72,40 @@ def union_pages(page_sets: list[PageArray], npages: int) -> PageArray:
     return np.flatnonzero(mask)
 
 
-PIPELINE_MIN_RUNS = 512
-"""A sync re-arming at least this many runs, with a tracker that pipelines (``Tracker.pipelines_rearm``), rearms and
-copies in ``PIPELINE_BATCHES`` batches so the two overlap; smaller syncs rearm everything first."""
-PIPELINE_BATCHES = 4
-
-
-def pipeline_windows(runs: RunArray, npages: int, pipelined: bool) -> list[tuple[int, int]]:
-    """Page windows ``[lo, hi)`` covering the region, each holding about the same number of ``runs`` (one window
-    when not worth pipelining)."""
-    if not pipelined or len(runs) < PIPELINE_MIN_RUNS:
-        return [(0, npages)]
-    cuts = [int(runs[i, 0]) for i in np.linspace(0, len(runs), PIPELINE_BATCHES + 1).astype(int)[1:-1]]
-    bounds = [0, *cuts, npages]
-    return list(itertools.pairwise(bounds))
-
-
-def runs_in(runs: RunArray, lo: int, hi: int) -> RunArray:
-    """The runs starting in ``[lo, hi)`` (windows cut at run starts, so none straddles)."""
-    return runs[(runs[:, 0] >= lo) & (runs[:, 0] < hi)]
-
-
-class Copier:
-    """Runs a sync's copies: one backend call per group of replicas that need the same pages (fan-out), for all
-    pages at once or window by window (pipelined with the rearm); progress counts across windows."""
-
-    def __init__(self, plans: list[Plan], source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
-                 progress: ProgressCallback | None) -> None:
-        self.plans = plans
-        self.source = source
-        self.region = region
-        self.progress = progress
-        self.total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
-        self.done = 0
-        self.host_read = 0
-        """Host bytes read so far (each page once per group, however many replicas it fans out to)."""
+def copy_plans(plans: list[Plan], source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
+               progress: ProgressCallback | None) -> int:
+    """Run the copies, one backend call per group of replicas that need the same pages (fan-out); returns the host
+    bytes read (each page once per group, however many replicas it lands in). ``source(runs)`` gives the host
+    pages to copy from."""
+    groups: dict[tuple[int, bytes], list[Plan]] = {}
+    for plan in plans:
+        if plan.pages.size:
+            groups.setdefault((id(plan.replica.backend), plan.pages.tobytes()), []).append(plan)
+    total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
+    done = 0
+    if progress:
+        progress(0, total)
+    host_read = 0
+    for members in groups.values():
+        first = members[0]
+        buffers = [plan.replica.buffers[plan.target] for plan in members]
+        if any(b is None for b in buffers):
+            raise FailedPreconditionError(f"region {region!r}: a replica buffer vanished during sync")
+        runs = runs_from_pages(first.pages)
+        group_end = done + len(members) * int(first.pages.size) * PAGE_SIZE
+        report: CopyProgress | None = None
         if progress:
-            progress(0, self.total)
-
-    def copy(self, lo: int = 0, hi: int | None = None) -> None:
-        """Copy every plan's pages in ``[lo, hi)`` (all by default)."""
-        groups: dict[tuple[int, bytes], list[tuple[Plan, PageArray]]] = {}
-        for plan in self.plans:
-            pages = plan.pages
-            if lo or hi is not None:
-                end = pages.size if hi is None else int(np.searchsorted(pages, hi))
-                pages = pages[int(np.searchsorted(pages, lo)):end]
-            if pages.size:
-                groups.setdefault((id(plan.replica.backend), pages.tobytes()), []).append((plan, pages))
-        progress, total = self.progress, self.total
-        for members in groups.values():
-            first, pages = members[0]
-            buffers = [plan.replica.buffers[plan.target] for plan, _ in members]
-            if any(b is None for b in buffers):
-                raise FailedPreconditionError(f"region {self.region!r}: a replica buffer vanished during sync")
-            runs = runs_from_pages(pages)
-            group_end = self.done + len(members) * int(pages.size) * PAGE_SIZE
-            report: CopyProgress | None = None
-            if progress:
-                # Backends report host bytes read (once per fan-out call); each such byte landed in every member.
-                def report(nbytes: int, _k: int = len(members), _end: int = group_end) -> None:
-                    self.done = min(self.done + nbytes * _k, _end)
-                    progress(self.done, total)
-            first.replica.backend.copy_runs(self.source(runs), runs, [b for b in buffers if b is not None], report)
-            self.host_read += int(pages.size) * PAGE_SIZE
-            if progress and self.done != group_end:
-                self.done = group_end
-                progress(self.done, total)
-            else:
-                self.done = group_end
+            # Backends report host bytes read (once per fan-out call); each such byte landed in every member.
+            def report(nbytes: int, _k: int = len(members), _end: int = group_end) -> None:
+                nonlocal done
+                done = min(done + nbytes * _k, _end)
+                progress(done, total)
+        first.replica.backend.copy_runs(source(runs), runs, [b for b in buffers if b is not None], report)
+        host_read += int(first.pages.size) * PAGE_SIZE
+        if progress and done != group_end:
+            done = group_end
+            progress(done, total)
+    return host_read
 
 
 def commit(state: PageState, plans: list[Plan], snap: Snapshot, region: str, seconds: float

@@ -315,20 +315,11 @@ class Region:
                 snap = _plan.take_snapshot(state, plans)
             self._emit(events)
             union_runs = snap.runs
-            copier = _plan.Copier(plans, self._source, self.name, progress)
-            # The rearm runs off the region lock (see "Rearm off the region lock" in devrep.tracking): a write
-            # from then on faults and is recorded, so the collect after the copy invalidates what it may have torn.
-            windows = _plan.pipeline_windows(union_runs, self.npages, self.tracker.pipelines_rearm)
-            if len(windows) == 1:
-                if len(union_runs):
-                    self.tracker.rearm(union_runs)
-                copier.copy()
-            else:  # the tracker re-arms window i + 1 while this thread copies window i
-                batches = [_plan.runs_in(union_runs, lo, hi) for lo, hi in windows]
-                with contextlib.closing(self.tracker.rearm_batches(batches)) as rearmed:
-                    for i in rearmed:
-                        copier.copy(*windows[i])
-            host_read = copier.host_read
+            if len(union_runs):
+                # Off the region lock (see "Rearm off the region lock" in devrep.tracking): a write from here on
+                # faults and is recorded, so the collect after the copy invalidates what it may have torn.
+                self.tracker.rearm(union_runs)
+            host_read = _plan.copy_plans(plans, self._source, self.name, progress)
             with self._cond:
                 events = self._collect_locked()
                 if len(union_runs):

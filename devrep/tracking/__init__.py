@@ -41,8 +41,7 @@ the rearm round trip. Coherence still holds, for any write W to a copied page p:
 * A collect between steps 1 and 3 by another thread (the lock is free) is such an invalidation: same result.
 
 So the rule the rearm must keep is only: it has re-protected every page of ``runs`` when it returns, and the
-copy starts after that. ``rearm_batches`` keeps it per batch (a batch is copied only once it was yielded, i.e.
-re-armed), which is what lets sync mode's helper re-protect one batch while the sync copies the previous one. Holding the region lock across it added nothing but readers waiting (up to the
+copy starts after that. Holding the region lock across it added nothing but readers waiting (up to the
 rearm timeout). A mutant that skips the rearm is caught by the coherence checker and the sync-mode
 hypothesis state machine (tests/test_region_rules.py).
 """
@@ -50,7 +49,7 @@ hypothesis state machine (tests/test_region_rules.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # kept out of the import: the sync fault helper process loads this package (see _handler)
@@ -81,18 +80,6 @@ class Tracker(ABC):
 
     def rearm(self, runs: RunArray) -> None:  # noqa: B027 - optional hook
         """Re-arm write detection for pages about to be copied."""
-
-    pipelines_rearm: bool = False
-    """``rearm_batches`` overlaps re-arming a batch with the caller's copy of the previous one (sync mode's helper
-    process): a big sync then rearms and copies in a few batches instead of rearming everything first."""
-
-    def rearm_batches(self, batches: Sequence[RunArray]) -> Generator[int, None, None]:
-        """``rearm`` each of ``batches`` in order, yielding a batch's index once it is re-armed: the caller copies
-        batch ``i`` only after ``i`` was yielded (so the rule of ``rearm`` holds per batch). Called like ``rearm``
-        (off the region lock, one sync at a time); close the iterator if the copy fails."""
-        for i, runs in enumerate(batches):
-            self.rearm(runs)
-            yield i
 
     def settle(self) -> None:  # noqa: B027 - optional hook
         """Called by ``sync()`` under the region lock after its post-copy ``collect()``: the copy of the runs
