@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -193,3 +194,43 @@ def test_big_sync_mode_sync_is_complete_and_rearmed() -> None:
         region.array[(npages - 3) * PAGE_SIZE] = 8  # a gap page (never written, protected all along)
         with region.acquire("cpu:1", timeout=WAIT) as lease:
             assert lease.read((npages - 3) * PAGE_SIZE, PAGE_SIZE + 1).tolist()[::PAGE_SIZE] == [8, 9]
+
+
+def _uffd_wp_bits(address: int, npages: int) -> list[bool]:
+    """Per page of ``[address, +npages)`` of this process: write-protected by userfaultfd (pagemap bit 57)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        entries = np.frombuffer(os.pread(f.fileno(), 8 * npages, 8 * (address // PAGE_SIZE)), dtype=np.uint64)
+    return ((entries >> np.uint64(57)) & np.uint64(1)).astype(bool).tolist()
+
+
+def test_helper_rearm_protects_exactly_the_runs_and_checks_bounds() -> None:
+    """``FaultHandler.rearm_flat`` (the helper's loop over flat runs) on a real registered mapping of this process:
+    exactly the pages of the runs become write-protected; runs outside the region or malformed are refused."""
+    import mmap
+
+    from devrep.memory import create_shared
+    from devrep.tracking._handler import FaultHandler
+    from devrep.tracking._setup import WP_FEATURES, open_uffd, register_wp
+
+    npages = 64
+    host = create_shared("wp", npages * PAGE_SIZE)
+    host.array[:] = 1  # populated: pagemap shows the bit on present pages
+    uffd = open_uffd("sync", WP_FEATURES)
+    try:
+        register_wp(uffd, "sync", host.address, npages * PAGE_SIZE)
+        uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
+        handler = FaultHandler(uffd, host.address, npages, mmap.mmap(-1, PAGE_SIZE))
+        assert not any(_uffd_wp_bits(host.address, npages))
+        handler.rearm_flat([1, 2, 10, 1, 60, 4])
+        expected = [p in (1, 2, 10, 60, 61, 62, 63) for p in range(npages)]
+        assert _uffd_wp_bits(host.address, npages) == expected
+        handler.rearm([(20, 3)])  # the service thread's form
+        assert _uffd_wp_bits(host.address, npages)[19:24] == [False, True, True, True, False]
+        for bad in ([62, 3], [-1, 2], [5, 0], [1, 2, 3]):
+            with pytest.raises(ValueError):
+                handler.rearm_flat(bad)
+    finally:
+        with contextlib.suppress(OSError):
+            uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
+        uffd.close()
+        host.close()
