@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from ._pages import PAGE_SIZE
 from .errors import InvalidArgumentError
+from .model import EventKind
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -176,10 +177,10 @@ class Metrics:
     def on_event(self, event: Event) -> None:
         """Replicator listener. Runs on the engine's threads, so it is short and never raises."""
         try:
-            if event.kind == "invalidate":
+            if event.kind == EventKind.INVALIDATE:
                 self.invalidations.inc()
                 self.invalidated_pages.inc(event.pages)
-            elif event.kind == "sync":
+            elif event.kind == EventKind.SYNC:
                 device = event.device or ""
                 children = self._per_device.get(device)
                 if children is None:
@@ -190,9 +191,9 @@ class Metrics:
                 syncs.inc()
                 replicated.inc(event.nbytes or event.pages * PAGE_SIZE)
                 duration.observe(event.seconds)
-            elif event.kind == "verify":
+            elif event.kind == EventKind.VERIFY:
                 self.verify_mismatches.labels(event.device or "").inc(event.pages)
-            elif event.kind == "region_failed":
+            elif event.kind == EventKind.REGION_FAILED:
                 self.region_failures.inc()
         except Exception:  # a metrics bug must not break replication
             self.listener_errors.inc()

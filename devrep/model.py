@@ -60,16 +60,32 @@ class ExportKind(StrEnum):
     NONE = "none"
 
 
+class EventKind(StrEnum):
+    """What an ``Event`` reports. A ``str`` subclass: ``event.kind == "sync"`` and the wire's plain strings keep
+    working, and the value is what the gRPC ``Event.kind`` field carries."""
+
+    INVALIDATE = "invalidate"
+    """``runs`` went stale in every replica."""
+    SYNC = "sync"
+    """``runs`` became valid on ``device``."""
+    VERIFY = "verify"
+    """``runs`` mismatched on ``device`` (marked stale there)."""
+    REPLICA_ADDED = "replica_added"
+    REPLICA_REMOVED = "replica_removed"
+    REGION_REMOVED = "region_removed"
+    REGION_FAILED = "region_failed"
+    """The region can no longer be used; ``message`` says why."""
+
+
 @dataclass(frozen=True)
 class Event:
-    """Something that happened to a region, for watchers and metrics.
+    """Something that happened to a region, for watchers and metrics (``kind``: see ``EventKind``).
 
-    ``kind``: ``invalidate`` (``runs`` went stale everywhere), ``sync`` (``runs`` became valid on
-    ``device``), ``verify`` (``runs`` mismatched on ``device``), ``replica_added``, ``replica_removed``,
-    ``region_removed``, ``region_failed``.
+    A plain string naming a known kind is turned into its ``EventKind`` (events rebuilt from the wire); an unknown
+    one (a newer server's) is kept as the string.
     """
 
-    kind: str
+    kind: EventKind
     region: str
     generation: int
     runs: RunArray = field(default_factory=_no_runs)
@@ -77,6 +93,10 @@ class Event:
     nbytes: int = 0
     seconds: float = 0.0
     message: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, EventKind) and self.kind in EventKind._value2member_map_:
+            object.__setattr__(self, "kind", EventKind(self.kind))
 
     @property
     def pages(self) -> int:

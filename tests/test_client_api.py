@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import devrep
 from devrep.client import Client, ServiceUnavailableError, connect
-from devrep.region import Event
+from devrep.region import Event, EventKind
 from devrep.service import DevrepServer
 from devrep.service.watch import coalesce, merge_runs
 
@@ -155,9 +155,10 @@ def test_merge_runs_is_the_union(parts: list[list[tuple[int, int]]]) -> None:
 
 def test_coalesce_merges_consecutive_events_only() -> None:
     r = np.array([[0, 1]])
-    events = [Event("invalidate", "a", 1, r), Event("invalidate", "a", 2, np.array([[1, 1]])),
-              Event("sync", "a", 2, r, "cpu:0"), Event("invalidate", "a", 3, np.array([[5, 1]])),
-              Event("invalidate", "b", 3, r)]
+    inv = EventKind.INVALIDATE
+    events = [Event(inv, "a", 1, r), Event(inv, "a", 2, np.array([[1, 1]])),
+              Event(EventKind.SYNC, "a", 2, r, "cpu:0"), Event(inv, "a", 3, np.array([[5, 1]])),
+              Event(inv, "b", 3, r)]
     out = coalesce(events)
     assert [(e.kind, e.region, e.generation) for e in out] == [("invalidate", "a", 2), ("sync", "a", 2),
                                                                 ("invalidate", "a", 3), ("invalidate", "b", 3)]

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._libc import IO, IOR, IOWR, SYS_USERFAULTFD, PreparedIoctl, check, ioctl, libc
+from ._libc import IO, IOR, IOWR, SYS_USERFAULTFD, _ioctl_prepared, check, ioctl, libc
 
 UFFD_API = 0xAA
 _O_CLOEXEC = os.O_CLOEXEC
@@ -183,18 +183,25 @@ class Userfaultfd:
         wp.mode = (WriteProtectMode.WP if protect else 0) | (WriteProtectMode.DONTWAKE if dontwake else 0)
         ioctl(self.fd, UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
 
-    def writeprotect_runs(self, starts: Sequence[int], lengths: Sequence[int], protect: bool) -> None:
-        """``writeprotect`` for many ranges (no wake when protecting): one ioctl each through a prepared
-        call, about twice as fast as calling ``writeprotect`` per range (a sync-mode rearm of a 1 % sync of
-        1 GiB issues ~2,600)."""
+    def protect_page_runs(self, base: int, runs: Sequence[int], page_shift: int) -> None:
+        """Write-protect (no wake) page runs of the range starting at ``base``; ``runs`` is flat:
+        ``[first_page, count, first_page, count, ...]`` (e.g. an ``array.array("q")`` straight from a message).
+
+        The sync-mode rearm: thousands of short runs, so the loop is as tight as Python allows (one prepared
+        ioctl rewritten in place, no per-run call layers or lists; about half the cost of a ``PreparedIoctl``
+        call per run). The kernel refuses a run outside the registered range (``OSError``)."""
         words = (ctypes.c_uint64 * 3)()  # struct uffdio_writeprotect: range.start, range.len, mode
-        assert ctypes.sizeof(words) == ctypes.sizeof(_WriteProtect)
-        words[2] = int(WriteProtectMode.WP) if protect else 0
-        call = PreparedIoctl(self.fd, UFFDIO_WRITEPROTECT, words, "UFFDIO_WRITEPROTECT")
-        for start, length in zip(starts, lengths, strict=True):
-            words[0] = start
-            words[1] = length
-            call()
+        words[2] = int(WriteProtectMode.WP)
+        args = (ctypes.c_int(self.fd), ctypes.c_ulong(UFFDIO_WRITEPROTECT), ctypes.c_void_p(ctypes.addressof(words)))
+        call = _ioctl_prepared
+        pairs = iter(runs)
+        for first, count in zip(pairs, pairs, strict=True):
+            words[0] = base + (first << page_shift)
+            words[1] = count << page_shift
+            while call(*args) < 0:
+                err = ctypes.get_errno()
+                if err != errno.EINTR:
+                    raise OSError(err, f"UFFDIO_WRITEPROTECT of pages [{first}, +{count}): {os.strerror(err)}")
 
     def wake(self, address: int, length: int) -> None:
         rng = self._range

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .._pages import RunArray
-from ..region import Event
+from ..model import Event, EventKind
 
 MAX_QUEUE = 100_000
 MAX_RUNS_PER_MESSAGE = 131_072
@@ -43,7 +43,7 @@ def coalesce(events: list[Event]) -> list[Event]:
     pending: list[RunArray] = []
     for event in events:
         if out and (out[-1].kind, out[-1].region, out[-1].device) == (event.kind, event.region, event.device) \
-                and event.kind in ("invalidate", "sync", "verify"):
+                and event.kind in (EventKind.INVALIDATE, EventKind.SYNC, EventKind.VERIFY):
             pending.append(event.runs)
             last = out[-1]
             out[-1] = Event(last.kind, last.region, max(last.generation, event.generation), last.runs,

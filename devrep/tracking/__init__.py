@@ -8,17 +8,42 @@ The engine talks to a tracker through four calls only:
 * ``collect()`` -> pages written since the last call (the engine invalidates them). Called, under the
   region lock, before every decision that depends on validity: sync, acquire, verify, describe. It must
   be cheap when nothing was written.
-* ``rearm(runs)`` -> called by ``sync()`` under the region lock *before* copying ``runs``, so a write
-  during the copy is seen (sync mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN
-  re-protects atomically).
+* ``rearm(runs)`` -> called by ``sync()`` *before* copying ``runs``, so a write during the copy is seen (sync
+  mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN re-protects atomically). Called
+  *without* the region lock (see "Rearm off the region lock" below): it may run while other threads call
+  ``collect()``, never alongside another ``rearm``/``settle`` of the same region (one sync at a time).
+* ``settle()`` -> called by ``sync()`` under the region lock after its post-copy ``collect()``.
 * ``on_failure(reason)`` -> an attribute the region sets before ``attach``: the tracker calls it when it
-  can no longer track (never from inside ``collect``/``rearm``, which run under the region lock).
+  can no longer track (never from inside ``collect``, which runs under the region lock, nor ``rearm``).
 * ``close()`` -> stop tracking and release every protection (no writer may stay blocked).
 
 Ordering rule that makes sync mode correct: a fault handler records the page as written (so the next
 ``collect()`` returns it) *before* it un-protects the page and wakes the writer, and fault handling and
 ``rearm`` are serialized with each other. Then a page is never reported valid while a write to it has
 landed undetected. ``explicit`` mode relies on the owner calling ``Region.invalidate`` itself.
+
+Rearm off the region lock. A sync (``devrep.region``) runs in three steps: (1) under the region lock it
+collects, plans and snapshots the generations of the pages to copy; (2) without the lock it calls
+``rearm(runs)``, waits for it to return (sync mode: the helper process acknowledges after its ioctls), then
+copies; (3) under the lock again it collects and marks a copied page valid only if its generation still
+equals the snapshot. Readers acquire and release during step 2, so a reader's ``release()`` never waits for
+the rearm round trip. Coherence still holds, for any write W to a copied page p:
+
+* W landed before rearm re-protected p: the copy starts after ``rearm`` returned, so it reads p after W
+  and carries W.
+* W comes after rearm re-protected p: W faults, and by the rule above the handler records p before W lands.
+  If W lands before the copy reads p, the copy carries it. If it lands after the copy read p but before
+  step 3's ``collect()``, its record precedes it, so that collect (or an earlier one: a reader's acquire, a
+  notify) invalidates p, which moves p's generation off the snapshot, and step 3 leaves p stale. If it lands
+  after step 3's collect, the replica was current at the commit and W is an ordinary later write, invalidated
+  by the next collect, which every acquire makes first. Stale-marking always wins: every invalidation moves
+  the generation away from the snapshot and nothing moves it back.
+* A collect between steps 1 and 3 by another thread (the lock is free) is such an invalidation: same result.
+
+So the rule the rearm must keep is only: it has re-protected every page of ``runs`` when it returns, and the
+copy starts after that. Holding the region lock across it added nothing but readers waiting (up to the
+rearm timeout). A mutant that skips the rearm is caught by the coherence checker and the sync-mode
+hypothesis state machine (tests/test_region_rules.py).
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ writer. It exits when the socket reaches EOF (the owner died or closed the track
 
 from __future__ import annotations
 
+import array
 import mmap
+import operator
 import os
 import select
 import socket
@@ -138,13 +140,17 @@ class FaultHandler:
 
     def rearm(self, runs: Iterable[Sequence[int]]) -> None:
         """Write-protect ``[first_page, count]`` runs again (no wake: nobody waits on a writable page)."""
-        starts, lengths = [], []
-        for first, count in runs:
-            if first < 0 or count <= 0 or first + count > self.npages:
-                raise ValueError(f"run [{first}, {count}] outside the region's {self.npages} pages")
-            starts.append(self.base + (first << PAGE_SHIFT))
-            lengths.append(count << PAGE_SHIFT)
-        self.uffd.writeprotect_runs(starts, lengths, True)
+        self.rearm_flat([value for run in runs for value in run])
+
+    def rearm_flat(self, runs: Sequence[int]) -> None:
+        """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format), checked in bulk
+        (builtins over the whole sequence, not a Python loop per run), then protected in one tight loop."""
+        firsts, counts = runs[0::2], runs[1::2]
+        if len(firsts) != len(counts):
+            raise ValueError("rearm runs must be [first, count] pairs")
+        if firsts and (min(firsts) < 0 or min(counts) <= 0 or max(map(operator.add, firsts, counts)) > self.npages):
+            raise ValueError(f"a rearm run lies outside the region's {self.npages} pages")
+        self.uffd.protect_page_runs(self.base, runs, PAGE_SHIFT)
 
     def release_all(self) -> None:
         """Un-protect the whole range and wake anyone blocked on it."""
@@ -184,9 +190,11 @@ def _serve(sock: socket.socket) -> int:
                     sock.send(ACK)
                 return 0
             if msg.startswith(OP_REARM):
-                flat = struct.unpack_from(f"<{(len(msg) - 1) // 8}q", msg, 1)
                 try:
-                    handler.rearm(list(zip(flat[0::2], flat[1::2], strict=True)))
+                    flat = array.array("q", msg[1:])  # little-endian int64 pairs (the owner sends "<i8")
+                    if sys.byteorder != "little":
+                        flat.byteswap()
+                    handler.rearm_flat(flat)
                 except (OSError, ValueError) as exc:
                     os.write(2, f"devrep handler: rearm failed: {exc}\n".encode())
                     sock.send(b"E" + str(exc).encode()[:1000])

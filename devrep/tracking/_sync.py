@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 _PF_EXITING = 0x4  # linux/sched.h task flag, field 9 of /proc/<pid>/stat
 
 
-# Re-protecting a page that is already protected costs ~80 ns (a PTE walk), one more ioctl ~3-5 us from Python:
-# rearm protects across gaps up to this many pages with one call instead of two.
-MERGE_GAP_PAGES = 32
+# Re-protecting a page that is already protected costs ~130 ns (a PTE update), one more ioctl ~1.4 us from the
+# helper's loop (kernel included): rearm protects across gaps up to this many pages with one call instead of two
+# (measured on a 1 % rearm of 1 GiB: gaps 8-16 are best, 32 costs 25 % more, 64 80 % more).
+MERGE_GAP_PAGES = 12
 
 
 def merge_close_runs(runs: RunArray, gap: int = MERGE_GAP_PAGES) -> RunArray:
@@ -70,21 +71,29 @@ class _Shared:
         self.counter = np.frombuffer(self.map, dtype=np.uint64, count=1, offset=h.COUNTER_OFFSET)
         self.flag = np.frombuffer(self.map, dtype=np.uint8, count=1, offset=h.NOTIFY_OFFSET)
         self.dirty = np.frombuffer(self.map, dtype=np.uint8, count=npages, offset=h.DIRTY_OFFSET)
+        # The same bytes padded to whole 8-byte words (the padding lies inside the map and is never set), scanned a
+        # word at a time: np.flatnonzero over a byte per page costs ~0.5 ms per GiB region, over words ~8x less.
+        self._words = np.frombuffer(self.map, dtype=np.uint8, count=-(-npages // 8) * 8, offset=h.DIRTY_OFFSET)
         self.seen = 0
 
     def take(self) -> PageArray:
-        """Pages recorded since the last call. Cheap (one load) when nothing faulted."""
+        """Pages recorded since the last call, sorted. Cheap (one load) when nothing faulted."""
         count = int(self.counter[0])
         if count == self.seen:
             return np.empty(0, dtype=np.int64)
         self.seen = count  # read before the map: a fault recorded meanwhile shows now or on the next call
         # Snapshot first: the handler may set more bytes while we scan (those stay set for the next call).
-        pages = np.flatnonzero(self.dirty.copy()).astype(np.int64)
+        snapshot = self._words.copy()
+        words = np.flatnonzero(snapshot.view(np.uint64))
+        if words.size == 0:
+            return np.empty(0, dtype=np.int64)
+        rows, cols = np.nonzero(snapshot.reshape(-1, 8)[words])  # row-major: the pages come out sorted
+        pages = (words[rows] * 8 + cols).astype(np.int64, copy=False)
         self.dirty[pages] = 0
         return pages
 
     def close(self) -> None:
-        del self.counter, self.flag, self.dirty
+        del self.counter, self.flag, self.dirty, self._words
         with contextlib.suppress(BufferError):
             self.map.close()
         if self.fd >= 0:
@@ -308,6 +317,8 @@ class SyncTracker(Tracker):
                     raise InvalidArgumentError(str(exc)) from exc
             return
         with self._lock:
+            if self._sock is None:  # closed meanwhile: rearm runs off the region lock, close may win the race
+                raise FailedPreconditionError("sync tracking was stopped (the region is being unregistered)")
             for start in range(0, len(runs), h.RUNS_PER_MESSAGE):
                 chunk = runs[start:start + h.RUNS_PER_MESSAGE]
                 self._send(h.OP_REARM + chunk.astype("<i8").tobytes())

@@ -1,0 +1,143 @@
+"""Sync planning and copying: what one sync writes where (``Plan``), the union of the pages to read from the host,
+the copy itself (one backend call per group of replicas that need the same pages, host read once) and the commit
+that marks copied pages valid. Planning and the commit run under the region's lock; the copy does not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .._pages import PAGE_SIZE, PageArray, RunArray, runs_from_pages
+from ..errors import FailedPreconditionError
+from ..model import Event, EventKind, ProgressCallback
+from ._replicas import Replica
+from ._state import PageState
+
+if TYPE_CHECKING:
+    from ..backends import Progress as CopyProgress
+
+
+@dataclass(eq=False)
+class Plan:
+    """What one sync writes for one replica: ``pages`` into buffer ``target``."""
+
+    replica: Replica
+    target: int
+    pages: PageArray
+    stale_in_front: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, bool))
+    """Per entry of ``pages``: stale in the readable buffer when the generations were snapshot."""
+
+
+def plan_replica(state: PageState, rep: Replica, target: int) -> Plan:
+    """The plan for writing ``rep``'s buffer ``target`` (marked busy: no lease or other sync touches it)."""
+    rep.busy[target] = True
+    return Plan(rep, target, state.pages_to_write(rep.slot, into_spare=target != rep.front))
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """Every plan's view of the page state, taken in one lock hold: what the copy is later judged against."""
+
+    union: PageArray
+    """The pages any plan copies (read once from the host)."""
+    gen: npt.NDArray[np.uint32]
+    """``union``'s generations."""
+    generation: int
+
+    @property
+    def runs(self) -> RunArray:
+        return runs_from_pages(self.union)
+
+
+def take_snapshot(state: PageState, plans: list[Plan]) -> Snapshot:
+    for plan in plans:
+        plan.stale_in_front = state.stale_among(plan.replica.slot, plan.pages)
+    union = union_pages([p.pages for p in plans], state.npages)
+    return Snapshot(union, state.snapshot(union), state.generation)
+
+
+def union_pages(page_sets: list[PageArray], npages: int) -> PageArray:
+    """Sorted unique union of sorted unique page sets (the common single or identical set is returned as is)."""
+    if not page_sets:
+        return np.empty(0, np.int64)
+    if all(p is page_sets[0] or np.array_equal(p, page_sets[0]) for p in page_sets):
+        return page_sets[0]
+    mask = np.zeros(npages, dtype=bool)
+    for pages in page_sets:
+        mask[pages] = True
+    return np.flatnonzero(mask)
+
+
+def copy_plans(plans: list[Plan], source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
+               progress: ProgressCallback | None) -> int:
+    """Run the copies, one backend call per group of replicas that need the same pages (fan-out); returns the host
+    bytes read (each page once per group, however many replicas it lands in). ``source(runs)`` gives the host
+    pages to copy from."""
+    groups: dict[tuple[int, bytes], list[Plan]] = {}
+    for plan in plans:
+        if plan.pages.size:
+            groups.setdefault((id(plan.replica.backend), plan.pages.tobytes()), []).append(plan)
+    total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
+    done = 0
+    if progress:
+        progress(0, total)
+    host_read = 0
+    for members in groups.values():
+        first = members[0]
+        buffers = [plan.replica.buffers[plan.target] for plan in members]
+        if any(b is None for b in buffers):
+            raise FailedPreconditionError(f"region {region!r}: a replica buffer vanished during sync")
+        runs = runs_from_pages(first.pages)
+        group_end = done + len(members) * int(first.pages.size) * PAGE_SIZE
+        report: CopyProgress | None = None
+        if progress:
+            # Backends report host bytes read (once per fan-out call); each such byte landed in every member.
+            def report(nbytes: int, _k: int = len(members), _end: int = group_end) -> None:
+                nonlocal done
+                done = min(done + nbytes * _k, _end)
+                progress(done, total)
+        first.replica.backend.copy_runs(source(runs), runs, [b for b in buffers if b is not None], report)
+        host_read += int(first.pages.size) * PAGE_SIZE
+        if progress and done != group_end:
+            done = group_end
+            progress(done, total)
+    return host_read
+
+
+def commit(state: PageState, plans: list[Plan], snap: Snapshot, region: str, seconds: float
+           ) -> tuple[int, list[Event]]:
+    """Mark what the copies wrote valid where the host did not change meanwhile (generation check), flip replicas
+    whose spare was written, and free the busy flags. Returns the pages copied and the ``sync`` events."""
+    unchanged = state.unchanged(snap.union, snap.gen)
+    copied = 0
+    events: list[Event] = []
+    for plan in plans:
+        rep, pages = plan.replica, plan.pages
+        rep.busy[plan.target] = False
+        if rep.closed:
+            rep.free_unleased()
+            continue
+        kept = unchanged if pages is snap.union else unchanged[np.searchsorted(snap.union, pages)]
+        flipped = plan.target != rep.front
+        fresh = state.mark_synced(rep.slot, pages, kept, plan.stale_in_front, flipped=flipped,
+                                  has_other=rep.buffers[1 - plan.target] is not None)
+        if flipped:
+            rep.front = plan.target
+        rep.generation = snap.generation
+        copied += int(pages.size)
+        if fresh.size:
+            events.append(Event(EventKind.SYNC, region, snap.generation, runs_from_pages(fresh), device=rep.device,
+                                nbytes=int(pages.size) * PAGE_SIZE, seconds=seconds))
+    return copied, events
+
+
+def abandon(plans: list[Plan]) -> None:
+    """A sync failed midway: no page was marked valid; free the busy flags (and a removed replica's buffers)."""
+    for plan in plans:
+        plan.replica.busy[plan.target] = False
+        if plan.replica.closed:
+            plan.replica.free_unleased()

@@ -1,0 +1,236 @@
+"""The region's acquire and rearm rules (issue 13 item 5) and ``EventKind``.
+
+* A stale fresh acquire syncs only its own replica and calls ``collect()`` at most twice.
+* The sync-mode rearm round trip runs off the region lock: a reader's ``release()`` (and a non-fresh acquire)
+  returns while a sync's rearm is stuck in the helper process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import devrep
+from devrep import PAGE_SIZE
+from devrep._pages import PageArray, RunArray
+from devrep.region import Event, EventKind
+from devrep.tracking import ExplicitTracker
+from devrep.tracking._sync import SyncTracker
+
+WAIT = 60.0  # generous bound for things that must happen (the machine may be loaded); never a timing assertion
+
+
+def test_event_kind_values_and_string_comparisons() -> None:
+    assert [k.value for k in EventKind] == ["invalidate", "sync", "verify", "replica_added", "replica_removed",
+                                            "region_removed", "region_failed"]
+    assert EventKind.SYNC == "sync" and f"{EventKind.REGION_FAILED}" == "region_failed"
+    rebuilt = Event("verify", "r", 1)  # type: ignore[arg-type]  # what a client rebuilds from the wire
+    assert rebuilt.kind is EventKind.VERIFY
+    newer = Event("resized", "r", 1)  # type: ignore[arg-type]  # a newer server's kind: kept as the string
+    assert newer.kind == "resized"
+
+
+def test_region_emits_enum_kinds() -> None:
+    seen: list[Event] = []
+    with devrep.Replicator(cpu_devices=1) as rep:
+        rep.add_listener(seen.append)
+        region = rep.create_region("k", 4 * PAGE_SIZE)
+        rep.replicate("k", ["cpu:0"])
+        region.invalidate(0, 1)
+        region.sync()
+    kinds = [e.kind for e in seen]
+    assert all(isinstance(k, EventKind) for k in kinds), kinds
+    assert kinds[:3] == [EventKind.REPLICA_ADDED, EventKind.SYNC, EventKind.INVALIDATE], kinds
+    assert kinds[-1] == "region_removed"
+
+
+class CountingExplicit(ExplicitTracker):
+    """The real explicit tracker, counting ``collect()`` calls made by one thread."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.thread = threading.get_ident()
+
+    def collect(self) -> PageArray:
+        if threading.get_ident() == self.thread:
+            self.calls += 1
+        return super().collect()
+
+
+class CountingSync(SyncTracker):
+    """The real in-process sync tracker, counting ``collect()`` calls made by one thread (the helper's notify
+    thread collects too; those calls are not the acquire's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.thread = threading.get_ident()
+
+    def collect(self) -> PageArray:
+        if threading.get_ident() == self.thread:
+            self.calls += 1
+        return super().collect()
+
+
+@pytest.mark.parametrize("mode", ["explicit", "sync"])
+def test_stale_acquire_collects_at_most_twice_and_syncs_only_its_replica(mode: str) -> None:
+    tracker: CountingExplicit | CountingSync = CountingExplicit() if mode == "explicit" else CountingSync()
+    npages = 32
+    with devrep.Replicator(cpu_devices=2) as rep:
+        region = rep.create_region("c", npages * PAGE_SIZE, tracking=tracker)
+        region.array[:] = 1
+        if mode == "explicit":
+            region.invalidate()
+        rep.replicate("c", ["cpu:0", "cpu:1"])
+        region.array[5 * PAGE_SIZE] = 9
+        region.array[20 * PAGE_SIZE] = 9
+        if mode == "explicit":
+            region.invalidate_pages([5, 20])
+        copied = region.stats.pages_copied
+        tracker.calls = 0
+        with region.acquire("cpu:0") as lease:
+            calls = tracker.calls
+            assert lease.read(5 * PAGE_SIZE, 1)[0] == 9 and lease.read(20 * PAGE_SIZE, 1)[0] == 9
+            assert len(lease.invalid_runs) == 0
+        print(f"collect() calls by the stale acquire: expected <= 2, got {calls}")
+        assert 1 <= calls <= 2
+        # Only its own replica was synced: cpu:1 still has both pages stale.
+        assert region.stats.pages_copied - copied == 2
+        assert region.invalid_runs("cpu:1").tolist() == [[5, 1], [20, 1]]
+        # A fresh acquire of a fresh replica collects once.
+        tracker.calls = 0
+        region.acquire("cpu:0").release()
+        assert tracker.calls == 1
+
+
+def test_release_does_not_wait_for_a_rearm_in_flight() -> None:
+    """A sync whose rearm is stuck in the (stopped) helper process holds no region lock: a reader releases its
+    lease, and another acquires a stale view, while the rearm is still in flight."""
+    tracker = SyncTracker(rearm_timeout=10 * WAIT)  # the stopped helper must not time the rearm out
+    npages = 16
+    with devrep.Replicator(cpu_devices=1) as rep:
+        region = rep.create_region("r", npages * PAGE_SIZE, tracking=tracker)
+        region.array[:] = 1
+        rep.replicate("r", ["cpu:0"])
+        held = region.acquire("cpu:0")  # the sync below must write the spare and flip
+        region.array[3 * PAGE_SIZE] = 7  # faults; recorded by the helper
+        region.collect()
+
+        in_rearm = threading.Event()
+        real_rearm: Callable[[RunArray], None] = tracker.rearm
+
+        def rearm(runs: RunArray) -> None:  # the real rearm, announced first
+            in_rearm.set()
+            real_rearm(runs)
+
+        tracker.rearm = rearm  # type: ignore[method-assign]
+        pid = tracker.helper_pid
+        assert pid is not None
+        outcome: list[object] = []
+        sync_done = threading.Event()
+
+        def sync() -> None:
+            try:
+                outcome.append(region.sync())
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                sync_done.set()
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            syncer = threading.Thread(target=sync, daemon=True)
+            syncer.start()
+            assert in_rearm.wait(WAIT), "the sync never reached its rearm"
+            released = threading.Event()
+            stale_view: list[np.ndarray] = []
+
+            def reader() -> None:
+                held.release()
+                with region.acquire("cpu:0", fresh=False) as lease:
+                    stale_view.append(lease.invalid_runs.copy())
+                released.set()
+
+            threading.Thread(target=reader, daemon=True).start()
+            got = released.wait(WAIT)
+            # Ordering, not timing: the helper is stopped, so the rearm (and the sync) cannot have finished yet.
+            print(f"release returned: {got}; sync finished meanwhile: {sync_done.is_set()} (expected True, False)")
+            assert got, "release() waited for the rearm round trip (region lock held across it)"
+            assert not sync_done.is_set()
+            assert stale_view[0].tolist() == [[3, 1]]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert sync_done.wait(WAIT), "the sync did not finish after the helper resumed"
+        assert not isinstance(outcome[0], BaseException), outcome
+        with region.acquire("cpu:0", timeout=WAIT) as lease:
+            assert lease.read(3 * PAGE_SIZE, 1)[0] == 7
+            assert np.array_equal(lease.read(), region.array)
+
+
+def test_big_sync_mode_sync_is_complete_and_rearmed() -> None:
+    """A sync-mode sync of many runs (the helper's flat-run rearm loop, merged gaps): every page arrives in every
+    replica, progress stays monotone and ends at the total, and a later write to a copied page or to a page in a
+    merged gap is still seen (both were re-protected)."""
+    npages = 4096
+    with devrep.Replicator(cpu_devices=2) as rep:
+        region = rep.create_region("big", npages * PAGE_SIZE, tracking="sync")
+        region.array[:] = 1
+        rep.replicate("big", ["cpu:0", "cpu:1"])
+        region.array.reshape(npages, PAGE_SIZE)[::2, 7] = 5  # every other page: npages / 2 runs
+        seen: list[tuple[int, int]] = []
+        report = region.sync(progress=lambda done, total: seen.append((done, total)))
+        assert report.pages_copied == 2 * (npages // 2) and report.runs == npages // 2
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1] == report.bytes_copied
+        for device in ("cpu:0", "cpu:1"):
+            with region.acquire(device, timeout=WAIT) as lease:
+                assert np.array_equal(lease.read(), region.array)
+        region.array[(npages - 2) * PAGE_SIZE] = 9  # a copied page
+        region.array[(npages - 3) * PAGE_SIZE] = 8  # a gap page (never written, protected all along)
+        with region.acquire("cpu:1", timeout=WAIT) as lease:
+            assert lease.read((npages - 3) * PAGE_SIZE, PAGE_SIZE + 1).tolist()[::PAGE_SIZE] == [8, 9]
+
+
+def _uffd_wp_bits(address: int, npages: int) -> list[bool]:
+    """Per page of ``[address, +npages)`` of this process: write-protected by userfaultfd (pagemap bit 57)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        entries = np.frombuffer(os.pread(f.fileno(), 8 * npages, 8 * (address // PAGE_SIZE)), dtype=np.uint64)
+    return ((entries >> np.uint64(57)) & np.uint64(1)).astype(bool).tolist()
+
+
+def test_helper_rearm_protects_exactly_the_runs_and_checks_bounds() -> None:
+    """``FaultHandler.rearm_flat`` (the helper's loop over flat runs) on a real registered mapping of this process:
+    exactly the pages of the runs become write-protected; runs outside the region or malformed are refused."""
+    import mmap
+
+    from devrep.memory import create_shared
+    from devrep.tracking._handler import FaultHandler
+    from devrep.tracking._setup import WP_FEATURES, open_uffd, register_wp
+
+    npages = 64
+    host = create_shared("wp", npages * PAGE_SIZE)
+    host.array[:] = 1  # populated: pagemap shows the bit on present pages
+    uffd = open_uffd("sync", WP_FEATURES)
+    try:
+        register_wp(uffd, "sync", host.address, npages * PAGE_SIZE)
+        uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
+        handler = FaultHandler(uffd, host.address, npages, mmap.mmap(-1, PAGE_SIZE))
+        assert not any(_uffd_wp_bits(host.address, npages))
+        handler.rearm_flat([1, 2, 10, 1, 60, 4])
+        expected = [p in (1, 2, 10, 60, 61, 62, 63) for p in range(npages)]
+        assert _uffd_wp_bits(host.address, npages) == expected
+        handler.rearm([(20, 3)])  # the service thread's form
+        assert _uffd_wp_bits(host.address, npages)[19:24] == [False, True, True, True, False]
+        for bad in ([62, 3], [-1, 2], [5, 0], [1, 2, 3]):
+            with pytest.raises(ValueError):
+                handler.rearm_flat(bad)
+    finally:
+        with contextlib.suppress(OSError):
+            uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
+        uffd.close()
+        host.close()
