@@ -87,14 +87,14 @@ _LAZY = {
     "DeviceBuffer": ".backends",
     "ExportHandle": ".backends",
     "Replicator": ".engine",
-    "Event": ".region",
+    "Event": ".model",
     "Lease": ".region",
     "Region": ".region",
-    "RegionInfo": ".region",
-    "RegionStats": ".region",
+    "RegionInfo": ".model",
+    "RegionStats": ".model",
     "Replica": ".region",
-    "SyncReport": ".region",
-    "VerifyReport": ".region",
+    "SyncReport": ".model",
+    "VerifyReport": ".model",
     "Client": ".client",
     "connect": ".client",
 }
@@ -104,7 +104,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .backends import Backend, DeviceBuffer, ExportHandle
     from .client import Client, connect
     from .engine import Replicator
-    from .region import Event, Lease, Region, RegionInfo, RegionStats, Replica, SyncReport, VerifyReport
+    from .model import Event, RegionInfo, RegionStats, SyncReport, VerifyReport
+    from .region import Lease, Region, Replica
 
 
 def __getattr__(name: str) -> object:

@@ -19,7 +19,8 @@ from .errors import (
     UnknownDeviceError,
 )
 from .memory import HostMemory, adopt_fd, create_shared, map_file, map_file_fd, wrap_buffer
-from .region import DEFAULT_TIMEOUT, Event, Listener, ProgressCallback, Region, SyncReport, check_region_name
+from .model import Event, Listener, ProgressCallback, SyncReport
+from .region import DEFAULT_TIMEOUT, Region, check_region_name
 from .tracking import Tracker, make_tracker
 
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from .engine import Replicator
-    from .region import Event
+    from .model import Event
 
 log = logging.getLogger("devrep.metrics")
 

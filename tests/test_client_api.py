@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _devrep_service import inproc_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import devrep
 from devrep.client import Client, ServiceUnavailableError, connect
-from devrep.region import Event, EventKind
+from devrep.model import Event, EventKind
 from devrep.service import DevrepServer
 from devrep.service.watch import coalesce, merge_runs
 
@@ -22,15 +20,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def server() -> Iterator[DevrepServer]:
-    with inproc_server() as srv:
-        yield srv
+def server(devrep_server: DevrepServer) -> DevrepServer:
+    return devrep_server  # devrep.testing's in-process server (tests/conftest.py loads the plugin)
 
 
 @pytest.fixture
-def client(server: DevrepServer) -> Iterator[Client]:
-    with connect(server.address, label="test") as c:
-        yield c
+def client(devrep_client: Client) -> Client:
+    return devrep_client
 
 
 def test_region_roundtrip_readonly_zero_copy_views(client: Client) -> None:

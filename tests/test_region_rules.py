@@ -19,7 +19,7 @@ import pytest
 import devrep
 from devrep import PAGE_SIZE
 from devrep._pages import PageArray, RunArray
-from devrep.region import Event, EventKind
+from devrep.model import Event, EventKind
 from devrep.tracking import ExplicitTracker
 from devrep.tracking._sync import SyncTracker
 
@@ -50,32 +50,37 @@ def test_region_emits_enum_kinds() -> None:
     assert kinds[-1] == "region_removed"
 
 
-class CountingExplicit(ExplicitTracker):
-    """The real explicit tracker, counting ``collect()`` calls made by one thread."""
+class _CountsCollects:
+    """Mixin over a real tracker: counts ``collect()`` calls made by the thread that built it (a sync helper's
+    notify thread collects too; those calls are not the acquire's)."""
 
-    def __init__(self) -> None:
+    calls = 0
+    thread = 0
+
+    def _start_counting(self) -> None:
         self.calls = 0
         self.thread = threading.get_ident()
 
     def collect(self) -> PageArray:
         if threading.get_ident() == self.thread:
             self.calls += 1
-        return super().collect()
+        return super().collect()  # type: ignore[misc]
 
 
-class CountingSync(SyncTracker):
-    """The real in-process sync tracker, counting ``collect()`` calls made by one thread (the helper's notify
-    thread collects too; those calls are not the acquire's)."""
+class CountingExplicit(_CountsCollects, ExplicitTracker):
+    """The real explicit tracker, counting ``collect()`` calls."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls = 0
-        self.thread = threading.get_ident()
+        self._start_counting()
 
-    def collect(self) -> PageArray:
-        if threading.get_ident() == self.thread:
-            self.calls += 1
-        return super().collect()
+
+class CountingSync(_CountsCollects, SyncTracker):
+    """The real in-process sync tracker, counting ``collect()`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start_counting()
 
 
 @pytest.mark.parametrize("mode", ["explicit", "sync"])

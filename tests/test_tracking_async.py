@@ -13,7 +13,7 @@ from _support import remote_writer
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
-from devrep.region import Event
+from devrep.model import Event
 from devrep.tracking._async import _LOOP, IDLE_INTERVAL_MAX, AsyncTracker, ranges_to_pages
 
 pytestmark = pytest.mark.usefixtures("hang_guard")

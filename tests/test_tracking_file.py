@@ -13,7 +13,7 @@ import pytest
 
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
-from devrep.region import Event
+from devrep.model import Event
 from devrep.tracking._file import FileTracker
 
 pytestmark = pytest.mark.usefixtures("hang_guard")

@@ -21,17 +21,6 @@ in the commit's ``collect()`` (see ``devrep.tracking``).
 
 from __future__ import annotations
 
-from ..model import (
-    Event,
-    EventKind,
-    Listener,
-    ProgressCallback,
-    RegionInfo,
-    RegionStats,
-    ReplicaInfo,
-    SyncReport,
-    VerifyReport,
-)
 from ._region import DEFAULT_TIMEOUT, Region, check_region_name
 from ._replicas import MAX_REPLICAS, Lease, Replica
 from ._state import PageState
@@ -39,18 +28,9 @@ from ._state import PageState
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_REPLICAS",
-    "Event",
-    "EventKind",
     "Lease",
-    "Listener",
     "PageState",
-    "ProgressCallback",
     "Region",
-    "RegionInfo",
-    "RegionStats",
     "Replica",
-    "ReplicaInfo",
-    "SyncReport",
-    "VerifyReport",
     "check_region_name",
 ]

@@ -24,8 +24,8 @@ from ..errors import (
     UnauthenticatedError,
     UnsupportedModeError,
 )
-from ..model import TrackingMode
-from ..region import DEFAULT_TIMEOUT, Event, Lease, Region, RegionInfo, SyncReport, check_region_name
+from ..model import Event, RegionInfo, SyncReport, TrackingMode
+from ..region import DEFAULT_TIMEOUT, Lease, Region, check_region_name
 from ..tracking import TRACKERS, Tracker, _register_kernel_trackers, make_tracker
 from ..wire import HOLDER_KEY, HOLDER_TTL_KEY
 from ..wire._gen import devrep_pb2 as pb
