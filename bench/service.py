@@ -6,7 +6,8 @@ P7: invalidation events delivered to one watcher while another process writes ra
     (explicit mode, 256 random pages per report, consecutive reports disjoint). Target: >= 50,000 pages/s
     delivered, nothing dropped.
 S1: ``devrep serve`` start to Health SERVING vs a bare grpcio server with a health service, interleaved, devrep
-    byte-compiled first as an installed package is (target <= 2x); S1b: the first replicate of 64 MiB in a fresh server vs a second one (target <= 2x).
+    byte-compiled first as an installed package is (target <= 2x); S1b: the first replicate of 64 MiB in a fresh
+    server vs a second one (target <= 2x).
 S2: server CPU time per acquire+release (one client, /proc/<server>/stat; target <= 120 us); S2b: acquires/s
     with 16 client processes vs one (target >= 0.9x), p99 reported.
 """
