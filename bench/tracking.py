@@ -218,7 +218,8 @@ def writer_cost_plot(results: dict[str, Any], nbytes: int = 64 * MiB, repeat: in
     blocks = [PAGE_SIZE, 64 << 10, 2 << 20]
     modes: dict[str, Any] = {
         "sync, one block per fault (fault_around=4 KiB)": lambda: SyncTracker(fault_around=PAGE_SIZE),
-        "sync, default (fault-around up to 2 MiB)": lambda: SyncTracker(),
+        "sync, default (fault-around up to 2 MiB, populate ahead)": lambda: SyncTracker(),
+        "sync, fault-around, no populate": lambda: SyncTracker(populate=False),
         "async": lambda: AsyncTracker(interval=None),
     }
     curves: dict[str, list[float]] = {label: [] for label in modes}
