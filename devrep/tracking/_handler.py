@@ -17,7 +17,8 @@ writer still takes one in-kernel minor fault per page of a window -- the same pe
 and what bounds W1. Only a thread of the writer's own process can pay that cost ahead of the writer
 (``MADV_POPULATE_WRITE``), so for a widened window the handler writes ``(first, count)`` to an optional
 hint pipe; the in-process tracker's populate thread faults in the window's back half while the woken writer
-works through the front half. Hints are best effort: dropped when the pipe is full.
+works through the front half. Hints are best effort (dropped when the pipe is full) and only for windows of at
+least ``MIN_HINT_PAGES``.
 
 ``rearm`` re-protects pages; callers run it and ``handle_pending`` one at a time (the helper
 process does both from one thread; the service thread and ``rearm`` share a lock).
@@ -67,6 +68,8 @@ RUNS_PER_MESSAGE = (MAX_MESSAGE - 1) // 16
 
 _U64 = struct.Struct("<Q")
 HINT = struct.Struct("<QQ")  # (first_page, count) of a widened window, on the hint pipe
+# Smaller windows get no hint: waking the populate thread costs more than the few faults it would save.
+MIN_HINT_PAGES = 32
 _MSG_FLAGS_ADDR = struct.Struct("<QQ")
 
 
@@ -136,7 +139,7 @@ class FaultHandler:
                     self.pages_unprotected += count
                     _U64.pack_into(state, COUNTER_OFFSET, self.faults)
                     start, length = self.base + (first << PAGE_SHIFT), count << PAGE_SHIFT
-                    if count > self.block_pages and self.hints is not None:
+                    if count > self.block_pages and count >= MIN_HINT_PAGES and self.hints is not None:
                         hint = HINT.pack(first, count)
                 try:
                     if flags & PagefaultFlag.WP:
