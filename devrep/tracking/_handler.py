@@ -16,9 +16,9 @@ read-only after ``UFFDIO_WRITEPROTECT`` resolves it (it does not upgrade dirty s
 writer still takes one in-kernel minor fault per page of a window -- the same per-page cost async mode pays,
 and what bounds W1. Only a thread of the writer's own process can pay that cost ahead of the writer
 (``MADV_POPULATE_WRITE``), so for a widened window the handler writes ``(first, count)`` to an optional
-hint pipe; the in-process tracker's populate thread faults in the window's back half while the woken writer
-works through the front half. Hints are best effort (dropped when the pipe is full) and only for windows of at
-least ``MIN_HINT_PAGES``.
+hint pipe; the in-process tracker's populate thread faults the window in from its end backwards while the
+woken writer works through it from the front. Hints are best effort (dropped when the pipe is full) and only
+for windows of at least ``MIN_HINT_PAGES``.
 
 ``rearm`` re-protects pages; callers run it and ``handle_pending`` one at a time (the helper
 process does both from one thread; the service thread and ``rearm`` share a lock).
@@ -70,6 +70,7 @@ _U64 = struct.Struct("<Q")
 HINT = struct.Struct("<QQ")  # (first_page, count) of a widened window, on the hint pipe
 # Smaller windows get no hint: waking the populate thread costs more than the few faults it would save.
 MIN_HINT_PAGES = 32
+POPULATE_CHUNK_PAGES = 64  # the populate thread's step (256 KiB): one madvise per step
 _MSG_FLAGS_ADDR = struct.Struct("<QQ")
 
 
@@ -196,8 +197,8 @@ def populate_write(address: int, length: int) -> bool:
 
 class Populator:
     """The writer's side of populate hints (see the module docstring): a thread of the writing process that
-    reads ``HINT`` records from a pipe and faults in the back half of each window while the writer, woken by
-    the un-protect, works through the front half. Give the helper ``write_fd`` (then close it here); the thread
+    reads ``HINT`` records from a pipe and faults each window in from its end backwards while the writer, woken
+    by the un-protect, works through it from the front. Give the helper ``write_fd`` (then close it here); the thread
     ends when the helper's end closes. Populating a page that a concurrent rearm protected again faults like
     a write: the handler records it (a spurious invalidation, never a missed one)."""
 
@@ -228,9 +229,15 @@ class Populator:
             pending = data[usable:]
             for off in range(0, usable, HINT.size):
                 first, count = HINT.unpack_from(data, off)
-                front = count // 2
-                if populate_write(self.base + ((first + front) << PAGE_SHIFT), (count - front) << PAGE_SHIFT):
-                    self.pages += count - front
+                # From the window's end back toward the writer, a chunk at a time: wherever the two meet, the
+                # rest is already writable and costs a page-table walk, so the split follows their speeds.
+                end = first + count
+                while end > first:
+                    start = max(first, end - POPULATE_CHUNK_PAGES)
+                    if not populate_write(self.base + (start << PAGE_SHIFT), (end - start) << PAGE_SHIFT):
+                        break
+                    self.pages += end - start
+                    end = start
 
     def close(self, timeout: float = 5.0) -> None:
         """After the helper exited (its end of the pipe closed): wait for the thread, close the pipe."""
