@@ -425,6 +425,27 @@ def test_sequential_fill_is_populated_ahead_and_stays_coherent(rep: devrep.Repli
     assert off.tracker._populator is None  # type: ignore[attr-defined]
 
 
+def test_populate_threads_and_pipes_go_with_their_regions() -> None:
+    """Each in-process sync region's populate thread and hint pipe end when the region is dropped (after a fill
+    that used them), so creating and dropping regions leaks neither threads nor fds."""
+    def populate_threads() -> int:
+        return sum(t.name == "devrep-sync-populate" for t in threading.enumerate())
+
+    with devrep.Replicator(cpu_devices=1) as rep:
+        fds_before, threads_before = len(os.listdir("/proc/self/fd")), populate_threads()
+        for i in range(5):
+            region = rep.create_region(f"leak{i}", 1024 * PAGE_SIZE, tracking="sync")
+            region.array[:] = 1
+            rep.replicate(region.name, [DEV])
+            region.array[:] = 2  # a sequential fill: hints flow
+            rep.unregister(region.name)
+        deadline = time.monotonic() + 30
+        while populate_threads() > threads_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert populate_threads() == threads_before, f"{populate_threads() - threads_before} populate threads left"
+        assert len(os.listdir("/proc/self/fd")) <= fds_before, (fds_before, os.listdir("/proc/self/fd"))
+
+
 def test_rearm_merges_runs_across_small_gaps_only() -> None:
     runs = np.array([[0, 2], [5, 1], [6, 3], [100, 3], [133, 1], [170, 2]], dtype=np.int64)
     assert merge_close_runs(runs, gap=32).tolist() == [[0, 9], [100, 34], [170, 2]]
