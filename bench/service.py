@@ -5,14 +5,16 @@ P6: acquire of a clean replica (the client's ``acquire``: lease + generation + t
 P7: invalidation events delivered to one watcher while another process writes random pages and reports them
     (explicit mode, 256 random pages per report, consecutive reports disjoint). Target: >= 50,000 pages/s
     delivered, nothing dropped.
-S1: ``devrep serve`` start to Health SERVING vs a bare grpcio server with a health service, interleaved
-    (target <= 2x); S1b: the first replicate of 64 MiB in a fresh server vs a second one (target <= 2x).
+S1: ``devrep serve`` start to Health SERVING vs a bare grpcio server with a health service, interleaved, devrep
+    byte-compiled first as an installed package is (target <= 2x); S1b: the first replicate of 64 MiB in a fresh
+    server vs a second one (target <= 2x).
 S2: server CPU time per acquire+release (one client, /proc/<server>/stat; target <= 120 us); S2b: acquires/s
     with 16 client processes vs one (target >= 0.9x), p99 reported.
 """
 
 from __future__ import annotations
 
+import compileall
 import os
 import statistics
 import subprocess
@@ -27,6 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+import devrep
 from devrep._pages import pages_from_runs
 from devrep.client import connect
 from devrep.demo import server_process
@@ -41,6 +44,7 @@ import sys, time
 import numpy as np
 import numpy as np
 
+import devrep
 from devrep._pages import pages_from_runs
 from devrep.client import connect
 c = connect(sys.argv[1], label="p7-writer")
@@ -195,7 +199,10 @@ def _seconds_to_serving(cmd: list[str], sock: str, limit: float = 60.0) -> float
         proc.wait(10)
 
 
-def s1_startup(results: dict[str, Any], rounds: int = 5) -> None:
+def s1_startup(results: dict[str, Any], rounds: int = 7) -> None:
+    # As installed: pip byte-compiles devrep (grpcio's modules, which the baseline imports, are compiled too), but
+    # this tree may run with PYTHONDONTWRITEBYTECODE, which would make every start compile devrep from source.
+    compileall.compile_dir(Path(devrep.__file__).parent, quiet=1)
     ours, bare = [], []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="devrep-s1-") as tmp:
@@ -206,7 +213,7 @@ def s1_startup(results: dict[str, Any], rounds: int = 5) -> None:
     results["S1"] = {"value": round(value, 3), "baseline": round(base, 3), "ratio": round(value / base, 3),
                      "target": "<= 2", "unit": "s", "meets": value / base <= 2.0,
                      "note": f"devrep serve to Health SERVING vs a bare grpcio server with a health service, "
-                             f"median of {rounds} interleaved starts"}
+                             f"median of {rounds} interleaved starts, bytecode compiled as installed"}
     with tempfile.TemporaryDirectory(prefix="devrep-s1b-") as tmp, server_process(Path(tmp)) as (address, _), \
             connect(address, label="s1b") as client:
         times = []

@@ -16,22 +16,24 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, errors
-from ._console import make_console, replicate_with_progress
+from ._console import LazyConsole, replicate_with_progress
 from .sizes import format_size, size_arg
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_EXHAUSTED, EXIT_PRECONDITION, \
     EXIT_TIMEOUT = range(9)
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): the shell convention 128 + 2."""
 
-console = make_console()
-err_console = make_console(stderr=True)
+# rich loads on the first print: `devrep serve` logs through logging and reaches SERVING without it (bench S1).
+console = cast("Console", LazyConsole())
+err_console = cast("Console", LazyConsole(stderr=True))
 
 
 EXIT_CODES: dict[str, int] = {
@@ -156,6 +158,8 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def _region_table(regions: Sequence[Any]) -> Table:
+    from rich.table import Table
+
     table = Table(title="devrep regions")
     for col in ("name", "kind", "size", "tracking", "gen", "replicas (valid pages)", "owner"):
         table.add_column(col)
@@ -197,6 +201,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"server": info, "regions": regions})
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title=f"devrep {info.version}: {info.sessions} sessions, {info.regions} regions, "
                         f"{info.leases} leases, {_size(info.host_bytes)} host memory")
     for col in ("region", "invalidations", "pages invalidated", "syncs", "copied", "verifies", "mismatches"):
@@ -262,6 +268,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                       "mismatched_runs": r.mismatched.tolist(), "stale_pages": r.stale_pages,
                       "resynced": r.resynced} for r in reports])
     else:
+        from rich.table import Table
+
         table = Table(title=f"verify {args.name}")
         for col in ("device", "pages checked", "mismatched pages", "stale pages (not checked)", "resynced"):
             table.add_column(col)
@@ -409,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(command: str, message: str) -> None:
+    from rich.markup import escape
+
     # escape(): a message naming e.g. devrep[cuda] must not lose "[cuda]" as Rich markup
     err_console.print(f"[red]devrep {command}: {escape(message)}[/]", highlight=False, soft_wrap=True)
 

@@ -9,7 +9,6 @@ unmapped when the last array that views it is garbage-collected, never under a l
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -32,8 +31,9 @@ from .errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from .linux._libc import open_libc
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = open_libc()  # its own handle: the argtypes below are this module's
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,9 +20,10 @@ from _support import child_argv, remote_writer
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.errors import UnsupportedModeError
+from devrep.linux.uffd import Feature, RegisterMode, Userfaultfd
 from devrep.memory import memfd_create
 from devrep.protect import prepare_sync_client
-from devrep.tracking._handler import FaultHandler
+from devrep.tracking._handler import FaultHandler, populate_write
 from devrep.tracking._sync import SyncTracker, merge_close_runs
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -273,6 +276,77 @@ def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replica
         assert np.array_equal(lease.read(), region.array)
     narrow = rep.create_region("narrow", 256 * PAGE_SIZE, tracking=SyncTracker(fault_around=PAGE_SIZE))
     assert _faults_of_a_fill(rep, narrow) == 256, "fault_around=PAGE_SIZE must fault once per page"
+
+
+def _thread_minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def test_populate_write_makes_unprotected_shmem_pages_writable() -> None:
+    """Why sync mode populates windows ahead of the writer: un-protecting (UFFDIO_WRITEPROTECT off) leaves shmem
+    PTEs read-only, so each page's next write still takes a minor fault; ``populate_write`` (MADV_POPULATE_WRITE)
+    makes them writable, and then writing the range takes none."""
+    npages = 256
+    fd = memfd_create("populate-test", npages * PAGE_SIZE)
+    with mmap.mmap(fd, npages * PAGE_SIZE) as mapping, Userfaultfd() as uffd:
+        array = np.frombuffer(mapping, dtype=np.uint8)
+        address = array.ctypes.data
+        uffd.api(Feature.WP_HUGETLBFS_SHMEM | Feature.WP_UNPOPULATED)
+        uffd.register(address, npages * PAGE_SIZE, RegisterMode.WP)
+        array[:] = 1  # present and dirty
+        faults = []
+        for populate in (False, True):
+            uffd.writeprotect(address, npages * PAGE_SIZE, True)
+            uffd.writeprotect(address, npages * PAGE_SIZE, False)
+            if populate:
+                assert populate_write(address, npages * PAGE_SIZE), "MADV_POPULATE_WRITE refused (Linux 5.14+)"
+            before = _thread_minor_faults()
+            array[::PAGE_SIZE] = 2
+            faults.append(_thread_minor_faults() - before)
+        del array
+        uffd.unregister(address, npages * PAGE_SIZE)
+    os.close(fd)
+    print(f"minor faults writing {npages} un-protected pages: {faults[0]} as left, {faults[1]} after populate")
+    assert faults[1] <= npages // 16, f"expected ~0 faults after populate_write, got {faults[1]} of {npages}"
+
+
+def test_sequential_fill_is_populated_ahead_and_stays_coherent(rep: devrep.Replicator) -> None:
+    """W1: the in-process tracker's populate thread faults in widened windows (its page count grows) while the
+    fill runs, and every page the fill wrote is still invalidated before the write lands."""
+    region = rep.create_region("populated", 4096 * PAGE_SIZE, tracking="sync")
+    tracker = region.tracker
+    assert isinstance(tracker, SyncTracker) and tracker._populator is not None
+    _faults_of_a_fill(rep, region)
+    deadline = time.monotonic() + 30  # the thread may lag behind the writer on a loaded machine
+    while tracker._populator.pages == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tracker._populator.pages > 0, "the populate thread populated nothing for a sequential fill"
+    assert pages_from_runs(region.invalid_runs(DEV)).tolist() == list(range(4096))
+    with region.acquire(DEV, fresh=True) as lease:
+        assert np.array_equal(lease.read(), region.array)
+    off = rep.create_region("unpopulated", 256 * PAGE_SIZE, tracking=SyncTracker(populate=False))
+    assert off.tracker._populator is None  # type: ignore[attr-defined]
+
+
+def test_populate_threads_and_pipes_go_with_their_regions() -> None:
+    """Each in-process sync region's populate thread and hint pipe end when the region is dropped (after a fill
+    that used them), so creating and dropping regions leaks neither threads nor fds."""
+    def populate_threads() -> int:
+        return sum(t.name == "devrep-sync-populate" for t in threading.enumerate())
+
+    with devrep.Replicator(cpu_devices=1) as rep:
+        fds_before, threads_before = len(os.listdir("/proc/self/fd")), populate_threads()
+        for i in range(5):
+            region = rep.create_region(f"leak{i}", 1024 * PAGE_SIZE, tracking="sync")
+            region.array[:] = 1
+            rep.replicate(region.name, [DEV])
+            region.array[:] = 2  # a sequential fill: hints flow
+            rep.unregister(region.name)
+        deadline = time.monotonic() + 30
+        while populate_threads() > threads_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert populate_threads() == threads_before, f"{populate_threads() - threads_before} populate threads left"
+        assert len(os.listdir("/proc/self/fd")) <= fds_before, (fds_before, os.listdir("/proc/self/fd"))
 
 
 def test_rearm_merges_runs_across_small_gaps_only() -> None:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from typing import Any
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def open_libc() -> ctypes.CDLL:
+    """A new handle on the C library (errno kept). The glibc soname first: ``ctypes.util.find_library`` runs
+    ``ldconfig -p`` in a subprocess, which costs ``devrep serve`` milliseconds before it serves (bench S1)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc (musl): ask the loader where libc is
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+libc = open_libc()
 libc.syscall.restype = ctypes.c_long
 libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

@@ -11,6 +11,15 @@ stay at one block, so they cost one fault each and invalidate nothing extra; a s
 protected region costs a few dozen faults per 64 MiB instead of one per page. Un-protected pages are
 recorded written before they are un-protected, so the rule above still holds for every page of a window.
 
+Populate hints: un-protecting a page does not make it writable for the writer. The kernel leaves a shmem PTE
+read-only after ``UFFDIO_WRITEPROTECT`` resolves it (it does not upgrade dirty shared PTEs there), so the
+writer still takes one in-kernel minor fault per page of a window -- the same per-page cost async mode pays,
+and what bounds W1. Only a thread of the writer's own process can pay that cost ahead of the writer
+(``MADV_POPULATE_WRITE``), so for a widened window the handler writes ``(first, count)`` to an optional
+hint pipe; the in-process tracker's populate thread faults the window in from its end backwards while the
+woken writer works through it from the front. Hints are best effort (dropped when the pipe is full) and only
+for windows of at least ``MIN_HINT_PAGES``.
+
 ``rearm`` re-protects pages; callers run it and ``handle_pending`` one at a time (the helper
 process does both from one thread; the service thread and ``rearm`` share a lock).
 
@@ -23,6 +32,7 @@ writer. It exits when the socket reaches EOF (the owner died or closed the track
 from __future__ import annotations
 
 import array
+import contextlib
 import mmap
 import operator
 import os
@@ -30,9 +40,11 @@ import select
 import socket
 import struct
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+from ..linux._libc import open_libc
 from ..linux.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -46,6 +58,7 @@ DIRTY_OFFSET = 64
 
 # Control messages on the socket (owner -> helper), each answered by one ACK.
 OP_INIT = b"I"  # + struct INIT (base, npages, bare, block_pages, max_window_pages) with fds [uffd, state, eventfd]
+#                 and optionally the write end of the populate-hint pipe (non-blocking)
 OP_REARM = b"R"  # + int64 pairs [first_page, count]
 OP_STOP = b"S"  # un-protect everything and exit
 ACK = b"A"
@@ -56,6 +69,10 @@ MAX_MESSAGE = 1 << 16
 RUNS_PER_MESSAGE = (MAX_MESSAGE - 1) // 16
 
 _U64 = struct.Struct("<Q")
+HINT = struct.Struct("<QQ")  # (first_page, count) of a widened window, on the hint pipe
+# Smaller windows get no hint: waking the populate thread costs more than the few faults it would save.
+MIN_HINT_PAGES = 32
+POPULATE_CHUNK_PAGES = 64  # the populate thread's step (256 KiB): one madvise per step
 _MSG_FLAGS_ADDR = struct.Struct("<QQ")
 
 
@@ -69,12 +86,13 @@ class FaultHandler:
     ``state`` is the shared map (see the layout above); ``eventfd`` (optional) is signalled once per batch
     of faults while the owner's notify-pending flag is clear. ``bare`` only un-protects the faulting page
     (benchmark baseline). ``block_pages`` is the region's invalidation block; ``max_window_pages`` caps the
-    fault-around window of a sequential writer (``block_pages`` or less: no widening).
+    fault-around window of a sequential writer (``block_pages`` or less: no widening). ``hints`` (optional, a
+    non-blocking fd) gets a ``HINT`` for every widened window after it is un-protected.
     """
 
     def __init__(self, uffd: Userfaultfd, base: int, npages: int, state: mmap.mmap, eventfd: int | None = None,
                  *, bare: bool = False, block_pages: int = 1,
-                 max_window_pages: int = DEFAULT_MAX_WINDOW_PAGES) -> None:
+                 max_window_pages: int = DEFAULT_MAX_WINDOW_PAGES, hints: int | None = None) -> None:
         if block_pages < 1 or max_window_pages < 1:
             raise ValueError(f"block_pages ({block_pages}) and max_window_pages ({max_window_pages}) must be >= 1")
         self.uffd = uffd
@@ -86,6 +104,7 @@ class FaultHandler:
         self.bare = bare
         self.block_pages = block_pages
         self.max_window = max(block_pages, max_window_pages - max_window_pages % block_pages)
+        self.hints = hints
         self._streams: OrderedDict[int, int] = OrderedDict()  # page where a window ended -> its size
         self.faults = 0
         self.pages_unprotected = 0
@@ -114,6 +133,7 @@ class FaultHandler:
                 flags, address = _MSG_FLAGS_ADDR.unpack_from(data, off + 8)
                 page_address = address & ~(PAGE_SIZE - 1)
                 start, length = page_address, PAGE_SIZE
+                hint = None
                 if not self.bare and self.base <= page_address < self.end and flags & PagefaultFlag.WP:
                     first, count = self.window((page_address - self.base) >> PAGE_SHIFT)
                     # Record first, then un-protect: the owner must see the pages written before a write lands.
@@ -122,6 +142,8 @@ class FaultHandler:
                     self.pages_unprotected += count
                     _U64.pack_into(state, COUNTER_OFFSET, self.faults)
                     start, length = self.base + (first << PAGE_SHIFT), count << PAGE_SHIFT
+                    if count > self.block_pages and count >= MIN_HINT_PAGES and self.hints is not None:
+                        hint = HINT.pack(first, count)
                 try:
                     if flags & PagefaultFlag.WP:
                         uffd.writeprotect(start, length, False)  # clears WP and wakes the writer
@@ -131,6 +153,11 @@ class FaultHandler:
                     # The writer unmapped the range or exited meanwhile: nobody is left to wake there, and
                     # one bad range must not stop the handling of every other fault.
                     os.write(2, f"devrep handler: un-protect at {page_address:#x}: {exc}\n".encode())
+                    hint = None
+                if hint is not None and self.hints is not None:
+                    # Full (the populate thread is behind) or its reader is gone: it was only a hint.
+                    with contextlib.suppress(OSError):
+                        os.write(self.hints, hint)
                 handled += 1
             data = self.uffd.read_raw()
         if handled and not self.bare and self.eventfd is not None and state[NOTIFY_OFFSET] == 0:
@@ -157,18 +184,92 @@ class FaultHandler:
         self.uffd.writeprotect(self.base, self.npages << PAGE_SHIFT, False)
 
 
+MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14+)
+_madvise = None
+
+
+def populate_write(address: int, length: int) -> bool:
+    """``madvise(MADV_POPULATE_WRITE)``: fault the range in writable, as a write would, without writing.
+    False if the kernel refused (an old kernel, or the range is gone); the caller's writes fault as usual."""
+    global _madvise
+    if _madvise is None:
+        import ctypes
+
+        _madvise = open_libc().madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise.restype = ctypes.c_int
+    return bool(_madvise(address, length, MADV_POPULATE_WRITE) == 0)  # releases the GIL (ctypes)
+
+
+class Populator:
+    """The writer's side of populate hints (see the module docstring): a thread of the writing process that
+    reads ``HINT`` records from a pipe and faults each window in from its end backwards while the writer, woken
+    by the un-protect, works through it from the front. Give the helper ``write_fd`` (then close it here); the thread
+    ends when the helper's end closes. Populating a page that a concurrent rearm protected again faults like
+    a write: the handler records it (a spurious invalidation, never a missed one)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.write_fd, False)  # the handler must never block on a slow populate thread
+        self.pages = 0  # pages populated (counted for tests and benchmarks)
+        self._thread = threading.Thread(target=self._run, name="devrep-sync-populate", daemon=True)
+
+    def start(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)  # the helper holds it now: EOF here when the helper exits
+            self.write_fd = -1
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            try:
+                data = os.read(self.read_fd, 64 * HINT.size)
+            except OSError:
+                return
+            if not data:
+                return
+            data = pending + data
+            usable = len(data) - len(data) % HINT.size
+            pending = data[usable:]
+            for off in range(0, usable, HINT.size):
+                first, count = HINT.unpack_from(data, off)
+                # From the window's end back toward the writer, a chunk at a time: wherever the two meet, the
+                # rest is already writable and costs a page-table walk, so the split follows their speeds.
+                end = first + count
+                while end > first:
+                    start = max(first, end - POPULATE_CHUNK_PAGES)
+                    if not populate_write(self.base + (start << PAGE_SHIFT), (end - start) << PAGE_SHIFT):
+                        break
+                    self.pages += end - start
+                    end = start
+
+    def close(self, timeout: float = 5.0) -> None:
+        """After the helper exited (its end of the pipe closed): wait for the thread, close the pipe."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if not self._thread.is_alive() and self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+
 def _serve(sock: socket.socket) -> int:
-    msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 3)
-    if not msg.startswith(OP_INIT) or len(fds) != 3:
+    msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    if not msg.startswith(OP_INIT) or len(fds) not in (3, 4):
         print("devrep handler: bad init message", file=sys.stderr)
         return 2
-    uffd_fd, state_fd, event_fd = fds
+    uffd_fd, state_fd, event_fd = fds[:3]
+    hints = fds[3] if len(fds) == 4 else None
     base, npages, bare, block_pages, max_window_pages = INIT.unpack_from(msg, 1)
     state = mmap.mmap(state_fd, state_size(npages))
     os.close(state_fd)
     uffd = Userfaultfd(uffd_fd)
     handler = FaultHandler(uffd, base, npages, state, event_fd, bare=bool(bare), block_pages=block_pages,
-                           max_window_pages=max_window_pages)
+                           max_window_pages=max_window_pages, hints=hints)
     sock.send(ACK)
     poller = select.poll()
     poller.register(uffd_fd, select.POLLIN)

@@ -108,13 +108,15 @@ class SyncTracker(Tracker):
     ``notify_delay`` coalesces bursts of faults into one ``notify()``; ``start_timeout``/``rearm_timeout``
     bound the waits on the helper process. ``fault_around`` (bytes) caps the window a sequential writer's
     fault un-protects (see ``_handler``); ``PAGE_SIZE`` turns widening off (a fault still un-protects its
-    whole invalidation block).
+    whole invalidation block). ``populate`` (in-process use only) faults widened windows in ahead of the writer
+    from a thread (``_handler.Populator``).
     """
 
     mode = TrackingMode.SYNC
 
     def __init__(self, *, notify_delay: float = 0.002, start_timeout: float = 30.0, rearm_timeout: float = 10.0,
-                 fault_around: int = h.DEFAULT_MAX_WINDOW_PAGES * PAGE_SIZE, _bare: bool = False) -> None:
+                 fault_around: int = h.DEFAULT_MAX_WINDOW_PAGES * PAGE_SIZE, populate: bool = True,
+                 _bare: bool = False) -> None:
         if fault_around < PAGE_SIZE or fault_around % PAGE_SIZE:
             raise InvalidArgumentError(f"fault_around must be a positive multiple of {PAGE_SIZE} bytes, "
                                        f"got {fault_around}")
@@ -123,6 +125,8 @@ class SyncTracker(Tracker):
         self.start_timeout = start_timeout
         self.rearm_timeout = rearm_timeout
         self._bare = _bare  # benchmark baseline: the handler only un-protects
+        self.populate = populate
+        self._populator: h.Populator | None = None
         self._remote: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         self._shared: _Shared | None = None
@@ -199,7 +203,13 @@ class SyncTracker(Tracker):
         self._stat_fd = os.open(f"/proc/{self._proc.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         init = h.OP_INIT + h.INIT.pack(base, self._npages, int(self._bare), self.block_pages,
                                        self.max_window_pages)
-        socket.send_fds(ours, [init], [uffd.fileno(), self._shared.fd, self._eventfd])
+        fds = [uffd.fileno(), self._shared.fd, self._eventfd]
+        if self.populate and not self._bare and self.max_window_pages > self.block_pages:
+            self._populator = h.Populator(base)
+            fds.append(self._populator.write_fd)
+        socket.send_fds(ours, [init], fds)
+        if self._populator is not None:
+            self._populator.start()
         self._expect_ack(self.start_timeout, "start")
 
     def _start_thread(self, uffd: Userfaultfd, base: int) -> None:
@@ -387,6 +397,8 @@ class SyncTracker(Tracker):
         for thread in (self._handler_thread, self._notify_thread):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5.0)
+        if self._populator is not None:  # after the helper exited: its hint pipe is at EOF
+            self._populator.close()
         for fd in (self._eventfd, self._stop_r, self._stop_w, self._stat_fd):
             if fd >= 0:
                 os.close(fd)
