@@ -40,9 +40,9 @@ Importing a parent package (``from .. import __version__``) is not an edge: Pyth
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_getattr
 
 # errors is a leaf module (standard library only) that every layer raises from: loading it eagerly is free.
 from .errors import (
@@ -67,7 +67,7 @@ __version__ = "0.1.0"
 # The layer rule (see the module docstring): layer -> (its modules, the layers it may import besides itself).
 # A module belongs to the layer of its longest listed prefix.
 _LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "leaf": (("devrep.errors", "devrep._pages", "devrep.sizes", "devrep.model", "devrep._console"), ()),
+    "leaf": (("devrep.errors", "devrep._pages", "devrep.sizes", "devrep.model", "devrep._console", "devrep._lazy"), ()),
     "wire": (("devrep.wire",), ("leaf",)),
     "linux": (("devrep.linux",), ("leaf",)),
     "host": (("devrep.memory", "devrep.numa", "devrep.protect", "devrep.views", "devrep.hashing", "devrep._jit",
@@ -108,16 +108,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .region import Lease, Region, Replica
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(module, __name__), name)
-        globals()[name] = value  # later accesses skip this function
-        return value
-    # ``import devrep`` then ``devrep.tracking.X`` worked while this module imported everything eagerly.
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'devrep' has no attribute {name!r}")
+# ``import devrep`` then ``devrep.tracking.X`` worked while this module imported everything eagerly: submodules too.
+__getattr__ = lazy_getattr(__name__, _LAZY, globals(), submodules=True)
 
 
 def __dir__() -> list[str]:

@@ -18,6 +18,14 @@ def pages(*indices: int) -> np.ndarray:
     return np.array(sorted(set(indices)), dtype=np.int64)
 
 
+def sync_everything(state: PageState, slot: int) -> None:
+    """A whole, undisturbed sync of ``slot``'s readable buffer: snapshot, then commit every page."""
+    everything = np.arange(state.npages, dtype=np.int64)
+    snap = state.snapshot(everything)
+    state.mark_synced(slot, everything, state.unchanged(everything, snap), state.stale_among(slot, everything),
+                      flipped=False, has_other=False)
+
+
 def test_new_state_is_all_stale_and_eight_bytes_a_page() -> None:
     state = PageState(10)
     assert state.generation == 0
@@ -30,11 +38,8 @@ def test_new_state_is_all_stale_and_eight_bytes_a_page() -> None:
 
 def test_invalidate_bumps_the_generation_once_per_call_and_clears_every_slot() -> None:
     state = PageState(8)
-    everything = np.arange(8, dtype=np.int64)
     for slot in (0, 3):
-        snap = state.snapshot(everything)
-        state.mark_synced(slot, everything, state.unchanged(everything, snap), np.ones(8, bool), flipped=False,
-                          has_other=False)
+        sync_everything(state, slot)
     assert state.fully_valid(0) and state.fully_valid(3)
     assert state.invalidate(pages()) == 0  # nothing: no new generation
     assert state.invalidate(pages(2, 5)) == 1
@@ -60,10 +65,7 @@ def test_a_page_invalidated_during_the_copy_stays_stale() -> None:
 
 def test_flip_to_the_spare_tracks_what_the_old_buffer_lags_on() -> None:
     state = PageState(6)
-    everything = np.arange(6, dtype=np.int64)
-    snap = state.snapshot(everything)
-    state.mark_synced(0, everything, state.unchanged(everything, snap), state.stale_among(0, everything),
-                      flipped=False, has_other=False)
+    sync_everything(state, 0)
     state.spare_added(0)  # a reader holds the readable buffer: a new, empty spare
     assert state.pages_to_write(0, into_spare=True).tolist() == list(range(6))  # the spare has nothing yet
     state.invalidate(pages(4))
@@ -78,10 +80,7 @@ def test_flip_to_the_spare_tracks_what_the_old_buffer_lags_on() -> None:
 
 def test_mismatches_go_stale_in_the_readable_buffer_and_the_spare() -> None:
     state = PageState(5)
-    everything = np.arange(5, dtype=np.int64)
-    snap = state.snapshot(everything)
-    state.mark_synced(1, everything, state.unchanged(everything, snap), state.stale_among(1, everything),
-                      flipped=False, has_other=False)
+    sync_everything(state, 1)
     state.mark_mismatched(1, pages(0, 3), has_spare=True)
     assert state.valid_pages(1) == 3
     assert state.pages_to_write(1, into_spare=False).tolist() == [0, 3]
@@ -92,11 +91,8 @@ def test_mismatches_go_stale_in_the_readable_buffer_and_the_spare() -> None:
 
 def test_reset_slot_and_reset_all() -> None:
     state = PageState(3)
-    everything = np.arange(3, dtype=np.int64)
     for slot in (0, 1):
-        snap = state.snapshot(everything)
-        state.mark_synced(slot, everything, state.unchanged(everything, snap), state.stale_among(slot, everything),
-                          flipped=False, has_other=False)
+        sync_everything(state, slot)
     state.reset_slot(0)
     assert state.valid_pages(0) == 0 and state.fully_valid(1)
     state.reset_all()

@@ -10,8 +10,9 @@ them into devrep errors.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 # Loaded on first use: the sync fault helper needs ``uffd`` alone, and ``pagemap`` brings numpy.
 _LAZY = {
@@ -46,13 +47,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'devrep.linux' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = [

@@ -19,9 +19,9 @@ Importing this package is cheap: each of these loads its module (and grpc, numpy
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_getattr
 from ._server import serve_in_process, short_tmpdir
 
 if TYPE_CHECKING:
@@ -33,13 +33,7 @@ if TYPE_CHECKING:
 _LAZY = {"MockTransport": "._mock", "MockRequest": "._mock", "MockRpcError": "._mock"}
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def random_host(npages: int, seed: int = 0) -> npt.NDArray[np.uint8]:

@@ -52,6 +52,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+from .._lazy import lazy_getattr
 from ..model import TrackingMode  # stdlib only at import, as the fault helper needs
 
 if TYPE_CHECKING:  # kept out of the import: the sync fault helper process loads this package (see _handler)
@@ -110,20 +111,14 @@ __all__ = ["TRACKERS", "AsyncTracker", "ExplicitTracker", "FileTracker", "Notify
            "TrackingMode", "make_tracker", "prepare_async_client", "prepare_sync_client"]
 
 
-def __getattr__(name: str) -> object:
-    """Lazy re-exports of the kernel-backed trackers (importing them needs nothing until used)."""
-    lazy = {
-        "SyncTracker": "devrep.tracking._sync",
-        "AsyncTracker": "devrep.tracking._async",
-        "FileTracker": "devrep.tracking._file",
-        "prepare_sync_client": "devrep.protect",
-        "prepare_async_client": "devrep.protect",
-    }
-    if name in lazy:
-        import importlib
-
-        return getattr(importlib.import_module(lazy[name]), name)
-    raise AttributeError(f"module 'devrep.tracking' has no attribute {name!r}")
+# Lazy re-exports of the kernel-backed trackers (importing them needs nothing until used).
+__getattr__ = lazy_getattr(__name__, {
+    "SyncTracker": "devrep.tracking._sync",
+    "AsyncTracker": "devrep.tracking._async",
+    "FileTracker": "devrep.tracking._file",
+    "prepare_sync_client": "devrep.protect",
+    "prepare_async_client": "devrep.protect",
+}, globals())
 
 
 def make_tracker(mode: TrackingMode | str) -> Tracker:
