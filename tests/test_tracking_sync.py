@@ -23,7 +23,7 @@ from devrep.errors import UnsupportedModeError
 from devrep.linux.uffd import Feature, RegisterMode, Userfaultfd
 from devrep.memory import memfd_create
 from devrep.protect import prepare_sync_client
-from devrep.tracking._handler import FaultHandler, populate_write
+from devrep.tracking._handler import HINT, FaultHandler, Populator, populate_write
 from devrep.tracking._sync import SyncTracker, merge_close_runs
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -347,6 +347,42 @@ def test_populate_threads_and_pipes_go_with_their_regions() -> None:
             time.sleep(0.05)
         assert populate_threads() == threads_before, f"{populate_threads() - threads_before} populate threads left"
         assert len(os.listdir("/proc/self/fd")) <= fds_before, (fds_before, os.listdir("/proc/self/fd"))
+
+
+def resident(base: int, first: int, count: int) -> int:
+    """How many of the pages ``[first, first + count)`` at ``base`` are present (``/proc/self/pagemap`` bit 63)."""
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = np.frombuffer(os.pread(fd, 8 * count, 8 * ((base >> 12) + first)), np.uint64)
+    finally:
+        os.close(fd)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+def test_a_rearm_drops_populate_hints_from_before_it() -> None:
+    """``Populator.paused()`` (around every rearm): a hint queued before or during the rearm is dropped, so the
+    thread never populates -- write-faults -- a window the rearm protected again, which the handler would record as
+    a write nobody made (seen under load as a page stale right after ``replicate``). A hint after it is used."""
+    npages = 256
+    mapping = mmap.mmap(-1, npages * PAGE_SIZE)
+    base = int(np.frombuffer(mapping, np.uint8).__array_interface__["data"][0])
+    populator = Populator(base)
+    write_fd = os.dup(populator.write_fd)
+    populator.start()
+    try:
+        with populator.paused():
+            os.write(write_fd, HINT.pack(0, 64))  # a fault's hint written before the rearm's acknowledgement
+        os.write(write_fd, HINT.pack(64, 64))  # after the rearm: read (pipe order) after the first, had it survived
+        deadline = time.monotonic() + 30
+        while populator.pages < 64 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert populator.pages >= 64, f"the hint after the rearm was not used ({populator.pages} pages populated)"
+        assert resident(base, 64, 64) == 64
+        assert resident(base, 0, 64) == 0, "the window hinted before the rearm was populated"
+    finally:
+        os.close(write_fd)
+        populator.close()
+        mapping.close()
 
 
 def test_rearm_merges_runs_across_small_gaps_only() -> None:

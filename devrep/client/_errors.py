@@ -2,8 +2,8 @@
 specific ``DevrepError`` subclass. Only the transports (``devrep.client._transport``, ``devrep.testing.MockTransport``)
 call these, so every error a ``Client`` raises was mapped here, once.
 
-(Moved unchanged out of ``_client.py``: the transports need them and ``_client`` imports the transports, so they
-cannot live there without an import cycle.)
+The mapping itself is ``devrep.errors``' table (``error_from_status``), shared with the server and the CLI; this
+module only reads the status, the class the server named and the message off each transport's reply.
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ import grpc
 
 from .. import errors
 from ..wire import ERROR_CLASS_KEY
-
-# Statuses -> exceptions: devrep.errors.STATUS_OF is the one table (error_class / error_from_status there), shared
-# with the server and the CLI; the server names the class it raised, so the most specific class comes back.
-error_class = errors.error_class
 
 
 def _server_error(status: str, class_name: str | None, message: str) -> errors.DevrepError:

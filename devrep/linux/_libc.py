@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-from typing import Any
 
 
 def open_libc() -> ctypes.CDLL:
@@ -58,29 +57,11 @@ def check(result: int, what: str) -> int:
     return result
 
 
-# The same libc function without ``argtypes``: ``PreparedIoctl`` passes ready-made ctypes objects, which skips
-# the per-call argument conversion (about half the cost of a short ioctl issued from Python).
+# The same libc function without ``argtypes``, for a loop that passes ready-made ctypes objects (the sync-mode rearm,
+# ``Userfaultfd.protect_page_runs``): it skips the per-call argument conversion, about half the cost of a short
+# ioctl issued from Python.
 _ioctl_prepared = libc["ioctl"]
 _ioctl_prepared.restype = ctypes.c_int
-
-
-class PreparedIoctl:
-    """One ioctl request on one fd with one argument buffer, issued many times: the caller rewrites the buffer
-    in place between calls (e.g. one UFFDIO_WRITEPROTECT per page run). Retries EINTR like ``ioctl``."""
-
-    def __init__(self, fd: int, request: int, arg: ctypes.Structure | ctypes.Array[Any], what: str) -> None:
-        self._args = (ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_void_p(ctypes.addressof(arg)))
-        self._arg = arg  # keeps the buffer alive as long as the pointer above
-        self._what = what
-
-    def __call__(self) -> int:
-        while True:
-            result = _ioctl_prepared(*self._args)
-            if result >= 0:
-                return int(result)
-            err = ctypes.get_errno()
-            if err != 4:  # EINTR
-                raise OSError(err, f"{self._what}: {os.strerror(err)}")
 
 
 def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array[ctypes.c_char] | None, what: str) -> int:

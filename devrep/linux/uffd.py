@@ -188,8 +188,8 @@ class Userfaultfd:
         ``[first_page, count, first_page, count, ...]`` (e.g. an ``array.array("q")`` straight from a message).
 
         The sync-mode rearm: thousands of short runs, so the loop is as tight as Python allows (one prepared
-        ioctl rewritten in place, no per-run call layers or lists; about half the cost of a ``PreparedIoctl``
-        call per run). The kernel refuses a run outside the registered range (``OSError``)."""
+        ioctl rewritten in place, no per-run call layers or lists, EINTR retried as ``_libc.ioctl`` does). The
+        kernel refuses a run outside the registered range (``OSError``)."""
         words = (ctypes.c_uint64 * 3)()  # struct uffdio_writeprotect: range.start, range.len, mode
         words[2] = int(WriteProtectMode.WP)
         args = (ctypes.c_int(self.fd), ctypes.c_ulong(UFFDIO_WRITEPROTECT), ctypes.c_void_p(ctypes.addressof(words)))

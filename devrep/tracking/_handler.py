@@ -42,7 +42,7 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..linux._libc import open_libc
 from ..linux.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
@@ -205,14 +205,22 @@ class Populator:
     """The writer's side of populate hints (see the module docstring): a thread of the writing process that
     reads ``HINT`` records from a pipe and faults each window in from its end backwards while the writer, woken
     by the un-protect, works through it from the front. Give the helper ``write_fd`` (then close it here); the thread
-    ends when the helper's end closes. Populating a page that a concurrent rearm protected again faults like
-    a write: the handler records it (a spurious invalidation, never a missed one)."""
+    ends when the helper's end closes.
+
+    A rearm must not meet a populate: ``MADV_POPULATE_WRITE`` on a page the rearm protected again faults like a
+    write, and the handler would record it, invalidating a page nobody wrote (seen under load: a page stale right
+    after ``replicate``). So the owner wraps each rearm in ``paused()``: no chunk is populated while the pages are
+    re-protected, and every hint from before (queued in the pipe, or read but not yet used) is dropped. Hints from
+    faults after the rearm name windows un-protected after it, which are safe to populate."""
 
     def __init__(self, base: int) -> None:
         self.base = base
         self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self.write_fd, False)  # the handler must never block on a slow populate thread
+        os.set_blocking(self.read_fd, False)  # the thread polls; ``paused()`` drains without blocking
         self.pages = 0  # pages populated (counted for tests and benchmarks)
+        self._lock = threading.Lock()  # held for each populated chunk, and by ``paused()`` across a rearm
+        self._epoch = 0  # bumped by every ``paused()``: hints read before it are stale
         self._thread = threading.Thread(target=self._run, name="devrep-sync-populate", daemon=True)
 
     def start(self) -> None:
@@ -223,9 +231,16 @@ class Populator:
 
     def _run(self) -> None:
         pending = b""
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
         while True:
             try:
-                data = os.read(self.read_fd, 64 * HINT.size)
+                poller.poll()
+                with self._lock:  # not during a rearm, which drains what was written before it ends
+                    epoch = self._epoch
+                    data = os.read(self.read_fd, 64 * HINT.size)  # non-blocking: ``paused()`` may have drained it
+            except BlockingIOError:
+                continue
             except OSError:
                 return
             if not data:
@@ -240,10 +255,29 @@ class Populator:
                 end = first + count
                 while end > first:
                     start = max(first, end - POPULATE_CHUNK_PAGES)
-                    if not populate_write(self.base + (start << PAGE_SHIFT), (end - start) << PAGE_SHIFT):
-                        break
+                    with self._lock:
+                        if self._epoch != epoch:  # a rearm came in between: these hints may be stale
+                            break
+                        if not populate_write(self.base + (start << PAGE_SHIFT), (end - start) << PAGE_SHIFT):
+                            break
                     self.pages += end - start
                     end = start
+                if self._epoch != epoch:
+                    pending = b""  # a partial record read before the rearm belongs to a dropped hint
+                    break
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Around a rearm: waits for a chunk being populated (at most one ``POPULATE_CHUNK_PAGES`` madvise), keeps
+        the thread from starting another, and drops every hint written before the rearm finished (the helper
+        writes a fault's hint before it handles a rearm request, so after the rearm's acknowledgement they are all
+        in the pipe)."""
+        with self._lock:
+            self._epoch += 1
+            yield
+            with contextlib.suppress(OSError):  # BlockingIOError: drained; EOF: the helper is gone
+                while os.read(self.read_fd, 64 * HINT.size):
+                    pass
 
     def close(self, timeout: float = 5.0) -> None:
         """After the helper exited (its end of the pipe closed): wait for the thread, close the pipe."""

@@ -326,7 +326,9 @@ class SyncTracker(Tracker):
                 except ValueError as exc:
                     raise InvalidArgumentError(str(exc)) from exc
             return
-        with self._lock:
+        # No populate during the rearm, and none of a window un-protected before it (see ``Populator``).
+        paused = self._populator.paused() if self._populator is not None else contextlib.nullcontext()
+        with self._lock, paused:
             if self._sock is None:  # closed meanwhile: rearm runs off the region lock, close may win the race
                 raise FailedPreconditionError("sync tracking was stopped (the region is being unregistered)")
             for start in range(0, len(runs), h.RUNS_PER_MESSAGE):
