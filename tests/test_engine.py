@@ -343,9 +343,11 @@ def test_device_memory_exhaustion_is_resource_exhausted() -> None:
 def test_concurrent_writers_readers_never_see_stale_or_changing_pages() -> None:
     """Two writers stamp their own pages with increasing numbers and report each write; a fresh acquire must
     show every page at least as new as the last stamp reported before the acquire, and a held lease never
-    changes while syncs run."""
+    changes while syncs run. Readers go on for at least 1.5 s and until more than 10 syncs ran (a bound of 60 s
+    for a loaded machine, where two Python writers can starve the readers of the GIL)."""
     pages = 64
-    stop = time.monotonic() + 1.5
+    start = time.monotonic()
+    readers_done = threading.Event()
     errors: list[str] = []
     with devrep.Replicator() as rep:
         region = rep.create_region("r", pages * PAGE_SIZE)
@@ -356,15 +358,19 @@ def test_concurrent_writers_readers_never_see_stale_or_changing_pages() -> None:
         def writer(parity: int) -> None:
             rng = np.random.default_rng(parity)
             stamp = 0
-            while time.monotonic() < stop:
+            while not readers_done.is_set():
                 page = int(rng.integers(pages // 2)) * 2 + parity
                 stamp += 1
                 words[page, :] = stamp
                 region.invalidate_pages([page])
                 reported[page] = stamp
 
+        def enough() -> bool:
+            now = time.monotonic()
+            return now - start > 60 or (now - start > 1.5 and region.stats.syncs > 10)
+
         def reader(device: str) -> None:
-            while time.monotonic() < stop:
+            while not enough():
                 before = reported.copy()
                 with region.acquire(device, timeout=10) as lease:
                     got = lease.read().view(np.uint64).reshape(pages, -1)
@@ -379,6 +385,9 @@ def test_concurrent_writers_readers_never_see_stale_or_changing_pages() -> None:
         threads += [threading.Thread(target=reader, args=(d,)) for d in ("cpu:0", "cpu:1")]
         for t in threads:
             t.start()
+        for t in threads[2:]:
+            t.join(90)
+        readers_done.set()
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads)

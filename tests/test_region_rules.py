@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -239,3 +240,32 @@ def test_helper_rearm_protects_exactly_the_runs_and_checks_bounds() -> None:
             uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
         uffd.close()
         host.close()
+
+
+@pytest.mark.parametrize("end", ["fail", "remove"])
+def test_acquire_reports_why_its_replica_went_during_its_copy(end: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A region that fails (a file tracker's watcher thread found the file replaced) while a stale acquire is
+    copying closes every replica: the acquire must report the region's failure, not "replica removed". A replica
+    removed on its own still reports NOT_FOUND."""
+    with devrep.Replicator(cpu_devices=1) as rep:
+        region = rep.create_region("f", 8 * PAGE_SIZE)
+        rep.replicate("f", ["cpu:0"])
+        region.invalidate(0, PAGE_SIZE)
+        backend = rep.backend("cpu")
+        real_copy = backend.copy_runs
+
+        def copy_then_end(*args: object, **kwargs: object) -> None:
+            real_copy(*args, **kwargs)  # type: ignore[arg-type]
+            threading.Thread(target=region.fail if end == "fail" else region.remove_replica,
+                             args=("file replaced" if end == "fail" else "cpu:0",)).start()
+            deadline = time.monotonic() + WAIT  # the ending thread takes the region lock once the copy commits
+            while region.failed is None and "cpu:0" in region.devices and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        monkeypatch.setattr(backend, "copy_runs", copy_then_end)
+        if end == "fail":
+            with pytest.raises(devrep.FailedPreconditionError, match="failed: file replaced"):
+                region.acquire("cpu:0", timeout=WAIT)
+        else:
+            with pytest.raises(devrep.NotFoundError, match="replica on cpu:0 was removed"):
+                region.acquire("cpu:0", timeout=WAIT)

@@ -129,6 +129,13 @@ class Region:
         if self.failed:
             raise FailedPreconditionError(f"region {self.name!r} failed: {self.failed}")
 
+    def _check_replica_live(self, rep: Replica) -> None:
+        """After a wait on the lock: the region's own end (unregistered, failed) comes first, since a region that
+        fails or closes also closes every replica; only then a replica removed on its own."""
+        self._check_open()
+        if rep.closed:
+            raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
+
     # ------------------------------------------------------------------ invalidation
     def invalidate(self, offset: int = 0, length: int | None = None) -> int:
         """Mark the bytes ``[offset, offset+length)`` (whole blocks) stale everywhere. Returns the new generation."""
@@ -371,8 +378,7 @@ class Region:
                         "the first, and they did not release it in time"
                     ) from exc
                 raise
-            if rep.closed:
-                raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
+            self._check_replica_live(rep)
         return _plan.plan_replica(self.page_state, rep, target)
 
     def _source(self, runs: RunArray) -> npt.NDArray[np.uint8]:
@@ -393,9 +399,7 @@ class Region:
         """Lease ``rep``'s readable buffer once no copy into it is in flight; ``None`` if ``fresh`` and stale."""
         while rep.busy[rep.front]:
             self._wait_locked(deadline, f"on {rep.device}: a sync is still copying")
-        if rep.closed:
-            raise NotFoundError(f"region {self.name!r}: the replica on {rep.device} was removed")
-        self._check_open()
+        self._check_replica_live(rep)
         state = self.page_state
         if fresh and not state.fully_valid(rep.slot):
             return None
