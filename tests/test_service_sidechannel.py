@@ -71,6 +71,8 @@ def test_malformed_packets_get_error_replies_and_leak_nothing(server: DevrepServ
         packets: list[tuple[bytes | dict[str, Any], str]] = [
             (b"\xff\xfe not json", "INVALID_ARGUMENT"), (b"[1, 2]", "INVALID_ARGUMENT"),
             (b'{"op": "hel', "INVALID_ARGUMENT"),  # truncated
+            (b"[" * 60000, "INVALID_ARGUMENT"),  # nests past the parser's recursion limit
+            ('{"op": "hello"}'.encode("utf-16"), "INVALID_ARGUMENT"),  # the wire is UTF-8 only
             (b"x" * (protocol.MAX_MESSAGE + 10), "INVALID_ARGUMENT"),
             ({"op": "put_fds"}, "UNAUTHENTICATED"),
             ({"op": "hello", "label": 5}, "INVALID_ARGUMENT")]

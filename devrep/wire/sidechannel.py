@@ -23,6 +23,14 @@ from ..errors import DevrepError, ProtocolError, status_name
 
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 4
+# Plain ints: ``int & socket.MSG_CTRUNC`` goes through IntFlag's operators and builds an enum member, a few us
+# per packet on the hot acquire/release path (bench S2).
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+# Built once: ``json.dumps`` with any non-default option builds a new encoder per call, and ``json.loads`` of
+# bytes sniffs the encoding in Python first (the wire is UTF-8).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 def side_channel_path(grpc_socket: str | os.PathLike[str]) -> Path:
@@ -38,7 +46,7 @@ def close_fds(fds: list[int]) -> None:
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode()
+    data = _ENCODER.encode(message).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"side-channel message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if fds:
@@ -56,12 +64,12 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     if not data and not fds:
         return None, []
     try:
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             raise ProtocolError(f"too many file descriptors in one message (at most {MAX_FDS})")
-        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+        if flags & _MSG_TRUNC or len(data) > MAX_MESSAGE:
             raise ProtocolError(f"side-channel message larger than {MAX_MESSAGE} bytes")
         try:
-            message = json.loads(data)
+            message = _DECODER.decode(data.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProtocolError(f"side-channel message is not JSON: {exc}") from None
         except RecursionError:  # [[[[...]]]]: 64 KiB nest far deeper than the parser's recursion limit
