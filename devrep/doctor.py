@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .linux.pagemap import PageCategory, PagemapScanner, ScanFlag
-from .linux.uffd import DEV_USERFAULTFD, Feature, RegisterMode, Userfaultfd
+from .linux.uffd import DEV_USERFAULTFD, REARM_LOOP, Feature, RegisterMode, Userfaultfd
 from .model import ExportKind
 
 CAP_SYS_PTRACE = 19
@@ -118,6 +118,9 @@ class Capabilities:
     inotify: bool
     fanotify: bool
     fanotify_error: str
+    rearm_loop: str = REARM_LOOP
+    """The sync-mode rearm loop: "c" (devrep.linux._wp, built with the package) or "python" (no C compiler was
+    at hand when devrep was built: the same calls, about 1.8x slower)."""
     modes: dict[str, ModeStatus] = field(default_factory=dict)
     numa: NumaStatus = field(default_factory=NumaStatus)
     backends: dict[str, BackendStatus] = field(default_factory=dict)
@@ -152,6 +155,8 @@ class Capabilities:
                                                            else ""))
         env.add_row("PAGEMAP_SCAN", yes(self.pagemap_scan) + (f"  {self.pagemap_scan_error}"
                                                               if self.pagemap_scan_error else ""))
+        env.add_row("sync-mode rearm loop", "C (devrep.linux._wp)" if self.rearm_loop == "c" else
+                    "[yellow]Python[/]  devrep was built without a C compiler; reinstall with gcc for faster syncs")
         env.add_row("inotify", yes(self.inotify))
         env.add_row("fanotify", yes(self.fanotify) + (f"  {self.fanotify_error}" if self.fanotify_error else ""))
         console.print(env)

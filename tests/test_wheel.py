@@ -59,7 +59,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     # Build from a copy of the tree: an in-tree build would leave build/ and *.egg-info in the checkout.
     source = base / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "results.json"))
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "results.json",
+        "*.so"))  # an editable install's in-tree extension: the wheel must build its own
     # Build isolation (the default): the wheel is built with the build-system requirements pyproject.toml
     # declares, not with whatever this virtualenv happens to hold.
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
@@ -87,6 +88,9 @@ def test_wheel_ships_the_kernels_and_license(installed: Installed) -> None:
     assert not any(n.startswith("kernels/") for n in names), "kernels must live inside the devrep package"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "devrep/wire/_gen/devrep_pb2.py" in names
+    # The sync-mode rearm loop in C, compiled for this interpreter (CI and this machine have gcc).
+    assert any(n.startswith("devrep/linux/_wp.cpython-") and n.endswith(".so") for n in names), sorted(names)
+    assert "devrep/linux/_wp.pyi" in names, "the extension's type stub ships beside it (the package is typed)"
 
 
 def _metadata(wheel: Path) -> email.message.Message:
@@ -152,6 +156,7 @@ def test_devrep_demo_and_doctor_from_the_installed_wheel(installed: Installed) -
     report = json.loads(doctor.stdout)
     assert doctor.returncode == (0 if all(m["works"] for m in report["modes"].values()) else 1), doctor.stderr
     assert report["modes"]["explicit"]["works"]
+    assert report["rearm_loop"] == "c", "the installed wheel's rearm loop is not the compiled one"
     assert any(d.startswith("opencl:") for d in report["backends"]["opencl"]["devices"]), report["backends"]
 
 

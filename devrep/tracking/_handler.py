@@ -34,7 +34,6 @@ from __future__ import annotations
 import array
 import contextlib
 import mmap
-import operator
 import os
 import select
 import socket
@@ -170,14 +169,9 @@ class FaultHandler:
         self.rearm_flat([value for run in runs for value in run])
 
     def rearm_flat(self, runs: Sequence[int]) -> None:
-        """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format), checked in bulk
-        (builtins over the whole sequence, not a Python loop per run), then protected in one tight loop."""
-        firsts, counts = runs[0::2], runs[1::2]
-        if len(firsts) != len(counts):
-            raise ValueError("rearm runs must be [first, count] pairs")
-        if firsts and (min(firsts) < 0 or min(counts) <= 0 or max(map(operator.add, firsts, counts)) > self.npages):
-            raise ValueError(f"a rearm run lies outside the region's {self.npages} pages")
-        self.uffd.protect_page_runs(self.base, runs, PAGE_SHIFT)
+        """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format): every run checked
+        against the region, then protected in one loop (C where built; see ``Userfaultfd.protect_page_runs``)."""
+        self.uffd.protect_page_runs(self.base, runs, PAGE_SHIFT, self.npages)
 
     def release_all(self) -> None:
         """Un-protect the whole range and wake anyone blocked on it."""

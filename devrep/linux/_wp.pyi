@@ -1,0 +1,3 @@
+from _typeshed import ReadableBuffer
+
+def protect_runs(fd: int, base: int, runs: ReadableBuffer, page_shift: int, npages: int, /) -> None: ...
