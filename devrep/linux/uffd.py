@@ -193,7 +193,7 @@ class Userfaultfd:
         wp.mode = (WriteProtectMode.WP if protect else 0) | (WriteProtectMode.DONTWAKE if dontwake else 0)
         ioctl(self.fd, UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
 
-    def protect_page_runs(self, base: int, runs: Sequence[int], page_shift: int, npages: int, *,
+    def protect_page_runs(self, base: int, runs: Sequence[int] | memoryview, page_shift: int, npages: int, *,
                           compiled: bool = True) -> None:
         """Write-protect (no wake) page runs of the ``npages`` pages starting at ``base``; ``runs`` is flat:
         ``[first_page, count, first_page, count, ...]`` (e.g. an ``array.array("q")`` straight from a message).
@@ -268,11 +268,11 @@ class Userfaultfd:
         self.close()
 
 
-def _int64_buffer(runs: Sequence[int]) -> memoryview | array.array[int]:
+def _int64_buffer(runs: Sequence[int] | memoryview) -> memoryview | array.array[int]:
     """``runs`` as a contiguous native int64 buffer for ``_wp.protect_runs``: an ``array("q")`` or an int64 numpy
     array as it is, anything else (a list) copied into an ``array("q")``."""
     try:
-        view = memoryview(runs)  # type: ignore[arg-type]
+        view = memoryview(runs)  # type: ignore[arg-type]  # a list raises TypeError
     except TypeError:
         return array.array("q", runs)
     if view.format in ("q", "l") and view.itemsize == 8 and view.c_contiguous:

@@ -168,8 +168,9 @@ class FaultHandler:
         """Write-protect ``[first_page, count]`` runs again (no wake: nobody waits on a writable page)."""
         self.rearm_flat([value for run in runs for value in run])
 
-    def rearm_flat(self, runs: Sequence[int]) -> None:
-        """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format): every run checked
+    def rearm_flat(self, runs: Sequence[int] | memoryview) -> None:
+        """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format, or a memoryview of int64
+        such as the service thread's numpy runs): every run checked
         against the region, then protected in one loop (C where built; see ``Userfaultfd.protect_page_runs``)."""
         self.uffd.protect_page_runs(self.base, runs, PAGE_SHIFT, self.npages)
 

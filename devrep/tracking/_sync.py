@@ -317,7 +317,7 @@ class SyncTracker(Tracker):
         if self._handler is not None:  # service thread: serialize with fault handling through the lock
             with self._lock:
                 try:
-                    self._handler.rearm(runs.tolist())
+                    self._handler.rearm_flat(np.ascontiguousarray(runs, dtype=np.int64).reshape(-1).data)
                 except OSError as exc:
                     if exc.errno == errno.ESRCH:  # the writer's address space is gone
                         self._failed = "the writing process exited; its mapping can no longer be protected"
