@@ -39,12 +39,16 @@ def snapshot(server: ServerProcess, probe: devrep.client.Client) -> dict[str, in
             "sessions": info.sessions, "regions": info.regions, "leases": info.leases}
 
 
-def settled(server: ServerProcess, probe: devrep.client.Client, timeout: float = 30) -> dict[str, int]:
-    """The server's state once every killed client's session is gone."""
+def settled(server: ServerProcess, probe: devrep.client.Client, timeout: float = 30,
+            fds: int | None = None) -> dict[str, int]:
+    """The server's state once every killed client's session is gone (and, given ``fds``, its open fds are back
+    to at most that many: the thread serving the last killed client's connection may still be closing its socket
+    when the session is already gone)."""
     deadline = time.monotonic() + timeout
     while True:
         snap = snapshot(server, probe)
-        if (snap["sessions"] == 1 and snap["regions"] == 0 and snap["leases"] == 0) or time.monotonic() > deadline:
+        done = snap["sessions"] == 1 and snap["regions"] == 0 and snap["leases"] == 0
+        if (done and (fds is None or snap["fds"] <= fds)) or time.monotonic() > deadline:
             return snap
         time.sleep(0.05)
 
@@ -65,7 +69,7 @@ def run_cycles(tmp_path: Path, cycles: int, warmup: int = 10) -> dict[str, int]:
             line = zygote.stdout.readline().split()
             assert line and line[0] == "ready", f"cycle {n}: client failed: {line}"
             os.kill(int(line[1]), signal.SIGKILL)
-        after = settled(server, probe)
+        after = settled(server, probe, fds=baseline["fds"])
     finally:
         zygote.kill()
         zygote.wait(10)
