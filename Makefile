@@ -1,4 +1,5 @@
-# One virtualenv, refreshed whenever pyproject.toml changes; every target installs what it needs.
+# One virtualenv, refreshed whenever pyproject.toml (or the C rearm loop, which the install compiles) changes; every
+# target installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS))
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devrep/linux/_wp.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[test,opencl]'
@@ -64,4 +65,5 @@ soak: $(STAMP)
 	$(PY) -m pytest -q -m soak --timeout 3600 tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results.json
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/results.json build
+	rm -f devrep/linux/_wp.*.so  # the editable install builds the C rearm loop in place
