@@ -170,8 +170,8 @@ class FaultHandler:
 
     def rearm_flat(self, runs: Sequence[int] | memoryview) -> None:
         """``rearm`` of flat ``[first, count, first, count, ...]`` runs (the message format, or a memoryview of int64
-        such as the service thread's numpy runs): every run checked
-        against the region, then protected in one loop (C where built; see ``Userfaultfd.protect_page_runs``)."""
+        such as the service thread's numpy runs): every run checked against the region, then protected in one loop
+        (C where built; see ``Userfaultfd.protect_page_runs``)."""
         self.uffd.protect_page_runs(self.base, runs, PAGE_SHIFT, self.npages)
 
     def release_all(self) -> None:
