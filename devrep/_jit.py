@@ -41,16 +41,14 @@ def _memcpy(typingctx: Any, dst: Any, dst_offset: Any, src: Any, src_offset: Any
     return sig, codegen
 
 
-def _scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
-    """Page runs ``[first, count]`` of ``src`` to the same offsets of ``dst``."""
-    for k in numba.prange(runs.shape[0]):
+@numba.njit(cache=NUMBA_CACHE, nogil=True)
+def scatter(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+    """Page runs ``[first, count]`` of ``src`` to the same offsets of ``dst``. One thread: the CPU backend shares
+    a scattered copy out between threads itself (``devrep.backends._copypool``), which numba's ``prange`` did not
+    speed up here."""
+    for k in range(runs.shape[0]):
         offset = runs[k, 0] * PAGE_SIZE
         _memcpy(dst, offset, src, offset, runs[k, 1] * PAGE_SIZE)  # type: ignore[call-arg]  # numba intrinsic
-
-
-scatter_parallel = numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)(_scatter)
-# Waking the second thread costs more than it saves on small batches, and stalls when the other core is busy.
-scatter_serial = numba.njit(cache=NUMBA_CACHE, nogil=True)(_scatter)
 
 
 @numba.njit(parallel=True, cache=NUMBA_CACHE, nogil=True)

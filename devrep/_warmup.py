@@ -42,8 +42,7 @@ def kernels() -> ModuleType:
             pages = np.array([0], dtype=np.int64)
             for src in _arrays():
                 _jit.hash_pages(src.view(np.uint64), pages, np.empty(1, dtype=np.uint64))
-                for scatter in (_jit.scatter_serial, _jit.scatter_parallel):
-                    scatter(src, np.zeros(2 * PAGE_SIZE, dtype=np.uint8), runs)
+                _jit.scatter(src, np.zeros(2 * PAGE_SIZE, dtype=np.uint8), runs)
                 _jit.gather(src, pages, np.zeros(2 * PAGE_SIZE, dtype=np.uint8))
             _loaded = _jit
     return _loaded

@@ -24,15 +24,15 @@ from ..memory import (
 )
 from ..model import ExportKind
 from ._base import Backend, DeviceBuffer, ExportHandle, HostArray, Progress
+from ._copypool import CopyPool
 
 # Copies at least this long go through one numpy copy (glibc memcpy with non-temporal stores past its
 # threshold); shorter runs are batched through a compiled loop so thousands of scattered pages cost one call.
 _LARGE_RUN_BYTES = 1 << 20
 # Progress is reported per batch; large enough that each memcpy stays above glibc's non-temporal threshold.
 _PROGRESS_BATCH_PAGES = (256 << 20) // PAGE_SIZE
-
-
-_PARALLEL_MIN_PAGES = 8192
+# Scattered pages are copied by this thread and up to three more (see ``_copypool`` for why threads of our own).
+_POOL = CopyPool()
 
 
 def _copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: RunArray) -> None:
@@ -44,10 +44,7 @@ def _copy_page_runs(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs
         np.copyto(dst[a:b], src[a:b])
     small = runs[~large]
     if small.shape[0]:
-        small = np.ascontiguousarray(small)
-        jit = kernels()
-        scatter = jit.scatter_parallel if int(small[:, 1].sum()) >= _PARALLEL_MIN_PAGES else jit.scatter_serial
-        scatter(src, dst, small)
+        _POOL.copy(kernels().scatter, src, dst, np.ascontiguousarray(small))
 
 
 class CpuBackend(Backend):

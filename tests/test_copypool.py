@@ -1,0 +1,147 @@
+"""``devrep.backends._copypool.CopyPool``: the CPU backend's scattered copies on several threads.
+
+What must hold whatever the scheduler does: every listed page copied exactly, nothing else touched, the call
+returns only once every claimed chunk is done, a helper that never runs costs nothing but its share, errors
+reach the caller, and a forked child copies without the parent's threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from devrep import PAGE_SIZE
+from devrep._pages import runs_from_pages
+from devrep._warmup import kernels
+from devrep.backends import _copypool
+from devrep.backends._copypool import CopyPool
+
+
+def _arrays(npages: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    src = np.random.default_rng(npages).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8)
+    return src, np.zeros_like(src)
+
+
+def _expected(src: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+    out = np.zeros_like(src).reshape(-1, PAGE_SIZE)
+    out[pages] = src.reshape(-1, PAGE_SIZE)[pages]
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 100, 700, 5000])
+def test_copies_exactly_the_runs(threads: int, count: int) -> None:
+    npages = 8192
+    src, dst = _arrays(npages)
+    pages = np.sort(np.random.default_rng(count).choice(npages, count, replace=False)).astype(np.int64)
+    runs = np.ascontiguousarray(runs_from_pages(pages))
+    CopyPool(threads).copy(kernels().scatter, src, dst, runs)
+    assert np.array_equal(dst, _expected(src, pages))
+
+
+def test_long_runs_stay_whole_and_every_page_is_copied_once() -> None:
+    """Chunks end at run boundaries: a run longer than a chunk is one kernel call, and no run is copied twice."""
+    calls: list[npt.NDArray[np.int64]] = []
+    lock = threading.Lock()
+
+    def recording(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+        with lock:
+            calls.append(runs.copy())
+        kernels().scatter(src, dst, runs)
+
+    npages = 4096
+    src, dst = _arrays(npages)
+    runs = np.array([[0, 1000], [1500, 1], [1502, 3], [2000, 900], [3000, 1], [4000, 96]], dtype=np.int64)
+    CopyPool(3).copy(recording, src, dst, runs)
+    copied = np.concatenate(calls)
+    assert sorted(map(tuple, copied.tolist())) == sorted(map(tuple, runs.tolist()))
+    assert len(calls) > 1  # shared out, not one call
+    pages = np.concatenate([np.arange(f, f + c) for f, c in runs.tolist()])
+    assert np.array_equal(dst, _expected(src, pages))
+
+
+def test_a_helper_that_never_runs_does_not_hold_up_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other core busy: the helpers are not scheduled. The caller copies every chunk itself and returns."""
+    pool = CopyPool(2)
+    blocked = threading.Event()
+    monkeypatch.setattr(CopyPool, "_serve", staticmethod(lambda jobs: blocked.wait()))  # helpers that never wake
+    src, dst = _arrays(4096)
+    pages = np.arange(0, 4096, 3, dtype=np.int64)
+    start = time.monotonic()
+    pool.copy(kernels().scatter, src, dst, np.ascontiguousarray(runs_from_pages(pages)))
+    assert time.monotonic() - start < 30  # bounded: it did not wait for the helper (it would wait forever)
+    assert np.array_equal(dst, _expected(src, pages))
+    blocked.set()
+
+
+def test_the_caller_waits_for_a_chunk_a_helper_claimed() -> None:
+    """A helper slow inside its chunk: the caller must not return before that chunk is in place."""
+    main = threading.get_ident()
+    slow_done = threading.Event()
+
+    def kernel(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+        if threading.get_ident() != main and not slow_done.is_set():
+            time.sleep(0.3)
+            kernels().scatter(src, dst, runs)
+            slow_done.set()
+            return
+        kernels().scatter(src, dst, runs)
+
+    src, dst = _arrays(8192)
+    pages = np.arange(0, 8192, 2, dtype=np.int64)
+    pool = CopyPool(2)
+    for _ in range(20):  # until the helper claims a chunk (it must be scheduled before the caller takes all)
+        dst[:] = 0
+        pool.copy(kernel, src, dst, np.ascontiguousarray(runs_from_pages(pages)))
+        assert np.array_equal(dst, _expected(src, pages))
+        if slow_done.is_set():
+            break
+    assert slow_done.is_set(), "the helper never claimed a chunk in 20 copies"
+
+
+def test_an_error_in_a_helper_reaches_the_caller() -> None:
+    main = threading.get_ident()
+
+    def kernel(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+        if threading.get_ident() != main:
+            raise RuntimeError("helper failed")
+        time.sleep(0.01)  # leave chunks for the helper
+        kernels().scatter(src, dst, runs)
+
+    src, dst = _arrays(4096)
+    runs = np.ascontiguousarray(runs_from_pages(np.arange(0, 4096, 2, dtype=np.int64)))
+    pool = CopyPool(2)
+    with pytest.raises(RuntimeError, match="helper failed"):
+        for _ in range(50):
+            pool.copy(kernel, src, dst, runs)
+    pool.copy(kernels().scatter, src, dst, runs)  # the pool still works afterwards
+
+
+def test_a_forked_child_copies_without_the_parents_threads() -> None:
+    pool = CopyPool(2)
+    src, dst = _arrays(4096)
+    runs = np.ascontiguousarray(runs_from_pages(np.arange(0, 4096, 3, dtype=np.int64)))
+    pool.copy(kernels().scatter, src, dst, runs)  # the parent's helper exists now
+    dst[:] = 0
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            pool.copy(kernels().scatter, src, dst, runs)
+            ok = np.array_equal(dst, _expected(src, np.arange(0, 4096, 3, dtype=np.int64)))
+            ok = ok and any(t.name.startswith("devrep-copy-") for t in threading.enumerate())
+            os._exit(0 if ok else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_default_thread_count_follows_the_cpus_allowed() -> None:
+    assert CopyPool().threads == min(len(os.sched_getaffinity(0)), _copypool.MAX_THREADS)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        CopyPool(0)
