@@ -89,10 +89,14 @@ def runs_from_pages(pages: PageArray) -> RunArray:
     pages = np.asarray(pages, dtype=np.int64)
     if pages.size == 0:
         return np.empty((0, 2), dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))] + 1
-    return np.stack([starts, ends - starts], axis=1)
+    breaks = np.flatnonzero(pages[1:] != pages[:-1] + 1)  # a run ends at each of these entries
+    runs = np.empty((breaks.size + 1, 2), dtype=np.int64)
+    runs[0, 0] = pages[0]
+    runs[1:, 0] = pages[breaks + 1]
+    runs[:-1, 1] = pages[breaks] + 1
+    runs[-1, 1] = pages[-1] + 1
+    runs[:, 1] -= runs[:, 0]  # end -> count
+    return runs
 
 
 def pages_from_runs(runs: RunArray) -> PageArray:

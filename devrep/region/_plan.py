@@ -47,10 +47,15 @@ class Snapshot:
     gen: npt.NDArray[np.uint32]
     """``union``'s generations."""
     generation: int
+    runs: RunArray = field(init=False)
+    """``union`` as runs (computed once: the rearm, the copy and the sync events all use them)."""
 
-    @property
-    def runs(self) -> RunArray:
-        return runs_from_pages(self.union)
+    def __post_init__(self) -> None:
+        self.runs = runs_from_pages(self.union)
+
+    def runs_of(self, pages: PageArray) -> RunArray:
+        """``pages`` as runs; the union's own without recomputing them (one replica, or several in step)."""
+        return self.runs if pages is self.union else runs_from_pages(pages)
 
 
 def take_snapshot(state: PageState, plans: list[Plan]) -> Snapshot:
@@ -72,7 +77,7 @@ def union_pages(page_sets: list[PageArray], npages: int) -> PageArray:
     return np.flatnonzero(mask)
 
 
-def copy_plans(plans: list[Plan], source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
+def copy_plans(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
                progress: ProgressCallback | None) -> int:
     """Run the copies, one backend call per group of replicas that need the same pages (fan-out); returns the host
     bytes read (each page once per group, however many replicas it lands in). ``source(runs)`` gives the host
@@ -91,7 +96,7 @@ def copy_plans(plans: list[Plan], source: Callable[[RunArray], npt.NDArray[np.ui
         buffers = [plan.replica.buffers[plan.target] for plan in members]
         if any(b is None for b in buffers):
             raise FailedPreconditionError(f"region {region!r}: a replica buffer vanished during sync")
-        runs = runs_from_pages(first.pages)
+        runs = snap.runs_of(first.pages)
         group_end = done + len(members) * int(first.pages.size) * PAGE_SIZE
         report: CopyProgress | None = None
         if progress:
@@ -130,7 +135,7 @@ def commit(state: PageState, plans: list[Plan], snap: Snapshot, region: str, sec
         rep.generation = snap.generation
         copied += int(pages.size)
         if fresh.size:
-            events.append(Event(EventKind.SYNC, region, snap.generation, runs_from_pages(fresh), device=rep.device,
+            events.append(Event(EventKind.SYNC, region, snap.generation, snap.runs_of(fresh), device=rep.device,
                                 nbytes=int(pages.size) * PAGE_SIZE, seconds=seconds))
     return copied, events
 

@@ -326,7 +326,7 @@ class Region:
                 # Off the region lock (see "Rearm off the region lock" in devrep.tracking): a write from here on
                 # faults and is recorded, so the collect after the copy invalidates what it may have torn.
                 self.tracker.rearm(union_runs)
-            host_read = _plan.copy_plans(plans, self._source, self.name, progress)
+            host_read = _plan.copy_plans(plans, snap, self._source, self.name, progress)
             with self._cond:
                 events = self._collect_locked()
                 if len(union_runs):

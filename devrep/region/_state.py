@@ -138,7 +138,7 @@ class PageState:
             self.lag[pages[stale_in_front | ~kept]] |= bit
         elif has_other:
             self.lag[pages] |= bit
-        fresh = pages[kept]
+        fresh = pages if kept.all() else pages[kept]  # ``pages`` itself in the common case: its runs are known
         newly = fresh[(self.valid[fresh] & bit) == 0]
         self._valid_count[slot] += int(newly.size)
         self.valid[fresh] |= bit
