@@ -49,6 +49,11 @@ class PageState:
         """Persistent per-page state, all replicas included."""
         return self.gen.nbytes + self.valid.nbytes + self.lag.nbytes
 
+    def _at(self, pages: PageArray) -> PageArray | slice:
+        """An index for ``pages`` (sorted, unique, in range): all ``npages`` of them is every page, indexed with a
+        slice (a view and a plain loop, not a gather and a scatter: ~8 ms less for a full sync of 1 GiB)."""
+        return slice(None) if pages.size == self.npages else pages
+
     # ------------------------------------------------------------------ queries
     def valid_pages(self, slot: int) -> int:
         """How many pages slot ``slot``'s readable buffer holds valid."""
@@ -63,7 +68,7 @@ class PageState:
 
     def stale_among(self, slot: int, pages: PageArray) -> npt.NDArray[np.bool_]:
         """Per entry of ``pages``: stale in slot ``slot``'s readable buffer."""
-        return (self.valid[pages] & slot_bit(slot)) == 0
+        return (self.valid[self._at(pages)] & slot_bit(slot)) == 0
 
     def valid_mask(self, slot: int) -> npt.NDArray[np.bool_]:
         return (self.valid & slot_bit(slot)) != 0
@@ -77,6 +82,8 @@ class PageState:
     def pages_to_write(self, slot: int, *, into_spare: bool) -> PageArray:
         """The pages a sync must copy into slot ``slot``'s readable buffer, or with ``into_spare`` into its spare
         (which also misses the pages it lags behind on)."""
+        if not into_spare and not self._valid_count[slot]:
+            return np.arange(self.npages, dtype=np.int64)  # nothing valid (a new replica): no scan
         stale = self.stale_mask(slot)
         if into_spare:
             stale |= (self.lag & slot_bit(slot)) != 0
@@ -84,11 +91,11 @@ class PageState:
 
     def snapshot(self, pages: PageArray) -> npt.NDArray[np.uint32]:
         """The generations of ``pages`` now: a copy of them is judged against this (``unchanged``)."""
-        return self.gen[pages].copy()
+        return self.gen[self._at(pages)].copy()
 
     def unchanged(self, pages: PageArray, snapshot: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
         """Per entry of ``pages``: not invalidated since ``snapshot`` was taken."""
-        return self.gen[pages] == snapshot
+        return self.gen[self._at(pages)] == snapshot
 
     # ------------------------------------------------------------------ transitions
     def invalidate(self, pages: PageArray) -> int:
@@ -97,11 +104,12 @@ class PageState:
         if pages.size == 0:
             return self.generation
         self.generation += 1
-        self.gen[pages] = np.uint32(self.generation & _GEN_MASK)
-        before = self.valid[pages]
+        at = self._at(pages)
+        self.gen[at] = np.uint32(self.generation & _GEN_MASK)
+        before = self.valid[at]
         for slot in np.flatnonzero(self._valid_count).tolist():
             self._valid_count[slot] -= int(np.count_nonzero(before & slot_bit(slot)))
-        self.valid[pages] = 0
+        self.valid[at] = 0
         return self.generation
 
     def reset_slot(self, slot: int) -> None:
@@ -137,11 +145,11 @@ class PageState:
             self.lag &= ~bit
             self.lag[pages[stale_in_front | ~kept]] |= bit
         elif has_other:
-            self.lag[pages] |= bit
+            self.lag[self._at(pages)] |= bit
         fresh = pages if kept.all() else pages[kept]  # ``pages`` itself in the common case: its runs are known
-        newly = fresh[(self.valid[fresh] & bit) == 0]
-        self._valid_count[slot] += int(newly.size)
-        self.valid[fresh] |= bit
+        at = self._at(fresh)
+        self._valid_count[slot] += int(np.count_nonzero((self.valid[at] & bit) == 0))
+        self.valid[at] |= bit
         return fresh
 
     def mark_mismatched(self, slot: int, pages: PageArray, *, has_spare: bool) -> None:
