@@ -90,6 +90,8 @@ def test_the_caller_waits_for_a_chunk_a_helper_claimed() -> None:
             kernels().scatter(src, dst, runs)
             slow_done.set()
             return
+        if threading.get_ident() == main:
+            time.sleep(0.05)  # leave the helper time to wake and claim a chunk, even on a loaded machine
         kernels().scatter(src, dst, runs)
 
     src, dst = _arrays(8192)
@@ -110,7 +112,7 @@ def test_an_error_in_a_helper_reaches_the_caller() -> None:
     def kernel(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
         if threading.get_ident() != main:
             raise RuntimeError("helper failed")
-        time.sleep(0.01)  # leave chunks for the helper
+        time.sleep(0.05)  # leave chunks for the helper, even on a loaded machine
         kernels().scatter(src, dst, runs)
 
     src, dst = _arrays(4096)
