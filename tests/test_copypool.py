@@ -147,3 +147,24 @@ def test_default_thread_count_follows_the_cpus_allowed() -> None:
     assert CopyPool().threads == min(len(os.sched_getaffinity(0)), _copypool.MAX_THREADS)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         CopyPool(0)
+
+
+def test_concurrent_callers_share_one_pool() -> None:
+    """Syncs of several regions at once: every caller gets its own runs copied, whoever's helper claims what."""
+    pool = CopyPool(3)
+    results: list[bool] = []
+
+    def one(seed: int) -> None:
+        src, dst = _arrays(4096 + seed)
+        pages = np.sort(np.random.default_rng(seed).choice(4096, 1500, replace=False)).astype(np.int64)
+        for _ in range(5):
+            dst[:] = 0
+            pool.copy(kernels().scatter, src, dst, np.ascontiguousarray(runs_from_pages(pages)))
+            results.append(bool(np.array_equal(dst, _expected(src, pages))))
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == [True] * 20
