@@ -52,6 +52,7 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         self.runs = runs_from_pages(self.union)
+        self.runs.flags.writeable = False  # shared by the rearm, the copy and every replica's sync event
 
     def runs_of(self, pages: PageArray) -> RunArray:
         """``pages`` as runs; the union's own without recomputing them (one replica, or several in step)."""
