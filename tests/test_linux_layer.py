@@ -113,6 +113,32 @@ def test_pagemap_scan_finds_exactly_the_written_pages(vec_len: int) -> None:
     host.close()  # type: ignore[attr-defined]
 
 
+def test_pagemap_scanner_applies_changed_flags_and_masks() -> None:
+    """``PagemapScanner`` keeps its argument block between scans and rewrites the flags and masks only when they
+    change: a look without ``WP_MATCHING`` after a re-protecting scan must report without re-protecting, and a
+    different category must select different pages."""
+    npages = 64
+    uffd, pagemap, host = _async_region(npages)
+    array = host.array  # type: ignore[attr-defined]
+    base = host.address  # type: ignore[attr-defined]
+    end = base + npages * PAGE
+    scanner = PagemapScanner(pagemap)
+    wp = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
+    assert len(scanner.scan(base, end, flags=wp)) == 0
+    array[3 * PAGE] = 1
+    look = scanner.scan(base, end, flags=ScanFlag.NONE)  # settings changed: no WP_MATCHING now
+    assert look.tolist() == [[base + 3 * PAGE, base + 4 * PAGE]]
+    assert scanner.scan(base, end, flags=ScanFlag.NONE).tolist() == look.tolist(), "a look re-protected the page"
+    unwritten = scanner.scan(base, end, category_mask=PageCategory.WRITTEN,
+                             category_inverted=PageCategory.WRITTEN, return_mask=PageCategory.WRITTEN)
+    assert unwritten.tolist() == [[base, base + 3 * PAGE], [base + 4 * PAGE, end]]
+    assert scanner.scan(base, end, flags=wp).tolist() == look.tolist()  # back to re-protecting: reported once
+    assert len(scanner.scan(base, end, flags=wp)) == 0
+    uffd.close()
+    os.close(pagemap)
+    host.close()  # type: ignore[attr-defined]
+
+
 def _wp_bits(address: int, npages: int) -> list[bool]:
     """Per page of ``[address, +npages)`` of this process: write-protected by userfaultfd (pagemap bit 57)."""
     with open("/proc/self/pagemap", "rb") as f:

@@ -115,6 +115,7 @@ class _EpochLoop:
 
     def _run(self) -> None:
         while True:
+            again: list[tuple[AsyncTracker, float]] = []
             for tracker in self._next_due():
                 try:
                     delay = tracker._epoch()
@@ -122,7 +123,12 @@ class _EpochLoop:
                     log.exception("async epoch failed")
                     delay = None
                 if delay is not None:
-                    self.add(tracker, delay)
+                    again.append((tracker, delay))
+            # The batch back in one lock hold, and no notify: this thread is the one that waits.
+            now = time.monotonic()
+            with self._cond:
+                for tracker, delay in again:
+                    heapq.heappush(self._heap, (now + delay, next(self._order), tracker))
 
 
 _LOOP = _EpochLoop()
