@@ -419,10 +419,10 @@ class SideChannel:
             return reply, []
         if op == "release":
             self.registry.release(session, _positive_int(message, "lease"))
-            return {"ok": True}, []
+            return protocol.OK, []
         if op == "bye":
             if owns_session:
                 self.registry.close(session)  # before the reply: close() returns with everything freed
-            return {"ok": True}, []
+            return protocol.OK, []
         raise InvalidArgumentError(
             f"unknown side-channel op {op!r}; known: hello, put_fds, acquire, lease_fd, release, bye")

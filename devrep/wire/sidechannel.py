@@ -12,6 +12,7 @@ ticket that ``RegisterRegion`` names), ``lease_fd`` (the memfd of a CPU replica 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -31,6 +32,14 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 # bytes sniffs the encoding in Python first (the wire is UTF-8).
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _DECODER = json.JSONDecoder()
+# Room for MAX_FDS descriptors in one SCM_RIGHTS message, computed once (``socket.recv_fds`` recomputes it and
+# builds an array per packet).
+_FD_BYTES = array.array("i").itemsize
+_ANCILLARY_SPACE = socket.CMSG_LEN(MAX_FDS * _FD_BYTES)
+
+OK: dict[str, Any] = {"ok": True}
+"""The plain success reply (a release, a bye). ``send`` writes it from prebuilt bytes; never mutate it."""
+_OK_BYTES = _ENCODER.encode(OK).encode()
 
 
 def side_channel_path(grpc_socket: str | os.PathLike[str]) -> Path:
@@ -46,6 +55,9 @@ def close_fds(fds: list[int]) -> None:
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    if message is OK and not fds:
+        sock.sendall(_OK_BYTES)
+        return
     data = _ENCODER.encode(message).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"side-channel message of {len(data)} bytes exceeds {MAX_MESSAGE}")
@@ -60,7 +72,8 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 
     The caller owns the returned fds, even when this raises ``ProtocolError`` it has closed them.
     """
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS)
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _ANCILLARY_SPACE)
+    fds = _fds_of(ancillary) if ancillary else []
     if not data and not fds:
         return None, []
     try:
@@ -80,6 +93,15 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         close_fds(fds)
         raise
     return message, fds
+
+
+def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors of the ``SCM_RIGHTS`` messages in ``ancillary`` (as ``socket.recv_fds`` parses them)."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % _FD_BYTES])
+    return list(fds)
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
