@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -518,10 +519,11 @@ class Region:
         return f"<Region {self.name!r} {self.nbytes} B, {len(self._replicas)} replicas, {self.tracker.mode}>"
 
 
-def check_region_name(name: str) -> str:
-    import re
+_REGION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}")
 
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,254}", name):
+
+def check_region_name(name: str) -> str:
+    if not isinstance(name, str) or not _REGION_NAME.fullmatch(name):  # compiled once: every acquire checks it
         raise InvalidArgumentError(
             f"bad region name {name!r}: 1-255 characters of letters, digits and ._:/- , starting with a letter or digit"
         )
