@@ -82,7 +82,8 @@ class Event:
     """Something that happened to a region, for watchers and metrics (``kind``: see ``EventKind``).
 
     A plain string naming a known kind is turned into its ``EventKind`` (events rebuilt from the wire); an unknown
-    one (a newer server's) is kept as the string.
+    one (a newer server's) is kept as the string. ``runs`` may be shared with the sync that produced the event and
+    with other events (a sync event's runs are read-only): copy it before changing it.
     """
 
     kind: EventKind

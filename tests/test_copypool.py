@@ -8,6 +8,7 @@ reach the caller, and a forked child copies without the parent's threads.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -72,11 +73,13 @@ def test_a_helper_that_never_runs_does_not_hold_up_the_caller(monkeypatch: pytes
     monkeypatch.setattr(CopyPool, "_serve", staticmethod(lambda jobs: blocked.wait()))  # helpers that never wake
     src, dst = _arrays(4096)
     pages = np.arange(0, 4096, 3, dtype=np.int64)
-    start = time.monotonic()
-    pool.copy(kernels().scatter, src, dst, np.ascontiguousarray(runs_from_pages(pages)))
-    assert time.monotonic() - start < 30  # bounded: it did not wait for the helper (it would wait forever)
-    assert np.array_equal(dst, _expected(src, pages))
+    caller = threading.Thread(target=pool.copy,
+                              args=(kernels().scatter, src, dst, np.ascontiguousarray(runs_from_pages(pages))))
+    caller.start()
+    caller.join(30)  # a caller waiting for the helper would wait until ``blocked`` is set
     blocked.set()
+    assert not caller.is_alive(), "the caller waited for a helper that never ran"
+    assert np.array_equal(dst, _expected(src, pages))
 
 
 def test_the_caller_waits_for_a_chunk_a_helper_claimed() -> None:
@@ -122,6 +125,37 @@ def test_an_error_in_a_helper_reaches_the_caller() -> None:
         for _ in range(50):
             pool.copy(kernel, src, dst, runs)
     pool.copy(kernels().scatter, src, dst, runs)  # the pool still works afterwards
+    pool.close()
+
+
+def test_the_callers_own_error_wins_and_no_array_outlives_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that fails gets its own error back, not a helper's; once ``copy`` returns or raises, the job holds
+    no array (a helper waking late must not keep a replica mapping alive)."""
+    jobs: list[_copypool._Job] = []
+    real_job = _copypool._Job
+
+    def recording_job(*args: object) -> _copypool._Job:
+        job = real_job(*args)  # type: ignore[arg-type]
+        jobs.append(job)
+        return job
+
+    main = threading.get_ident()
+
+    def kernel(src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8], runs: npt.NDArray[np.int64]) -> None:
+        time.sleep(0.05)
+        raise (ValueError if threading.get_ident() == main else RuntimeError)("failed")
+
+    src, dst = _arrays(4096)
+    runs = np.ascontiguousarray(runs_from_pages(np.arange(0, 4096, 2, dtype=np.int64)))
+    pool = CopyPool(2)
+    monkeypatch.setattr(_copypool, "_Job", recording_job)
+    try:
+        with pytest.raises(ValueError, match="failed"):
+            pool.copy(kernel, src, dst, runs)
+        pool.copy(kernels().scatter, src, dst, runs)
+    finally:
+        pool.close()
+    assert jobs and all(job.src is None and job.dst is None and job.runs is None for job in jobs)
 
 
 def test_a_forked_child_copies_without_the_parents_threads() -> None:
@@ -129,6 +163,8 @@ def test_a_forked_child_copies_without_the_parents_threads() -> None:
     src, dst = _arrays(4096)
     runs = np.ascontiguousarray(runs_from_pages(np.arange(0, 4096, 3, dtype=np.int64)))
     pool.copy(kernels().scatter, src, dst, runs)  # the parent's helper exists now
+    pool.close()  # and a new one after close
+    pool.copy(kernels().scatter, src, dst, runs)
     dst[:] = 0
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -139,8 +175,14 @@ def test_a_forked_child_copies_without_the_parents_threads() -> None:
             os._exit(0 if ok else 1)
         finally:
             os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish its copy within 60 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_default_thread_count_follows_the_cpus_allowed() -> None:

@@ -11,7 +11,8 @@ the caller included, claims the next unclaimed chunk until none is left. A helpe
 (the other core busy) simply claims nothing: the caller then copies every chunk itself and waits only for chunks
 a helper did claim, never for a helper to wake up. A helper that wakes after the job ended finds it closed and
 goes back to sleep. After ``fork`` the child has no helper threads; the pool starts new ones there on first use
-(and until then the caller would copy everything itself anyway).
+(and until then the caller would copy everything itself anyway). A job drops its arrays once the caller is done
+with it, so a helper that wakes late never keeps a replica's mapping alive.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -46,7 +48,10 @@ class _Job:
 
     def __init__(self, kernel: Kernel, src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8],
                  runs: npt.NDArray[np.int64], bounds: list[int]) -> None:
-        self.kernel, self.src, self.dst, self.runs, self.bounds = kernel, src, dst, runs, bounds
+        self.kernel, self.bounds = kernel, bounds
+        self.src: npt.NDArray[np.uint8] | None = src
+        self.dst: npt.NDArray[np.uint8] | None = dst
+        self.runs: npt.NDArray[np.int64] | None = runs
         self.claims = itertools.count()  # ``next`` is one C call: atomic under the GIL
         self.cond = threading.Condition(threading.Lock())
         self.active = 0  # helpers inside ``work``
@@ -54,9 +59,11 @@ class _Job:
         self.error: BaseException | None = None
 
     def work(self) -> None:
+        src, dst, runs = self.src, self.dst, self.runs
+        assert src is not None and dst is not None and runs is not None  # dropped only once nobody works
         last = len(self.bounds) - 1
         while (k := next(self.claims)) < last:
-            self.kernel(self.src, self.dst, self.runs[self.bounds[k]:self.bounds[k + 1]])
+            self.kernel(src, dst, runs[self.bounds[k]:self.bounds[k + 1]])
 
     def help(self) -> None:
         """A helper's share: nothing if the caller already closed the job."""
@@ -74,14 +81,25 @@ class _Job:
                 if not self.active:
                     self.cond.notify_all()
 
-    def finish(self) -> None:
-        """The caller's end: no new helper may start; wait for those copying a chunk they claimed."""
+    def finish(self, *, raise_error: bool = True) -> None:
+        """The caller's end: no new helper may start; wait for those copying a chunk they claimed (even through a
+        KeyboardInterrupt: the caller's caller may free ``dst`` as soon as this returns), then drop the arrays
+        (a late helper still holding this job must not keep a replica's mapping alive). Raises a helper's error
+        unless ``raise_error`` is false (the caller is already raising its own)."""
+        interrupted: BaseException | None = None
         with self.cond:
             self.closed = True
             while self.active:
-                self.cond.wait()
-        if self.error is not None:
-            raise self.error
+                try:
+                    self.cond.wait()
+                except BaseException as exc:  # Ctrl-C in the main thread: keep waiting, then raise it
+                    interrupted = interrupted or exc
+        self.src = self.dst = self.runs = None
+        error, self.error = self.error, None  # no traceback -> frame -> job cycle left behind
+        if interrupted is not None:
+            raise interrupted
+        if error is not None and raise_error:
+            raise error
 
 
 class CopyPool:
@@ -95,23 +113,37 @@ class CopyPool:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Job] | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._pid = -1
+        _POOLS.add(self)
 
-    def _queue(self) -> queue.SimpleQueue[_Job]:
-        """The helpers' queue, with the helpers started in this process (again after a fork)."""
+    def _after_fork(self) -> None:
+        """In a forked child: the helpers are gone, and the lock may have been held at the fork."""
+        self._lock = threading.Lock()
+        self._jobs, self._pid = None, -1
+
+    def close(self) -> None:
+        """Stop the helper threads (a later ``copy`` starts new ones)."""
+        with self._lock:
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None and self._pid == os.getpid():
+            for _ in range(self.threads - 1):
+                jobs.put(None)
+
+    def _queue(self) -> queue.SimpleQueue[_Job | None]:
+        """The helpers' queue, with the helpers started in this process (again after a fork or ``close``)."""
         with self._lock:
             if self._jobs is None or self._pid != os.getpid():
-                jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+                jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
                 for n in range(self.threads - 1):
                     threading.Thread(target=self._serve, args=(jobs,), name=f"devrep-copy-{n}", daemon=True).start()
                 self._jobs, self._pid = jobs, os.getpid()
             return self._jobs
 
     @staticmethod
-    def _serve(jobs: queue.SimpleQueue[_Job]) -> None:
-        while True:
-            jobs.get().help()
+    def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+        while (job := jobs.get()) is not None:
+            job.help()
 
     def copy(self, kernel: Kernel, src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8],
              runs: npt.NDArray[np.int64]) -> None:
@@ -132,5 +164,18 @@ class CopyPool:
             jobs.put(job)
         try:
             job.work()
-        finally:
-            job.finish()
+        except BaseException:
+            job.finish(raise_error=False)  # the caller's own error wins
+            raise
+        job.finish()
+
+
+_POOLS: weakref.WeakSet[CopyPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

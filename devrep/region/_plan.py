@@ -55,8 +55,13 @@ class Snapshot:
         self.runs.flags.writeable = False  # shared by the rearm, the copy and every replica's sync event
 
     def runs_of(self, pages: PageArray) -> RunArray:
-        """``pages`` as runs; the union's own without recomputing them (one replica, or several in step)."""
-        return self.runs if pages is self.union else runs_from_pages(pages)
+        """``pages`` as runs, read-only like ``runs`` (every sync event's runs then behave alike); the union's own
+        without recomputing them (one replica, or several in step)."""
+        if pages is self.union:
+            return self.runs
+        runs = runs_from_pages(pages)
+        runs.flags.writeable = False
+        return runs
 
 
 def take_snapshot(state: PageState, plans: list[Plan]) -> Snapshot:

@@ -106,7 +106,7 @@ class PageState:
         self.generation += 1
         at = self._at(pages)
         self.gen[at] = np.uint32(self.generation & _GEN_MASK)
-        before = self.valid[at]
+        before = self.valid[at]  # a view when ``at`` is a slice: read before the line below clears it
         for slot in np.flatnonzero(self._valid_count).tolist():
             self._valid_count[slot] -= int(np.count_nonzero(before & slot_bit(slot)))
         self.valid[at] = 0
