@@ -16,7 +16,7 @@ from _support import wait_for
 
 from devrep import errors
 from devrep.client import Client, connect
-from devrep.service import TokenStore
+from devrep.service import TokenStore, sessions
 from devrep.wire._gen import devrep_pb2 as pb
 from devrep.wire._gen import devrep_pb2_grpc as pb_grpc
 
@@ -141,6 +141,26 @@ def test_release_twice_is_failed_precondition_on_both_paths() -> None:
         with pytest.raises(grpc.RpcError) as err:                # never issued: NOT_FOUND
             stub.Release(pb.ReleaseRequest(lease_id=10**9), metadata=md, timeout=30)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_ended_lease_reasons_are_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session remembers why its last ``MAX_ENDED_LEASES`` leases ended, dropping the oldest first: a long-lived
+    reader's acquire/release loop keeps a fixed amount of memory and a constant cost per release."""
+    monkeypatch.setattr(sessions, "MAX_ENDED_LEASES", 8)
+    with inproc_server() as server, connect(server.address) as client:
+        client.create_region("t", 8192)
+        client.replicate("t", ["cpu:0"])
+        ids = []
+        for _ in range(20):
+            lease = client.acquire("t", "cpu:0")
+            ids.append(lease.lease_id)
+            lease.release()
+        for lease_id in ids[:12]:                              # forgotten: never issued, as far as it can tell
+            with pytest.raises(errors.NotFoundError):
+                client._side().call({"op": "release", "lease": lease_id})
+        for lease_id in ids[12:]:
+            with pytest.raises(errors.FailedPreconditionError, match="already released"):
+                client._side().call({"op": "release", "lease": lease_id})
 
 
 def test_sigkilled_process_sharing_a_token_session_releases_its_side_channel_leases() -> None:
