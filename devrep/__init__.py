@@ -30,7 +30,7 @@ imports too) and fails on a violation. ``_LAYERS`` below is that rule as data, w
     host      memory, numa, protect, views, hashing, ...        linux, leaf
     linux     linux/                        (ctypes syscalls)   leaf
     wire      wire/                         (stubs, packets)    leaf
-    leaf      errors, _pages, sizes, model, _console            nothing of devrep
+    leaf      errors, _pages, sizes, model, _console, _signals  nothing of devrep
 
 Why this order: a write's signal starts at the bottom (a kernel event read by ``linux``) and climbs to the
 service, so each layer can be tested with only the ones below it running; the client shares with the server
@@ -67,7 +67,8 @@ __version__ = "0.1.0"
 # The layer rule (see the module docstring): layer -> (its modules, the layers it may import besides itself).
 # A module belongs to the layer of its longest listed prefix.
 _LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "leaf": (("devrep.errors", "devrep._pages", "devrep.sizes", "devrep.model", "devrep._console", "devrep._lazy"), ()),
+    "leaf": (("devrep.errors", "devrep._pages", "devrep.sizes", "devrep.model", "devrep._console", "devrep._lazy",
+              "devrep._signals"), ()),
     "wire": (("devrep.wire",), ("leaf",)),
     "linux": (("devrep.linux",), ("leaf",)),
     "host": (("devrep.memory", "devrep.numa", "devrep.protect", "devrep.views", "devrep.hashing", "devrep._jit",

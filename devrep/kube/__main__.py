@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-from types import FrameType
 
+from .._signals import StopSignals
 from ..doctor import dev_userfaultfd_status
 from ..errors import DevrepError
 from .plugin import DEFAULT_PLUGIN_DIR, DEV_USERFAULTFD, RESOURCE_NAME, DevicePlugin, PluginConfig
@@ -69,18 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DevrepError, OSError) as e:
         print(f"devrep device plugin: {e}", file=sys.stderr)
         return 2
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    plugin.start()
-    try:
-        done.wait()
-    finally:
-        plugin.stop()
+    with StopSignals() as signals:  # not an Event set by the handler: see devrep._signals
+        plugin.start()
+        try:
+            signals.wait()
+        finally:
+            plugin.stop()
     return 0
 
 

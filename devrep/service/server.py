@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import stat
 import threading
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .._signals import StopSignals
 from ..engine import Replicator
 from ..errors import InvalidArgumentError, UnauthenticatedError
 from ..wire import default_socket_path, unix_path
@@ -319,26 +319,19 @@ def _compile_kernels() -> None:
 def run(address: str | None = None, *, grace: float = 5.0, ready: Any = None, **options: Any) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     server = build_server(address, **options)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        # After start, not before: loading numba and the kernels takes longer than starting to serve, and a
-        # request that needs a kernel first waits for this load (``kernels()`` holds a lock) rather than redoing it.
-        threading.Thread(target=_compile_kernels, name="devrep-warmup", daemon=True).start()
-        log.info("devrep serving on %s (fd side channel %s)", server.address, server.fd_socket_path)
-        if ready is not None:
-            ready(server)
-        while not stop.wait(0.5):
-            pass
-        log.info("devrep shutting down")
-        server.stop(grace)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        server.stop(0)
+    with StopSignals() as signals:  # not an Event set by the handler: see devrep._signals
+        try:
+            server.start()
+            # After start, not before: loading numba and the kernels takes longer than starting to serve, and a
+            # request that needs a kernel first waits for this load (``kernels()`` holds a lock) rather than
+            # redoing it.
+            threading.Thread(target=_compile_kernels, name="devrep-warmup", daemon=True).start()
+            log.info("devrep serving on %s (fd side channel %s)", server.address, server.fd_socket_path)
+            if ready is not None:
+                ready(server)
+            signals.wait()
+            log.info("devrep shutting down")
+            server.stop(grace)
+        finally:
+            server.stop(0)
     return 0
