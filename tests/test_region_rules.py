@@ -269,3 +269,197 @@ def test_acquire_reports_why_its_replica_went_during_its_copy(end: str, monkeypa
         else:
             with pytest.raises(devrep.NotFoundError, match="replica on cpu:0 was removed"):
                 region.acquire("cpu:0", timeout=WAIT)
+
+
+class StagedTracker(ExplicitTracker):
+    """An explicit tracker that asks for the staged rearm and records each ``rearm``: what it covered (once it
+    returned), and whether two ever ran at once. ``fail_at``: the call (0-based) that raises instead; ``hold(call)``
+    runs before a call returns."""
+
+    rearm_overlaps_copy = True
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.rearmed: list[RunArray] = []
+        self.busy = False
+        self.overlapped = False
+        self.fail_at = fail_at
+        self.calls = 0
+        self.hold: Callable[[int], None] | None = None
+        self.worker_cpus: list[set[int]] = []  # the CPU set of each call made off the syncing (main) thread
+
+    def rearm(self, runs: RunArray) -> None:
+        if self.busy:
+            self.overlapped = True
+        self.busy = True
+        try:
+            call, self.calls = self.calls, self.calls + 1
+            if threading.current_thread() is not threading.main_thread():
+                self.worker_cpus.append(os.sched_getaffinity(0))
+            time.sleep(0.002)  # long enough for the copying thread to run meanwhile
+            if self.hold is not None:
+                self.hold(call)
+            if call == self.fail_at:
+                raise devrep.FailedPreconditionError("cannot re-protect pages: the writing process exited")
+            self.rearmed.append(np.array(runs))
+        finally:
+            self.busy = False
+
+    def rearmed_pages(self) -> set[int]:
+        return {p for runs in list(self.rearmed) for first, count in runs.tolist() for p in range(first, first + count)}
+
+
+needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                                    reason="the staged rearm needs a second CPU to overlap on; this process has one")
+
+
+def _staged_region(rep: devrep.Replicator, tracker: StagedTracker, npages: int = 4096) -> devrep.Region:
+    """A region of ``npages`` replicated on cpu:0 and cpu:1, then every other page invalidated (npages / 2 runs:
+    8 stages of the staged rearm)."""
+    region = rep.create_region("staged", npages * PAGE_SIZE, tracking=tracker)
+    region.array[:] = 1
+    rep.replicate("staged", ["cpu:0", "cpu:1"])
+    region.array.reshape(npages, PAGE_SIZE)[::2, 9] = 4
+    region.invalidate_pages(np.arange(0, npages, 2))
+    return region
+
+
+@needs_two_cpus
+def test_staged_rearm_copies_no_page_before_its_rearm_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker whose rearm may overlap the copy (``rearm_overlaps_copy``, remote sync mode) gets one rearm per
+    stage, never two at once, covering every run exactly once, the later ones on a worker kept off one of this
+    thread's CPUs; each copy reads only pages whose rearm has returned; both replicas end equal to the host and
+    progress stays monotone up to the total."""
+    from devrep.region import _plan
+
+    tracker = StagedTracker()
+    npages = 4096
+    with devrep.Replicator(cpu_devices=2) as rep:
+        region = _staged_region(rep, tracker, npages)
+        tracker.rearmed.clear()
+        backend = rep.backend("cpu")
+        real_copy = backend.copy_runs
+        early: list[int] = []
+        copies = [0]
+
+        def checked_copy(source: np.ndarray, runs: RunArray, *args: object, **kwargs: object) -> None:
+            copies[0] += 1
+            done = tracker.rearmed_pages()
+            early.extend(p for first, count in runs.tolist() for p in range(first, first + count) if p not in done)
+            real_copy(source, runs, *args, **kwargs)  # type: ignore[arg-type]
+
+        def hold(call: int) -> None:
+            # Give a copy of this stage every chance to start too early: wait (briefly) for it before returning.
+            deadline = time.monotonic() + 0.05
+            while copies[0] <= call and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        tracker.hold = hold
+        monkeypatch.setattr(backend, "copy_runs", checked_copy)
+        seen: list[tuple[int, int]] = []
+        report = region.sync(progress=lambda done, total: seen.append((done, total)))
+        stages = min(_plan.MAX_STAGES, (npages // 2) // _plan.STAGE_MIN_RUNS)
+        assert stages >= 2
+        assert len(tracker.rearmed) == stages and copies[0] == stages  # one fan-out copy per stage
+        assert not tracker.overlapped, "two rearms of one region ran at once"
+        allowed = os.sched_getaffinity(0)
+        assert len(tracker.worker_cpus) == stages - 1
+        assert all(cpus < allowed and len(cpus) == len(allowed) - 1 for cpus in tracker.worker_cpus)
+        assert not early, f"pages copied before their rearm returned: {early[:10]}"
+        covered = np.concatenate(tracker.rearmed)
+        assert covered.tolist() == [[p, 1] for p in range(0, npages, 2)]  # every run once, in order
+        assert report.pages_copied == 2 * (npages // 2) and report.runs == npages // 2
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        assert seen[-1] == (report.bytes_copied, report.bytes_copied)
+        assert not [t for t in threading.enumerate() if t.name.startswith("devrep-rearm")]
+        for device in ("cpu:0", "cpu:1"):
+            with region.acquire(device, fresh=False) as lease:
+                assert len(lease.invalid_runs) == 0
+                assert np.array_equal(lease.read(), region.array)
+
+
+@pytest.mark.parametrize("case", ["few runs", "in-process", "one CPU"])
+def test_syncs_that_cannot_overlap_rearm_once_before_copying(case: str) -> None:
+    """Fewer runs than two stages' worth, a tracker that does not overlap (in-process sync mode: its rearm's TLB
+    flushes would interrupt the copy), or a thread allowed on one CPU only (nothing to overlap on) get one rearm
+    of every run before any copy."""
+    tracker = StagedTracker()
+    tracker.rearm_overlaps_copy = case != "in-process"
+    npages = 64 if case == "few runs" else 4096
+    allowed = os.sched_getaffinity(0)
+    with devrep.Replicator(cpu_devices=2) as rep:
+        region = _staged_region(rep, tracker, npages)
+        tracker.rearmed.clear()
+        if case == "one CPU":
+            os.sched_setaffinity(0, {min(allowed)})  # this thread only
+        try:
+            region.sync()
+        finally:
+            os.sched_setaffinity(0, allowed)
+        assert len(tracker.rearmed) == 1 and len(tracker.rearmed[0]) == npages // 2
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("fail_at", [0, 3])
+def test_staged_rearm_failure_fails_the_sync_and_marks_nothing_valid(fail_at: int) -> None:
+    """A rearm that fails in any stage (the first, on the syncing thread, or a later one, on the worker) fails the
+    sync with that error; no page of that sync is marked valid, no worker thread is left, and a later sync
+    completes."""
+    tracker = StagedTracker(fail_at=fail_at + 1)  # call 0 is the replicate's own rearm
+    npages = 4096
+    with devrep.Replicator(cpu_devices=2) as rep:
+        region = _staged_region(rep, tracker, npages)
+        with pytest.raises(devrep.FailedPreconditionError, match="writing process exited"):
+            region.sync()
+        assert not [t for t in threading.enumerate() if t.name.startswith("devrep-rearm")]
+        assert not tracker.overlapped
+        for device in ("cpu:0", "cpu:1"):
+            with region.acquire(device, fresh=False) as lease:
+                assert len(lease.invalid_runs) == npages // 2
+        report = region.sync()
+        assert report.pages_copied == 2 * (npages // 2)
+        with region.acquire("cpu:1", timeout=WAIT) as lease:
+            assert np.array_equal(lease.read(), region.array)
+
+
+@needs_two_cpus
+def test_staged_copy_failure_joins_the_rearm_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that fails in a middle stage fails the sync with its own error only after the rearm worker has
+    stopped (no rearm outlives the sync, so the next sync's rearm cannot run alongside it), without rearming the
+    stages left; nothing is marked valid."""
+    from devrep.region import _plan
+
+    tracker = StagedTracker()
+    npages = 4096
+    with devrep.Replicator(cpu_devices=1) as rep:
+        region = rep.create_region("staged", npages * PAGE_SIZE, tracking=tracker)
+        rep.replicate("staged", ["cpu:0"])
+        region.invalidate_pages(np.arange(0, npages, 2))
+        backend = rep.backend("cpu")
+        real_copy = backend.copy_runs
+        copies = [0]
+
+        def failing_copy(*args: object, **kwargs: object) -> None:
+            copies[0] += 1
+            if copies[0] == 3:
+                raise devrep.DevrepError("device lost")
+            real_copy(*args, **kwargs)  # type: ignore[arg-type]
+
+        def hold(call: int) -> None:  # call 0 was the replicate's: stage k is call k + 1
+            # Keep the worker at most one stage ahead of the copy (up to 0.5 s), so it is still rearming when the
+            # copy fails; a worker that ignored the failure would go on to rearm every stage.
+            deadline = time.monotonic() + 0.5
+            while call > 1 and copies[0] < call - 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        tracker.hold = hold
+        monkeypatch.setattr(backend, "copy_runs", failing_copy)
+        with pytest.raises(devrep.DevrepError, match="device lost"):
+            region.sync()
+        assert not tracker.busy and not [t for t in threading.enumerate() if t.name.startswith("devrep-rearm")]
+        stages = min(_plan.MAX_STAGES, (npages // 2) // _plan.STAGE_MIN_RUNS)
+        assert tracker.calls - 1 < stages, "the rearm worker went on after the copy failed"
+        tracker.hold = None
+        with region.acquire("cpu:0", fresh=False) as lease:
+            assert len(lease.invalid_runs) == npages // 2
+        monkeypatch.setattr(backend, "copy_runs", real_copy)
+        assert region.sync().pages_copied == npages // 2

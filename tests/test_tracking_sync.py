@@ -221,6 +221,44 @@ def test_rearm_of_many_runs_in_several_messages(rep: devrep.Replicator) -> None:
         assert np.array_equal(lease.read(), region.array)
 
 
+def _uffd_wp_pages(pid: int, address: int, npages: int) -> np.ndarray:
+    """The pages of ``[address, +npages)`` in process ``pid`` that userfaultfd write-protects (pagemap bit 57)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        entries = np.frombuffer(os.pread(f.fileno(), 8 * npages, 8 * (address // PAGE_SIZE)), dtype=np.uint64)
+    return np.flatnonzero((entries >> np.uint64(57)) & np.uint64(1))
+
+
+def test_remote_sync_of_many_runs_rearms_every_stage(rep: devrep.Replicator) -> None:
+    """A remote writer's sync with enough runs for the staged rearm (``rearm_overlaps_copy``: the service copies
+    from its own mapping while later stages are re-protected in the writer's): every page arrives, and afterwards
+    every page of the writer's mapping is write-protected again, the copied ones included."""
+    from devrep.region import _plan
+
+    npages = 4096
+    written = list(range(0, npages, 2))  # npages / 2 single-page runs
+    assert len(written) // _plan.STAGE_MIN_RUNS >= 2
+    with remote_writer("sync", "--npages", str(npages), "--pages", ",".join(map(str, written)), "--offset", "9") as (
+            ours, address, (uffd, memfd), child):
+        tracker = SyncTracker.remote(uffd, address, npages * PAGE_SIZE)
+        assert tracker.rearm_overlaps_copy
+        region = rep.register_fd("remote-many", memfd, tracking=tracker)
+        rep.replicate("remote-many", [DEV])
+        assert len(_uffd_wp_pages(child.pid, address, npages)) == npages
+        ours.sendall(b"g")
+        assert ours.recv(1) == b"d"
+        unprotected = npages - len(_uffd_wp_pages(child.pid, address, npages))
+        assert unprotected >= len(written)  # the writer's faults un-protected at least the pages it wrote
+        report = region.sync()
+        assert report.runs == len(written)
+        assert len(_uffd_wp_pages(child.pid, address, npages)) == npages, "a stage was not re-protected"
+        with region.acquire(DEV) as lease:
+            data = lease.read()
+            assert np.array_equal(data, region.array)
+            assert [int(data[p * PAGE_SIZE + 9]) for p in written[-3:]] == [p & 0xFF for p in written[-3:]]
+        ours.sendall(b"q")
+        assert child.wait(30) == 0
+
+
 def test_failed_remote_registration_releases_the_client(rep: devrep.Replicator) -> None:
     with remote_writer("sync", "--npages", "8", "--blocked") as (ours, address, (uffd, memfd), child):
         tracker = SyncTracker.remote(uffd, address, 4 * PAGE_SIZE)  # wrong length

@@ -4,6 +4,9 @@ that marks copied pages valid. Planning and the commit run under the region's lo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,6 +16,7 @@ import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, PageArray, RunArray, runs_from_pages
 from ..errors import FailedPreconditionError
+from ..linux.numa import getcpu
 from ..model import Event, EventKind, ProgressCallback
 from ._replicas import Replica
 from ._state import PageState
@@ -117,6 +121,103 @@ def copy_plans(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray], n
             done = group_end
             progress(done, total)
     return host_read
+
+
+# Staged rearm (trackers whose ``rearm_overlaps_copy`` is set): at least this many runs per stage, at most this many
+# stages. A stage's rearm (~1.2-1.6 us a run here) should outlast a thread hand-off (~50 us) by far; more stages
+# shorten the tail (the last stage's copy, which nothing overlaps) but add a hand-off each.
+STAGE_MIN_RUNS = 256
+MAX_STAGES = 8
+
+
+def rearm_and_copy(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray], npt.NDArray[np.uint8]], region: str,
+                   progress: ProgressCallback | None, rearm: Callable[[RunArray], None], overlap: bool) -> int:
+    """``rearm(snap.runs)``, then ``copy_plans``; returns the host bytes read.
+
+    With ``overlap`` (the copy reads another address space than the one the rearm re-protects, so the rearm's TLB
+    flushes do not interrupt the copying CPUs), enough runs and a second CPU, the runs are cut into stages at run
+    boundaries. This thread rearms the first stage; a worker thread, kept off this thread's CPU, then rearms the
+    others in order while this thread copies each stage as soon as its rearm has returned.
+
+    The rule a rearm must keep (see ``devrep.tracking``) holds page by page: no page is read before the rearm that
+    covers it returned. ``rearm`` calls never overlap each other, and the worker is joined before this returns or
+    raises (a failed copy stops it after its current stage), so no rearm outlives the sync. A rearm's error is
+    raised here, as if the rearm had run on this thread.
+    """
+    runs = snap.runs
+    nstages = min(MAX_STAGES, len(runs) // STAGE_MIN_RUNS)
+    other_cpus = _other_cpus() if overlap and nstages >= 2 else set()
+    if not other_cpus:
+        rearm(runs)
+        return copy_plans(plans, snap, source, region, progress)
+    cuts = [len(runs) * k // nstages for k in range(nstages + 1)]
+    stages = [runs[cuts[k]:cuts[k + 1]] for k in range(nstages)]
+    bounds = [int(stage[0, 0]) for stage in stages] + [int(runs[-1, 0] + runs[-1, 1])]
+    rearmed = threading.Semaphore(0)  # one release per stage rearmed, and the rest at once if the worker stops
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        with contextlib.suppress(OSError):  # a CPU gone from the set meanwhile: run where the scheduler likes
+            os.sched_setaffinity(0, other_cpus)  # this thread only (it is ours, and gone after the sync)
+        done = 1
+        try:
+            for stage in stages[1:]:
+                if stop.is_set():
+                    break
+                rearm(stage)
+                done += 1
+                rearmed.release()
+        except BaseException as exc:  # raised by the copying thread
+            failure.append(exc)
+        finally:
+            if done < nstages:
+                rearmed.release(nstages - done)
+
+    # The first stage on this thread: the copy starts as soon as it is protected, not after a thread start.
+    rearm(stages[0])
+    thread = threading.Thread(target=worker, name=f"devrep-rearm:{region}", daemon=True)
+    thread.start()
+    total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
+    host_read = copied = 0
+    try:
+        for k in range(nstages):
+            if k:
+                rearmed.acquire()
+            if failure:
+                raise failure[0]
+            staged = [Plan(p.replica, p.target, _pages_within(p.pages, bounds[k], bounds[k + 1])) for p in plans]
+            report: ProgressCallback | None = None
+            if progress:
+                def report(done: int, _total: int, _base: int = copied) -> None:
+                    progress(_base + done, total)
+            host_read += copy_plans(staged, snap, source, region, report)
+            copied += sum(int(p.pages.size) for p in staged) * PAGE_SIZE
+    finally:
+        stop.set()
+        thread.join()
+    return host_read
+
+
+def _other_cpus() -> set[int]:
+    """The CPUs this thread may run on, less the one it runs on now: where the rearm worker goes.
+
+    Pinned nowhere, the worker tends to land on the copying thread's CPU (the two hand off a semaphore and the GIL,
+    and the scheduler wakes a thread near its waker), and then both time-share one CPU: on the 2-vCPU dev VM half of
+    the staged syncs took twice as long as rearm-then-copy that way. Empty when there is no second CPU to overlap on.
+    """
+    allowed = os.sched_getaffinity(0)
+    try:
+        allowed.discard(getcpu()[0])
+    except OSError:
+        return set()
+    return allowed
+
+
+def _pages_within(pages: PageArray, lo: int, hi: int) -> PageArray:
+    """The entries of sorted ``pages`` in ``[lo, hi)`` (a view)."""
+    first, last = np.searchsorted(pages, (lo, hi))
+    return pages[first:last]
 
 
 def commit(state: PageState, plans: list[Plan], snap: Snapshot, region: str, seconds: float

@@ -326,8 +326,10 @@ class Region:
             if len(union_runs):
                 # Off the region lock (see "Rearm off the region lock" in devrep.tracking): a write from here on
                 # faults and is recorded, so the collect after the copy invalidates what it may have torn.
-                self.tracker.rearm(union_runs)
-            host_read = _plan.copy_plans(plans, snap, self._source, self.name, progress)
+                host_read = _plan.rearm_and_copy(plans, snap, self._source, self.name, progress, self.tracker.rearm,
+                                                 self.tracker.rearm_overlaps_copy)
+            else:
+                host_read = _plan.copy_plans(plans, snap, self._source, self.name, progress)
             with self._cond:
                 events = self._collect_locked()
                 if len(union_runs):

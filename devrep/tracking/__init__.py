@@ -11,7 +11,9 @@ The engine talks to a tracker through four calls only:
 * ``rearm(runs)`` -> called by ``sync()`` *before* copying ``runs``, so a write during the copy is seen (sync
   mode re-protects the pages; async mode needs nothing because PAGEMAP_SCAN re-protects atomically). Called
   *without* the region lock (see "Rearm off the region lock" below): it may run while other threads call
-  ``collect()``, never alongside another ``rearm``/``settle`` of the same region (one sync at a time).
+  ``collect()``, never alongside another ``rearm``/``settle`` of the same region (one sync at a time). A tracker
+  that sets ``rearm_overlaps_copy`` gets one call per stage of the runs instead, in order, the later ones from a
+  worker thread, and each stage is copied once its call returned (the rule below then holds page by page).
 * ``settle()`` -> called by ``sync()`` under the region lock after its post-copy ``collect()``.
 * ``on_failure(reason)`` -> an attribute the region sets before ``attach``: the tracker calls it when it
   can no longer track (never from inside ``collect``, which runs under the region lock, nor ``rearm``).
@@ -69,6 +71,11 @@ class Tracker(ABC):
     on_failure: Callable[[str], None] | None = None
     """Set by the region before ``attach``: call it with the reason when tracking can no longer work (the
     tracked file was replaced, the handler died), so readers and syncs get that reason."""
+    rearm_overlaps_copy: bool = False
+    """True when a sync may copy pages while later pages are still being re-armed: the copy then reads a different
+    address space than the one ``rearm`` protects (a client's memory, copied from the service's own mapping), so
+    the rearm's TLB flushes do not interrupt it. The region then calls ``rearm`` once per stage of the runs, from a
+    worker thread, and copies each stage once its ``rearm`` returned (``devrep.region._plan.rearm_and_copy``)."""
     block_pages: int = 1
     """Set by the region before ``attach``: pages per invalidation block. The region invalidates whole blocks,
     so a tracker may report (and, in sync mode, un-protect) a whole block for a write to one of its pages."""

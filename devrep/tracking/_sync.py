@@ -155,6 +155,9 @@ class SyncTracker(Tracker):
         address_and_length(writer_base, length)
         tracker = cls(**options)
         tracker._remote = (uffd_fd, writer_base, length)
+        # The service copies from its own mapping of the client's memfd, so its rearm may overlap the copy. Not so
+        # in-process: each re-protect would interrupt the copying CPU with a TLB flush (see docs/tracking.md).
+        tracker.rearm_overlaps_copy = True
         return tracker
 
     @property

@@ -5,7 +5,8 @@ N-page memfd writable, prepares it for MODE tracking and sends its address with 
 memfd; async: userfaultfd, pagemap and memfd) over the socket ``SOCKET_FD``, closing its own tracking fds (the
 service must hold the last reference).
 
-Default: waits for ``g``, stores page number P at byte K of every page P, sends ``d`` and waits for one more byte.
+Default: waits for ``g``, stores page number P (its low byte) at byte K of every page P, sends ``d`` and waits for
+one more byte.
 ``--blocked``: at once stores to page 1 (blocks until the service handles the fault or lets go of the
 userfaultfd), then sends ``w``.
 """
@@ -43,7 +44,7 @@ def main() -> None:
         return
     assert sock.recv(1) == b"g"
     for page in map(int, args.pages.split(",")):
-        array[page * 4096 + args.offset] = page
+        array[page * 4096 + args.offset] = page & 0xFF
     sock.sendall(b"d")
     sock.recv(1)
 

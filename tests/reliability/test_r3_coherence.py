@@ -109,6 +109,28 @@ def test_r3_remote_writers(mode: str) -> None:
     assert_clean(tally, writers * writes)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="the staged rearm needs a second CPU to overlap on; this process has one")
+def test_r3_remote_writers_staged_rearm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checker with the staged rearm of remote sync trackers forced onto every sync of two runs or more
+    (normally it starts at 512 runs): the copy of each stage overlaps the rearm of the next."""
+    from devrep.region import _plan
+
+    monkeypatch.setattr(_plan, "STAGE_MIN_RUNS", 2)
+    stages = [0]
+    within = _plan._pages_within
+
+    def counted(pages: PageArray, lo: int, hi: int) -> PageArray:  # called only by staged syncs
+        stages[0] += 1
+        return within(pages, lo, hi)
+
+    monkeypatch.setattr(_plan, "_pages_within", counted)
+    writers, writes = 2, 20_000
+    tally = run_remote("sync", writers=writers, writes=writes, npages=256, acquirers=3, seconds=5, budget=90)
+    assert_clean(tally, writers * writes)
+    assert stages[0] > 0, "no sync was staged"
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_r3_local_writer(mode: str) -> None:
     writes = 20_000
