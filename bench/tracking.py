@@ -25,6 +25,7 @@ Every figure is a ratio against a baseline measured in the same run (lower is be
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
@@ -328,7 +329,7 @@ def p3s_sync_mode_sync(results: dict[str, Any], rounds: int = 7) -> None:
 # The client of P3s-remote: maps the two memfds it inherits, hands the service a sync-mode userfaultfd for the
 # first (and its address), then stores to the given pages of the region the service names, round after round.
 REMOTE_WRITER = """
-import mmap, socket, sys
+import mmap, os, socket, sys
 import numpy as np
 from devrep.protect import prepare_sync_client
 sock = socket.socket(fileno=int(sys.argv[1]))
@@ -336,8 +337,10 @@ size = int(sys.argv[2])
 arrays = [np.frombuffer(mmap.mmap(int(fd), size), dtype=np.uint8) for fd in sys.argv[3:5]]
 pages = np.frombuffer(sys.stdin.buffer.read(), dtype=np.int64) * 4096
 address = arrays[0].__array_interface__["data"][0]
-socket.send_fds(sock, [address.to_bytes(8, "little")], [prepare_sync_client(arrays[0])])
-while (msg := sock.recv(2)):
+uffd = prepare_sync_client(arrays[0])
+socket.send_fds(sock, [address.to_bytes(8, "little")], [uffd])
+os.close(uffd)  # the service holds the last reference
+while len(msg := sock.recv(2, socket.MSG_WAITALL)) == 2:
     arrays[msg[0]][pages] = msg[1]
     sock.sendall(b"k")
 """
@@ -349,43 +352,52 @@ def p3s_remote(results: dict[str, Any], rounds: int = 15) -> None:
     region with the staged rearm off (rearm, then copy), and a second memfd of the same writer in explicit mode
     (this process invalidates the pages, as the client's Invalidate call would)."""
     pages = np.sort(np.random.default_rng(3).choice(GiB // PAGE_SIZE, GiB // PAGE_SIZE // 100, replace=False))
-    fds = [memfd_create(f"p3s-remote-{mode}", GiB) for mode in ("sync", "explicit")]
-    ours, theirs = socket.socketpair()
-    writer = subprocess.Popen([sys.executable, "-c", REMOTE_WRITER, str(theirs.fileno()), str(GiB), *map(str, fds)],
-                              stdin=subprocess.PIPE, pass_fds=[theirs.fileno(), *fds])
-    theirs.close()
     times: dict[str, list[float]] = {"sync": [], "sync-seq": [], "explicit": []}
-    try:
+    with contextlib.ExitStack() as stack:
+        fds = [memfd_create(f"p3s-remote-{mode}", GiB) for mode in ("sync", "explicit")]
+        owned = list(fds)  # closed on the way out unless a region took it (register_fd closes it on failure too)
+
+        @stack.callback
+        def close_owned() -> None:
+            for fd in owned:
+                os.close(fd)
+
+        ours, theirs = socket.socketpair()
+        stack.callback(ours.close)
+        with theirs:
+            writer = subprocess.Popen([sys.executable, "-c", REMOTE_WRITER, str(theirs.fileno()), str(GiB),
+                                       *map(str, fds)], stdin=subprocess.PIPE, pass_fds=[theirs.fileno(), *fds])
+        stack.callback(writer.wait)
+        stack.callback(writer.kill)  # runs first: the writer may be blocked on a fault nobody handles any more
         assert writer.stdin is not None
         writer.stdin.write(pages.astype(np.int64).tobytes())
         writer.stdin.close()
         ours.settimeout(60)
         msg, uffd, _, _ = socket.recv_fds(ours, 8, 1)
+        if not uffd:
+            raise RuntimeError("the P3s-remote writer process sent no userfaultfd")
         tracker = SyncTracker.remote(uffd[0], int.from_bytes(msg, "little"), GiB)
-        with devrep.Replicator() as rep:
-            regions = {"sync": rep.register_fd("p3s-remote-sync", fds[0], GiB, tracking=tracker),
-                       "explicit": rep.register_fd("p3s-remote-explicit", fds[1], GiB)}
-            fds = []  # the regions own them now
-            for region in regions.values():
-                rep.replicate(region.name, ["cpu:0"])
-            for i in range(rounds):
-                for variant in times:
-                    region = regions[variant.split("-")[0]]
-                    tracker.rearm_overlaps_copy = variant == "sync"
-                    ours.sendall(bytes([variant == "explicit", i % 200 + 2]))
-                    if ours.recv(1) != b"k":
-                        raise RuntimeError("the P3s-remote writer process stopped")
-                    if variant == "explicit":
-                        region.invalidate_pages(pages)
-                    start = time.perf_counter()
-                    region.sync()
-                    times[variant].append(time.perf_counter() - start)
-                    tracker.rearm_overlaps_copy = True
-    finally:
-        for fd in fds:
-            os.close(fd)
-        ours.close()
-        writer.wait(30)
+        rep = stack.enter_context(devrep.Replicator())
+        regions = {}
+        for mode, fd in zip(("sync", "explicit"), fds, strict=True):
+            owned.remove(fd)
+            regions[mode] = rep.register_fd(f"p3s-remote-{mode}", fd, GiB, tracking=tracker if mode == "sync"
+                                            else "explicit")
+        for region in regions.values():
+            rep.replicate(region.name, ["cpu:0"])
+        for i in range(rounds):
+            for variant in times:
+                region = regions[variant.split("-")[0]]
+                tracker.rearm_overlaps_copy = variant == "sync"
+                ours.sendall(bytes([variant == "explicit", i % 200 + 2]))
+                if ours.recv(1) != b"k":
+                    raise RuntimeError("the P3s-remote writer process stopped")
+                if variant == "explicit":
+                    region.invalidate_pages(pages)
+                start = time.perf_counter()
+                region.sync()
+                times[variant].append(time.perf_counter() - start)
+                tracker.rearm_overlaps_copy = True
     sync, seq, explicit = (statistics.median(times[v]) for v in ("sync", "sync-seq", "explicit"))
     results["P3s-remote"] = _lower_is_better(
         sync * 1e3, explicit * 1e3, 2.0, "ms",

@@ -336,6 +336,7 @@ def test_staged_rearm_copies_no_page_before_its_rearm_returned(monkeypatch: pyte
     with devrep.Replicator(cpu_devices=2) as rep:
         region = _staged_region(rep, tracker, npages)
         tracker.rearmed.clear()
+        tracker.calls = 0  # from here on, call k is stage k's
         backend = rep.backend("cpu")
         real_copy = backend.copy_runs
         early: list[int] = []
@@ -348,7 +349,8 @@ def test_staged_rearm_copies_no_page_before_its_rearm_returned(monkeypatch: pyte
             real_copy(source, runs, *args, **kwargs)  # type: ignore[arg-type]
 
         def hold(call: int) -> None:
-            # Give a copy of this stage every chance to start too early: wait (briefly) for it before returning.
+            # Give the copy of this stage every chance to start too early: wait (50 ms at most, which a correct sync
+            # always takes: its copy waits for this call) for it before returning.
             deadline = time.monotonic() + 0.05
             while copies[0] <= call and time.monotonic() < deadline:
                 time.sleep(0.001)

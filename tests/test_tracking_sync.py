@@ -241,6 +241,14 @@ def test_remote_sync_of_many_runs_rearms_every_stage(rep: devrep.Replicator) -> 
             ours, address, (uffd, memfd), child):
         tracker = SyncTracker.remote(uffd, address, npages * PAGE_SIZE)
         assert tracker.rearm_overlaps_copy
+        calls: list[int] = []
+        real_rearm = tracker.rearm
+
+        def rearm(runs: np.ndarray) -> None:
+            calls.append(len(runs))
+            real_rearm(runs)
+
+        tracker.rearm = rearm  # type: ignore[method-assign]
         region = rep.register_fd("remote-many", memfd, tracking=tracker)
         rep.replicate("remote-many", [DEV])
         assert len(_uffd_wp_pages(child.pid, address, npages)) == npages
@@ -248,8 +256,11 @@ def test_remote_sync_of_many_runs_rearms_every_stage(rep: devrep.Replicator) -> 
         assert ours.recv(1) == b"d"
         unprotected = npages - len(_uffd_wp_pages(child.pid, address, npages))
         assert unprotected >= len(written)  # the writer's faults un-protected at least the pages it wrote
+        calls.clear()
         report = region.sync()
-        assert report.runs == len(written)
+        assert report.runs == len(written) and sum(calls) == len(written)
+        if len(os.sched_getaffinity(0)) >= 2:  # else nothing to overlap on: one rearm, then the copy
+            assert len(calls) == min(_plan.MAX_STAGES, len(written) // _plan.STAGE_MIN_RUNS), calls
         assert len(_uffd_wp_pages(child.pid, address, npages)) == npages, "a stage was not re-protected"
         with region.acquire(DEV) as lease:
             data = lease.read()

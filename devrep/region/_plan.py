@@ -158,10 +158,10 @@ def rearm_and_copy(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray
     stop = threading.Event()
 
     def worker() -> None:
-        with contextlib.suppress(OSError):  # a CPU gone from the set meanwhile: run where the scheduler likes
-            os.sched_setaffinity(0, other_cpus)  # this thread only (it is ours, and gone after the sync)
         done = 1
         try:
+            with contextlib.suppress(OSError):  # a CPU gone from the set meanwhile: run where the scheduler likes
+                os.sched_setaffinity(0, other_cpus)  # this thread only (it is ours, and gone after the sync)
             for stage in stages[1:]:
                 if stop.is_set():
                     break
@@ -177,10 +177,10 @@ def rearm_and_copy(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray
     # The first stage on this thread: the copy starts as soon as it is protected, not after a thread start.
     rearm(stages[0])
     thread = threading.Thread(target=worker, name=f"devrep-rearm:{region}", daemon=True)
-    thread.start()
     total = sum(int(plan.pages.size) for plan in plans) * PAGE_SIZE
     host_read = copied = 0
     try:
+        thread.start()
         for k in range(nstages):
             if k:
                 rearmed.acquire()
@@ -195,7 +195,8 @@ def rearm_and_copy(plans: list[Plan], snap: Snapshot, source: Callable[[RunArray
             copied += sum(int(p.pages.size) for p in staged) * PAGE_SIZE
     finally:
         stop.set()
-        thread.join()
+        if thread.ident is not None:  # started: wait for its current stage (a rearm takes milliseconds)
+            thread.join()
     return host_read
 
 
@@ -206,10 +207,10 @@ def _other_cpus() -> set[int]:
     and the scheduler wakes a thread near its waker), and then both time-share one CPU: on the 2-vCPU dev VM half of
     the staged syncs took twice as long as rearm-then-copy that way. Empty when there is no second CPU to overlap on.
     """
-    allowed = os.sched_getaffinity(0)
     try:
+        allowed = os.sched_getaffinity(0)
         allowed.discard(getcpu()[0])
-    except OSError:
+    except OSError:  # refused (a seccomp profile): no staging, not a failed sync
         return set()
     return allowed
 
