@@ -7,12 +7,13 @@ Every figure is a ratio against a baseline measured in the same run (lower is be
   and poll loop, so the ratio is what tracking adds to the fault round trip. Targets p50 <= 1.3x, p99 <= 2x.
 * P5: one async epoch on 1 GiB with 1 % of pages written (PAGEMAP_SCAN with WP_MATCHING, page conversion
   and the region's invalidation) vs the raw PAGEMAP_SCAN ioctl on the same dirty pattern. Target <= 2.5x.
-* W1: ``region.array[:] = v`` on a 64 MiB sync region whose pages are all protected, default settings
-  (block-granular un-protect + fault-around + populate ahead), vs the same fill on an untracked (explicit)
-  region, the modes interleaved round by round; target <= 8x. FILL-async, FILL-sync-nopop and W1-floor (sync
-  vs async) are informational: an un-protected shmem page still costs one in-kernel minor fault on its next
-  write (async mode pays the same per page); sync mode's populate thread takes part of that cost off the
-  writer. W1-amp: pages invalidated per page written by random writes, <= 2.
+* W1: ``region.array[:] = v`` on a 64 MiB sync region (``create_region``: private memory) whose pages are all
+  protected, default settings (block-granular un-protect + fault-around), vs the same fill on an untracked
+  (explicit) region, the modes interleaved round by round; target <= 8x. FILL-async, FILL-sync-shared,
+  FILL-sync-shared-nopop and W1-floor (sync vs async) are informational: async mode pays one in-kernel fault per
+  page; so does sync mode on shared memory (a buffer over a shared mapping, as a memfd), whose un-protected pages
+  stay read-only until their next write, a cost its populate thread takes partly off the writer (``-nopop``:
+  without it). W1-amp: pages invalidated per page written by random writes, <= 2.
 * P3s: a sync of 1 % random pages of 1 GiB written in sync mode vs the same sync in explicit mode (the
   extra is collect + rearm, i.e. re-protecting the pages about to be copied). Target <= 2x.
 * P3s-remote: the same for a client's memory in the service (``SyncTracker.remote``: another process writes, this
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import socket
 import statistics
@@ -43,7 +45,7 @@ from devrep import PAGE_SIZE
 from devrep.linux._libc import ioctl
 from devrep.linux.pagemap import PAGEMAP_SCAN, PageCategory, PageRegion, PmScanArg, ScanFlag
 from devrep.linux.uffd import Feature, RegisterMode, Userfaultfd
-from devrep.memory import create_shared, memfd_create
+from devrep.memory import create_private, memfd_create
 from devrep.tracking._async import AsyncTracker
 from devrep.tracking._sync import SyncTracker
 
@@ -99,8 +101,9 @@ def _dirty(array: np.ndarray, pages: np.ndarray) -> None:
 
 
 def _raw_scan_seconds(pages: np.ndarray, repeat: int) -> float:
-    """The bare PAGEMAP_SCAN ioctl (WP_MATCHING) on its own 1 GiB async-WP memfd with the same dirty pages."""
-    host = create_shared("p5-raw", GiB)
+    """The bare PAGEMAP_SCAN ioctl (WP_MATCHING) on its own 1 GiB of async-WP private memory (the region's kind)
+    with the same dirty pages."""
+    host = create_private("p5-raw", GiB)
     host.array[::PAGE_SIZE] = 0  # populate, like the region (written once before tracking starts)
     pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     uffd = Userfaultfd()
@@ -169,50 +172,67 @@ def _fill_seconds(tracking: str | devrep.tracking.Tracker, nbytes: int, repeat: 
         return statistics.median(times)
 
 
+SHARED = "shared:"  # a ``_interleaved_fill_seconds`` mode named so fills a buffer over a shared mapping
+
+
 def _interleaved_fill_seconds(trackers: dict[str, str | devrep.tracking.Tracker], nbytes: int, rounds: int
                               ) -> dict[str, float]:
     """Median fill time per mode, the modes' regions side by side and their fills alternating round by round,
-    so drift on this shared machine hits every mode alike (as ``_fill_seconds``, otherwise)."""
+    so drift on this shared machine hits every mode alike (as ``_fill_seconds``, otherwise). A mode whose name
+    starts with ``SHARED`` tracks a buffer over a shared anonymous mapping (shmem, as a memfd) instead of
+    ``create_region``'s private memory."""
     times: dict[str, list[float]] = {mode: [] for mode in trackers}
     with devrep.Replicator() as rep:
-        regions = {mode: rep.create_region(f"fill-{mode}", nbytes, tracking=tracker)
-                   for mode, tracker in trackers.items()}
-        for region in regions.values():
-            region.array[:] = 1  # populate the mapping
+        regions, arrays = {}, {}
+        for mode, tracker in trackers.items():
+            if mode.startswith(SHARED):
+                shared = mmap.mmap(-1, nbytes)  # MAP_SHARED
+                regions[mode] = rep.register_buffer(f"fill-{mode}", shared, tracking=tracker)
+                arrays[mode] = np.frombuffer(shared, dtype=np.uint8)
+            else:
+                regions[mode] = rep.create_region(f"fill-{mode}", nbytes, tracking=tracker)
+                arrays[mode] = regions[mode].array
+        for mode, region in regions.items():
+            arrays[mode][:] = 1  # populate the mapping
             rep.replicate(region.name, ["cpu:0"])  # sync re-protects every page / the scan re-protects (async)
         for i in range(rounds):
             for mode, region in regions.items():
                 start = time.perf_counter()
-                region.array[:] = i + 2
+                arrays[mode][:] = i + 2
                 times[mode].append(time.perf_counter() - start)
                 region.sync()
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def fill_slowdown(results: dict[str, Any], nbytes: int = 64 * MiB, rounds: int = 7) -> None:
-    """W1 (sync, default settings: target <= 8x untracked), FILL-async, and W1-floor: sync vs async, i.e. how
-    far sync mode is from the kernel's own per-page minor-fault cost, which both modes pay after un-protect
-    unless the page was populated ahead of the writer (sync mode's populate thread; see ``_handler``).
-    FILL-sync-nopop: sync mode without the populate thread (informational)."""
+    """W1 (sync, default settings: target <= 8x untracked), FILL-async, FILL-sync-shared(-nopop), and W1-floor:
+    sync vs async, i.e. how far sync mode is from the kernel's own per-page minor-fault cost, which async mode
+    pays on every page and sync mode on shared memory (see ``_handler`` and docs/tracking.md, "Writer cost")."""
     t = _interleaved_fill_seconds({"explicit": "explicit", "sync": "sync", "async": AsyncTracker(interval=None),
-                                   "nopop": SyncTracker(populate=False)}, nbytes, rounds)
-    base, sync, async_, nopop = t["explicit"], t["sync"], t["async"], t["nopop"]
+                                   SHARED + "sync": "sync", SHARED + "nopop": SyncTracker(populate=False)},
+                                  nbytes, rounds)
+    base, sync, async_ = t["explicit"], t["sync"], t["async"]
     note = f"numpy fill of a fully protected {nbytes >> 20} MiB region, median of {rounds} interleaved rounds"
+
+    def info(value: float, baseline: float, what: str) -> dict[str, Any]:
+        return {"value": round(value * 1e3, 3), "baseline": round(baseline * 1e3, 3),
+                "ratio": round(value / baseline, 2), "target": "info", "unit": "ms", "meets": True,
+                "note": f"{note}, {what}"}
+
     results["W1"] = _lower_is_better(sync * 1e3, base * 1e3, 8.0, "ms",
-                                     note + ", sync mode (default fault-around + populate) vs untracked")
-    results["FILL-async"] = {
-        "value": round(async_ * 1e3, 3), "baseline": round(base * 1e3, 3), "ratio": round(async_ / base, 2),
-        "target": "info", "unit": "ms", "meets": True,
-        "note": note + ", async mode vs untracked (informational: one in-kernel fault per page)"}
-    results["FILL-sync-nopop"] = {
-        "value": round(nopop * 1e3, 3), "baseline": round(base * 1e3, 3), "ratio": round(nopop / base, 2),
-        "target": "info", "unit": "ms", "meets": True,
-        "note": note + ", sync mode with SyncTracker(populate=False) vs untracked (informational: the writer "
-                       "takes the kernel's minor fault on every page of a window itself)"}
-    results["W1-floor"] = {
-        "value": round(sync * 1e3, 3), "baseline": round(async_ * 1e3, 3), "ratio": round(sync / async_, 2),
-        "target": "info", "unit": "ms", "meets": True,
-        "note": note + ", sync vs async mode (informational: 1.0 = sync pays only the kernel's per-page cost)"}
+                                     note + ", sync mode (create_region: private memory, default fault-around) "
+                                            "vs untracked")
+    results["FILL-async"] = info(async_, base, "async mode vs untracked (informational: one in-kernel fault per "
+                                               "page)")
+    results["FILL-sync-shared"] = info(t[SHARED + "sync"], base,
+                                       "sync mode over shared memory (a buffer over a MAP_SHARED mapping, as a "
+                                       "memfd; populate thread on) vs untracked (informational)")
+    results["FILL-sync-shared-nopop"] = info(t[SHARED + "nopop"], base,
+                                             "sync mode over shared memory with SyncTracker(populate=False) vs "
+                                             "untracked (informational: the writer takes the kernel's minor fault "
+                                             "on every page of a window itself)")
+    results["W1-floor"] = info(sync, async_, "sync vs async mode (informational: below 1, sync mode pays less "
+                                             "than the kernel's per-page cost)")
 
 
 WRITER_PLOT = Path(__file__).with_name("writer_cost.png")

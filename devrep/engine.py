@@ -18,7 +18,7 @@ from .errors import (
     NotFoundError,
     UnknownDeviceError,
 )
-from .memory import HostMemory, adopt_fd, create_shared, map_file, map_file_fd, wrap_buffer
+from .memory import HostMemory, adopt_fd, create_private, map_file, map_file_fd, wrap_buffer
 from .model import Event, Listener, ProgressCallback, SyncReport
 from .region import DEFAULT_TIMEOUT, Region, check_region_name
 from .tracking import Tracker, make_tracker
@@ -125,8 +125,9 @@ class Replicator:
 
     def create_region(self, name: str, nbytes: int, *, block_size: int = PAGE_SIZE,
                       tracking: str | Tracker = "explicit") -> Region:
-        """A new memfd-backed host buffer; ``region.array`` is the owner's writable view."""
-        return self._add(name, lambda: create_shared(name, nbytes), block_size, tracking)
+        """A new host buffer of private memory, allocated up front; ``region.array`` is the owner's writable view
+        (a forked child gets its own copy, as of any private memory: its writes never reach the region)."""
+        return self._add(name, lambda: create_private(name, nbytes), block_size, tracking)
 
     def register_file(self, name: str, path: str | os.PathLike[str], *, block_size: int = PAGE_SIZE,
                       tracking: str | Tracker = "file") -> Region:

@@ -1,4 +1,5 @@
-"""Host memory that devrep replicates: a memfd it creates, a file mapped read-only, or a caller's buffer.
+"""Host memory that devrep replicates: private memory it creates, a memfd handed over, a file mapped read-only,
+or a caller's buffer.
 
 Every source is exposed as one page-aligned, page-multiple ``uint8`` array (a file's last partial page
 reads as zeros, exactly as the kernel maps it), so backends never see a misaligned or ragged buffer.
@@ -31,7 +32,7 @@ from .errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from .linux._libc import open_libc
+from .linux._libc import MADV_POPULATE_WRITE, madvise, open_libc
 
 _libc = open_libc()  # its own handle: the argtypes below are this module's
 _libc.mmap.restype = ctypes.c_void_p
@@ -58,14 +59,9 @@ class _Mapping:
             self.address = 0
 
 
-def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDArray[np.uint8]:
-    """``MAP_SHARED`` mapping of ``fd`` as a uint8 array of ``length`` bytes (rounded up to whole pages).
-
-    The array keeps the mapping alive; a read-only mapping yields a read-only array.
-    """
-    length = pages_for(length) * PAGE_SIZE
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    address = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+def _map(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> npt.NDArray[np.uint8]:
+    """``mmap`` of ``length`` bytes (a page multiple) as a uint8 array that keeps the mapping alive."""
+    address = _libc.mmap(None, length, prot, flags, fd, offset)
     if address in (None, _MAP_FAILED):
         err = ctypes.get_errno()
         if err in (errno.ENOMEM, errno.ENOSPC):
@@ -73,7 +69,16 @@ def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDAr
         raise DevrepError(f"mmap of {length} bytes failed: {os.strerror(err)}")
     holder = (ctypes.c_uint8 * length).from_address(address)
     holder._devrep_mapping = _Mapping(address, length)  # type: ignore[attr-defined]
-    array = np.frombuffer(memoryview(holder).cast("B"), dtype=np.uint8)
+    return np.frombuffer(memoryview(holder).cast("B"), dtype=np.uint8)
+
+
+def map_fd(fd: int, length: int, *, writable: bool, offset: int = 0) -> npt.NDArray[np.uint8]:
+    """``MAP_SHARED`` mapping of ``fd`` as a uint8 array of ``length`` bytes (rounded up to whole pages).
+
+    The array keeps the mapping alive; a read-only mapping yields a read-only array.
+    """
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    array = _map(pages_for(length) * PAGE_SIZE, prot, mmap.MAP_SHARED, fd, offset)
     if not writable:
         array.flags.writeable = False
     return array
@@ -117,11 +122,14 @@ class HostMemory:
     """A region's host pages. ``array`` covers whole pages; ``nbytes`` is the logical size."""
 
     kind: str
-    """``"memfd"``, ``"file"`` or ``"buffer"``."""
+    """``"anonymous"`` (``create_region``), ``"memfd"`` (handed over), ``"file"`` or ``"buffer"``."""
     array: npt.NDArray[np.uint8]
     nbytes: int
     fd: int | None = None
     path: Path | None = None
+    private: bool = False
+    """Every page is private anonymous memory of this process, whose write access comes back when a write
+    protection is lifted (see ``create_private``); shared pages take a minor fault on their next write instead."""
     _keepalive: Any = field(default=None, repr=False)
 
     @property
@@ -234,27 +242,33 @@ def _data_segments(fd: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
 
 def anonymous(nbytes: int) -> npt.NDArray[np.uint8]:
     """Page-aligned private anonymous memory (pages are allocated on first touch)."""
-    return np.frombuffer(mmap.mmap(-1, pages_for(nbytes) * PAGE_SIZE), dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, pages_for(nbytes) * PAGE_SIZE, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
 
 
-def create_shared(name: str, nbytes: int) -> HostMemory:
-    """A memfd-backed buffer devrep creates for its owner: writable, shareable through its fd.
+def create_private(name: str, nbytes: int) -> HostMemory:
+    """A buffer of private anonymous memory that devrep creates for its owner (``Replicator.create_region``).
 
-    The memfd is sealed against shrinking so no one can truncate it under a replica (a SIGBUS hazard). ``nbytes``
-    need not be a page multiple: the memfd holds whole pages and ``nbytes`` is the logical size, exactly as a
-    client's ``create_region`` through the service does.
+    Why private and not a memfd: un-protecting a page of a private mapping gives write access back at once, while a
+    shared (memfd) page stays read-only until its next write takes a minor fault, one per page: a sync-mode writer
+    pays less than half as much here (bench W1; docs/tracking.md, "Writer cost"). Private memory is also what a ``fork``
+    expects: a child's writes go to its own copies, never silently past the parent's tracking. The pages are
+    allocated up front (``MADV_POPULATE_WRITE``) so a lack of memory shows here as ``ResourceExhaustedError``, not
+    later as a fault. ``nbytes`` need not be a page multiple: the buffer holds whole pages and ``nbytes`` is the
+    logical size, exactly as a client's ``create_region`` through the service does.
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
         raise InvalidArgumentError(f"region size must be a positive integer, got {nbytes!r}")
     size = pages_for(nbytes) * PAGE_SIZE
-    fd = memfd_create(f"devrep:{name}", size)
+    array = _map(size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
-        add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW)
-        array = map_fd(fd, size, writable=True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return HostMemory("memfd", array, nbytes, fd=fd)
+        madvise(buffer_address(array), size, MADV_POPULATE_WRITE, f"allocating {size} bytes for region {name!r}")
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            raise ResourceExhaustedError(f"cannot allocate {size} bytes for region {name!r}: {exc.strerror}") from exc
+        if exc.errno != errno.EINVAL:
+            raise DevrepError(str(exc)) from exc
+        array[::PAGE_SIZE] = 0  # a kernel before 5.14: touch every page instead
+    return HostMemory("anonymous", array, nbytes, private=True)
 
 
 def seal_against_shrinking(fd: int) -> None:
@@ -346,4 +360,34 @@ def wrap_buffer(obj: Any) -> HostMemory:
         )
     ro = array.view()
     ro.flags.writeable = False
-    return HostMemory("buffer", ro, array.nbytes, _keepalive=obj)
+    private = bool(array.nbytes) and private_anonymous(read_maps(), buffer_address(array), array.nbytes)
+    return HostMemory("buffer", ro, array.nbytes, private=private, _keepalive=obj)
+
+
+def read_maps() -> str:
+    """This process's ``/proc/self/maps`` ("" where it cannot be read: nothing is then known to be private)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return maps.read()
+    except OSError:
+        return ""
+
+
+def private_anonymous(maps: str, address: int, length: int) -> bool:
+    """Whether ``[address, address + length)`` lies wholly in private anonymous mappings, according to ``maps``
+    (the text of ``/proc/PID/maps``: ``start-end perms offset dev inode [name]`` per line, sorted by address)."""
+    want, end = address, address + length
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5:
+            continue
+        low, _, high = fields[0].partition("-")
+        start, stop = int(low, 16), int(high, 16)
+        if stop <= want:
+            continue
+        if start > want or not fields[1].endswith("p") or fields[4] != "0":
+            return False  # a hole, a shared mapping, or a file behind the pages
+        want = stop
+        if want >= end:
+            return True
+    return False

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from devrep.memory import HostMemory, create_private, map_fd, memfd_create
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILDREN = Path(__file__).resolve().with_name("children")
 
@@ -45,6 +47,19 @@ def cuda_missing() -> str | None:
     except cupy.cuda.runtime.CUDARuntimeError as exc:
         return f"CuPy is installed but the CUDA driver reports no GPU ({exc})"
     return None if count else "CuPy is installed but no NVIDIA GPU is visible"
+
+
+HOST_KINDS = ["anonymous", "memfd"]
+"""The two kinds of writable memory devrep protects: ``create_region``'s private memory, and a shared memfd mapping
+(a client's memory, as the writer maps it)."""
+
+
+def host_memory(kind: str, name: str, nbytes: int) -> HostMemory:
+    """Writable host memory of ``kind`` (one of ``HOST_KINDS``) mapped in this process, pages allocated."""
+    if kind == "anonymous":
+        return create_private(name, nbytes)
+    fd = memfd_create(name, nbytes)
+    return HostMemory("memfd", map_fd(fd, nbytes, writable=True), nbytes, fd=fd)
 
 
 def child_path(name: str) -> Path:

@@ -15,6 +15,7 @@ from _support import child_argv
 import devrep
 from devrep import PAGE_SIZE
 from devrep.backends._staging import aligned_empty
+from devrep.memory import private_anonymous
 
 MiB = 1 << 20
 
@@ -271,6 +272,96 @@ def test_buffer_region_from_mmap() -> None:
         rep.replicate("b", ["cpu:2"])
         with region.acquire("cpu:2") as lease:
             assert bytes(lease.array[:5]) == b"hello"
+
+
+def _maps_line(address: int) -> list[str]:
+    """The fields of this process's ``/proc/self/maps`` line that covers ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                return line.split()
+    raise AssertionError(f"{address:#x} is not mapped")
+
+
+def _present_pages(address: int, npages: int) -> int:
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        entries = np.frombuffer(os.pread(pagemap.fileno(), 8 * npages, 8 * (address // PAGE_SIZE)), np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+def test_create_region_memory_is_private_and_allocated_up_front() -> None:
+    """``create_region``'s pages are private anonymous memory (why: docs/tracking.md, "Writer cost"), all present
+    before the owner writes any, and the region says which kind it is."""
+    with devrep.Replicator(cpu_devices=1) as rep:
+        region = rep.create_region("r", 64 * PAGE_SIZE + 1)
+        address = region.array.ctypes.data
+        fields = _maps_line(address)
+        assert fields[1] == "rw-p" and fields[4] == "0" and len(fields) == 5, fields  # private, no file behind it
+        assert _present_pages(address, 65) == 65
+        assert region.describe().kind == "anonymous" and region.nbytes == 64 * PAGE_SIZE + 1
+        assert not region.array.any()
+
+
+MAPS = """\
+7f0000000000-7f0000002000 rw-p 00000000 00:00 0
+7f0000002000-7f0000004000 rw-p 00000000 00:00 0                          [anon:x]
+7f0000004000-7f0000006000 rw-s 00000000 00:01 1223                       /memfd:r (deleted)
+7f0000006000-7f0000008000 rw-p 00001000 fd:01 4242                       /usr/lib/x.so
+7f000000a000-7f000000c000 rw-p 00000000 00:00 0
+"""
+
+
+@pytest.mark.parametrize(("address", "length", "private"), [
+    (0x7f0000000000, 0x4000, True),   # two private anonymous mappings side by side
+    (0x7f0000001000, 0x1000, True),   # inside one
+    (0x7f0000003000, 0x2000, False),  # runs into a shared mapping
+    (0x7f0000006000, 0x1000, False),  # a private mapping of a file
+    (0x7f0000008000, 0x1000, False),  # a hole
+    (0x7f000000b000, 0x2000, False),  # runs past the last mapping
+    (0x7e0000000000, 0x1000, False),  # before every mapping
+])
+def test_private_anonymous_reads_proc_maps(address: int, length: int, private: bool) -> None:
+    assert private_anonymous(MAPS, address, length) is private
+    assert private_anonymous("", address, length) is False
+
+
+def test_a_private_buffer_gets_no_populate_thread_and_a_shared_one_does(rep: devrep.Replicator) -> None:
+    """Only shared memory needs sync mode's populate thread (docs/tracking.md, "Writer cost")."""
+    private = mmap.mmap(-1, 64 * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+    shared = mmap.mmap(-1, 64 * PAGE_SIZE)
+    for name, buffer, expected in (("private", private, True), ("shared", shared, False)):
+        region = rep.register_buffer(name, buffer, tracking="sync")
+        assert region.host.private is expected
+        assert (region.tracker._populator is None) is expected  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("tracking", ["explicit", "sync", "async"])
+def test_a_forked_childs_writes_never_reach_the_region(tracking: str) -> None:
+    """A child forked by the owner (a data-loader worker, say) writes its own copy of the region's pages: the
+    region, its replica and its generation stay as they were. (Over shared memory, the child's writes would land
+    in the region unseen by a tracker, which guards only the parent's mapping: a stale replica.)"""
+    with devrep.Replicator(cpu_devices=1) as rep:
+        region = rep.create_region("r", 64 * PAGE_SIZE, tracking=tracking)
+        region.array[:] = 7
+        rep.replicate("r", ["cpu:0"])
+        region.sync()
+        generation = region.generation
+        pid = os.fork()
+        if pid == 0:  # the child: write every page, report by exit status only
+            code = 1
+            try:
+                region.array[:] = 9
+                code = 0 if int(region.array.min()) == 9 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert int(region.array.min()) == int(region.array.max()) == 7
+        region.sync()
+        with region.acquire("cpu:0", fresh=True) as lease:
+            assert int(lease.read().min()) == int(lease.read().max()) == 7
+        assert region.generation == generation, "the child's writes were seen as the region's"
 
 
 def test_cpu_replica_fd_maps_read_only_in_another_process() -> None:

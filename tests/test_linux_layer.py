@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from _support import HOST_KINDS, host_memory
 
 from devrep.linux import (
     Feature,
@@ -19,7 +20,7 @@ from devrep.linux import (
     Userfaultfd,
 )
 from devrep.linux.uffd import Event
-from devrep.memory import create_shared
+from devrep.memory import HostMemory
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -47,9 +48,10 @@ def test_api_twice_is_an_error() -> None:
             uffd.api(Feature.NONE)
 
 
-def test_sync_wp_fault_round_trip_kernel_mode_write() -> None:
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_sync_wp_fault_round_trip_kernel_mode_write(kind: str) -> None:
     """A readv() into a write-protected page faults to the handler, which un-protects and wakes it."""
-    host = create_shared("kernel-test", 4 * PAGE)
+    host = host_memory(kind, "kernel-test", 4 * PAGE)
     uffd = _uffd_or_skip()
     uffd.api(Feature.WP_HUGETLBFS_SHMEM)
     uffd.register(host.address, 4 * PAGE, RegisterMode.WP)
@@ -75,8 +77,8 @@ def test_sync_wp_fault_round_trip_kernel_mode_write() -> None:
     host.close()
 
 
-def _async_region(npages: int) -> tuple[Userfaultfd, int, object]:
-    host = create_shared("kernel-async", npages * PAGE)
+def _async_region(npages: int, kind: str = "memfd") -> tuple[Userfaultfd, int, HostMemory]:
+    host = host_memory(kind, "kernel-async", npages * PAGE)
     uffd = _uffd_or_skip()
     uffd.api(Feature.WP_ASYNC | Feature.WP_HUGETLBFS_SHMEM | Feature.WP_UNPOPULATED)
     uffd.register(host.address, npages * PAGE, RegisterMode.WP)
@@ -84,13 +86,14 @@ def _async_region(npages: int) -> tuple[Userfaultfd, int, object]:
     return uffd, os.open("/proc/self/pagemap", os.O_RDONLY), host
 
 
+@pytest.mark.parametrize("kind", HOST_KINDS)
 @pytest.mark.parametrize("vec_len", [4096, 7, 1])
-def test_pagemap_scan_finds_exactly_the_written_pages(vec_len: int) -> None:
+def test_pagemap_scan_finds_exactly_the_written_pages(vec_len: int, kind: str) -> None:
     """Small output vectors force the resume path, where a stale walk_end would double-count pages."""
     npages = 4096
-    uffd, pagemap, host = _async_region(npages)
-    array = host.array  # type: ignore[attr-defined]
-    base = host.address  # type: ignore[attr-defined]
+    uffd, pagemap, host = _async_region(npages, kind)
+    array = host.array
+    base = host.address
     written = np.sort(np.random.default_rng(vec_len).choice(npages, 300, replace=False))
     written = np.union1d(written, np.arange(1000, 1040))  # one long run too
     for page in written:
@@ -110,7 +113,7 @@ def test_pagemap_scan_finds_exactly_the_written_pages(vec_len: int) -> None:
     assert third.tolist() == [[base + 5 * PAGE, base + 6 * PAGE]]
     uffd.close()
     os.close(pagemap)
-    host.close()  # type: ignore[attr-defined]
+    host.close()
 
 
 def test_pagemap_scanner_applies_changed_flags_and_masks() -> None:
@@ -119,8 +122,8 @@ def test_pagemap_scanner_applies_changed_flags_and_masks() -> None:
     different category must select different pages."""
     npages = 64
     uffd, pagemap, host = _async_region(npages)
-    array = host.array  # type: ignore[attr-defined]
-    base = host.address  # type: ignore[attr-defined]
+    array = host.array
+    base = host.address
     end = base + npages * PAGE
     scanner = PagemapScanner(pagemap)
     wp = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
@@ -136,7 +139,7 @@ def test_pagemap_scanner_applies_changed_flags_and_masks() -> None:
     assert len(scanner.scan(base, end, flags=wp)) == 0
     uffd.close()
     os.close(pagemap)
-    host.close()  # type: ignore[attr-defined]
+    host.close()
 
 
 def _wp_bits(address: int, npages: int) -> list[bool]:
@@ -154,15 +157,16 @@ def test_the_rearm_loop_is_compiled_here() -> None:
     assert uffd.REARM_LOOP == "c", "devrep.linux._wp was not built: reinstall with a C compiler (pip install -e .)"
 
 
+@pytest.mark.parametrize("kind", HOST_KINDS)
 @pytest.mark.parametrize("compiled", [True, False], ids=["c", "python"])
-def test_protect_page_runs_protects_exactly_the_runs(compiled: bool) -> None:
+def test_protect_page_runs_protects_exactly_the_runs(compiled: bool, kind: str) -> None:
     """Both rearm loops, on a real registered shmem mapping, from every input form the callers pass (a list, an
     ``array("q")`` from a helper message, an int64 numpy array): exactly the runs' pages become write-protected.
     Bad runs are refused before any page is touched; a kernel refusal names the run."""
     import array
 
     npages = 512
-    host = create_shared("wp-loop", npages * PAGE)
+    host = host_memory(kind, "wp-loop", npages * PAGE)
     host.array[:] = 1  # present pages: pagemap reports the bit on them
     uffd = _uffd_or_skip()
     try:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from _support import HOST_KINDS, host_memory
 
 import devrep
 from devrep import PAGE_SIZE
@@ -209,17 +210,17 @@ def _uffd_wp_bits(address: int, npages: int) -> list[bool]:
     return ((entries >> np.uint64(57)) & np.uint64(1)).astype(bool).tolist()
 
 
-def test_helper_rearm_protects_exactly_the_runs_and_checks_bounds() -> None:
+@pytest.mark.parametrize("kind", HOST_KINDS)
+def test_helper_rearm_protects_exactly_the_runs_and_checks_bounds(kind: str) -> None:
     """``FaultHandler.rearm_flat`` (the helper's loop over flat runs) on a real registered mapping of this process:
     exactly the pages of the runs become write-protected; runs outside the region or malformed are refused."""
     import mmap
 
-    from devrep.memory import create_shared
     from devrep.tracking._handler import FaultHandler
     from devrep.tracking._setup import WP_FEATURES, open_uffd, register_wp
 
     npages = 64
-    host = create_shared("wp", npages * PAGE_SIZE)
+    host = host_memory(kind, "wp", npages * PAGE_SIZE)
     host.array[:] = 1  # populated: pagemap shows the bit on present pages
     uffd = open_uffd("sync", WP_FEATURES)
     try:

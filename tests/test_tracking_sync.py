@@ -21,7 +21,7 @@ import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.errors import UnsupportedModeError
 from devrep.linux.uffd import Feature, RegisterMode, Userfaultfd
-from devrep.memory import memfd_create
+from devrep.memory import create_private, memfd_create
 from devrep.protect import prepare_sync_client
 from devrep.tracking._handler import HINT, FaultHandler, Populator, populate_write
 from devrep.tracking._sync import SyncTracker, merge_close_runs
@@ -303,38 +303,63 @@ def test_fault_around_window_logic() -> None:
     assert [handler.window(p) for p in (0, 1, 2)] == [(0, 1), (1, 1), (2, 1)]  # widening off
 
 
-def _faults_of_a_fill(rep: devrep.Replicator, region: devrep.Region) -> int:
-    """Replicate ``region``, then fill it once more; the number of write faults that fill took."""
-    region.array[:] = 1
-    rep.replicate(region.name, [DEV])
-    tracker = region.tracker
-    assert isinstance(tracker, SyncTracker) and tracker._shared is not None
-    before = int(tracker._shared.counter[0])
-    region.array[:] = 2
-    return int(tracker._shared.counter[0]) - before
-
-
-def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replicator) -> None:
-    """W1: a fill of a protected region faults once per window, not once per page, and every page it wrote is
-    invalidated before the write lands (a fresh acquire sees all of it)."""
-    region = rep.create_region("fill", 4096 * PAGE_SIZE, tracking="sync")
-    faults = _faults_of_a_fill(rep, region)
-    assert 0 < faults <= 4096 // 64, f"{faults} faults for a sequential fill of 4096 pages"
-    assert pages_from_runs(region.invalid_runs(DEV)).tolist() == list(range(4096))
-    with region.acquire(DEV, fresh=True) as lease:
-        assert np.array_equal(lease.read(), region.array)
-    narrow = rep.create_region("narrow", 256 * PAGE_SIZE, tracking=SyncTracker(fault_around=PAGE_SIZE))
-    assert _faults_of_a_fill(rep, narrow) == 256, "fault_around=PAGE_SIZE must fault once per page"
-
-
 def _thread_minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 
 
+def _faults_of_a_fill(rep: devrep.Replicator, region: devrep.Region, array: np.ndarray | None = None
+                      ) -> tuple[int, int]:
+    """Replicate ``region``, then fill it once more (through ``array``, the writer's view: ``region.array`` by
+    default): the write faults the handler saw, and the minor faults the writing thread took, in that fill."""
+    array = region.array if array is None else array
+    array[:] = 1
+    rep.replicate(region.name, [DEV])
+    tracker = region.tracker
+    assert isinstance(tracker, SyncTracker) and tracker._shared is not None
+    before, minor = int(tracker._shared.counter[0]), _thread_minor_faults()
+    array[:] = 2
+    return int(tracker._shared.counter[0]) - before, _thread_minor_faults() - minor
+
+
+def test_sequential_fill_costs_few_faults_and_stays_coherent(rep: devrep.Replicator) -> None:
+    """W1: a fill of a protected region faults once per window, not once per page, and every page it wrote is
+    invalidated before the write lands (a fresh acquire sees all of it). ``create_region``'s memory is private,
+    so an un-protected window is writable at once: the writer takes no kernel minor fault per page either (a
+    memfd's pages would take one each; see the next test)."""
+    region = rep.create_region("fill", 4096 * PAGE_SIZE, tracking="sync")
+    faults, minor = _faults_of_a_fill(rep, region)
+    assert 0 < faults <= 4096 // 64, f"{faults} faults for a sequential fill of 4096 pages"
+    assert minor <= 4096 // 64, f"the writer took {minor} minor faults filling 4096 private pages"
+    assert pages_from_runs(region.invalid_runs(DEV)).tolist() == list(range(4096))
+    with region.acquire(DEV, fresh=True) as lease:
+        assert np.array_equal(lease.read(), region.array)
+    narrow = rep.create_region("narrow", 256 * PAGE_SIZE, tracking=SyncTracker(fault_around=PAGE_SIZE))
+    assert _faults_of_a_fill(rep, narrow)[0] == 256, "fault_around=PAGE_SIZE must fault once per page"
+
+
+def test_unprotect_gives_private_pages_write_access_back() -> None:
+    """Why ``create_region`` allocates private memory and runs no populate thread: un-protecting private anonymous
+    pages (UFFDIO_WRITEPROTECT off) makes them writable again, so writing them takes no minor fault."""
+    npages = 256
+    host = create_private("unprotect-test", npages * PAGE_SIZE)
+    with Userfaultfd() as uffd:
+        uffd.api(Feature.WP_UNPOPULATED)
+        uffd.register(host.address, npages * PAGE_SIZE, RegisterMode.WP)
+        host.array[:] = 1
+        uffd.writeprotect(host.address, npages * PAGE_SIZE, True)
+        uffd.writeprotect(host.address, npages * PAGE_SIZE, False)
+        before = _thread_minor_faults()
+        host.array[::PAGE_SIZE] = 2
+        faults = _thread_minor_faults() - before
+        uffd.unregister(host.address, npages * PAGE_SIZE)
+    host.close()
+    assert faults <= npages // 16, f"writing {npages} un-protected private pages took {faults} minor faults"
+
+
 def test_populate_write_makes_unprotected_shmem_pages_writable() -> None:
-    """Why sync mode populates windows ahead of the writer: un-protecting (UFFDIO_WRITEPROTECT off) leaves shmem
-    PTEs read-only, so each page's next write still takes a minor fault; ``populate_write`` (MADV_POPULATE_WRITE)
-    makes them writable, and then writing the range takes none."""
+    """Why sync mode populates windows ahead of a writer of shared memory: un-protecting (UFFDIO_WRITEPROTECT off)
+    leaves shmem PTEs read-only, so each page's next write still takes a minor fault; ``populate_write``
+    (MADV_POPULATE_WRITE) makes them writable, and then writing the range takes none."""
     npages = 256
     fd = memfd_create("populate-test", npages * PAGE_SIZE)
     with mmap.mmap(fd, npages * PAGE_SIZE) as mapping, Userfaultfd() as uffd:
@@ -356,16 +381,19 @@ def test_populate_write_makes_unprotected_shmem_pages_writable() -> None:
         uffd.unregister(address, npages * PAGE_SIZE)
     os.close(fd)
     print(f"minor faults writing {npages} un-protected pages: {faults[0]} as left, {faults[1]} after populate")
+    assert faults[0] >= npages // 2, f"only {faults[0]} of {npages} shmem pages faulted: populating is pointless"
     assert faults[1] <= npages // 16, f"expected ~0 faults after populate_write, got {faults[1]} of {npages}"
 
 
 def test_sequential_fill_is_populated_ahead_and_stays_coherent(rep: devrep.Replicator) -> None:
-    """W1: the in-process tracker's populate thread faults in widened windows (its page count grows) while the
-    fill runs, and every page the fill wrote is still invalidated before the write lands."""
-    region = rep.create_region("populated", 4096 * PAGE_SIZE, tracking="sync")
+    """W1 for shared memory (a buffer over a shared mapping): the in-process tracker's populate thread faults in
+    widened windows (its page count grows) while the fill runs, and every page the fill wrote is still invalidated
+    before the write lands. ``create_region``'s private memory gets no populate thread."""
+    shared = mmap.mmap(-1, 4096 * PAGE_SIZE)  # MAP_SHARED: shmem pages
+    region = rep.register_buffer("populated", shared, tracking="sync")
     tracker = region.tracker
     assert isinstance(tracker, SyncTracker) and tracker._populator is not None
-    _faults_of_a_fill(rep, region)
+    _faults_of_a_fill(rep, region, np.frombuffer(shared, dtype=np.uint8))
     deadline = time.monotonic() + 30  # the thread may lag behind the writer on a loaded machine
     while tracker._populator.pages == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -373,8 +401,10 @@ def test_sequential_fill_is_populated_ahead_and_stays_coherent(rep: devrep.Repli
     assert pages_from_runs(region.invalid_runs(DEV)).tolist() == list(range(4096))
     with region.acquire(DEV, fresh=True) as lease:
         assert np.array_equal(lease.read(), region.array)
-    off = rep.create_region("unpopulated", 256 * PAGE_SIZE, tracking=SyncTracker(populate=False))
+    off = rep.register_buffer("unpopulated", mmap.mmap(-1, 256 * PAGE_SIZE), tracking=SyncTracker(populate=False))
     assert off.tracker._populator is None  # type: ignore[attr-defined]
+    private = rep.create_region("private", 256 * PAGE_SIZE, tracking="sync")
+    assert private.tracker._populator is None  # type: ignore[attr-defined]
 
 
 def test_populate_threads_and_pipes_go_with_their_regions() -> None:
@@ -386,11 +416,15 @@ def test_populate_threads_and_pipes_go_with_their_regions() -> None:
     with devrep.Replicator(cpu_devices=1) as rep:
         fds_before, threads_before = len(os.listdir("/proc/self/fd")), populate_threads()
         for i in range(5):
-            region = rep.create_region(f"leak{i}", 1024 * PAGE_SIZE, tracking="sync")
-            region.array[:] = 1
+            shared = mmap.mmap(-1, 1024 * PAGE_SIZE)  # shared memory: a populate thread
+            array = np.frombuffer(shared, dtype=np.uint8)
+            region = rep.register_buffer(f"leak{i}", shared, tracking="sync")
+            assert region.tracker._populator is not None  # type: ignore[attr-defined]
+            array[:] = 1
             rep.replicate(region.name, [DEV])
-            region.array[:] = 2  # a sequential fill: hints flow
+            array[:] = 2  # a sequential fill: hints flow
             rep.unregister(region.name)
+            del region, array
         deadline = time.monotonic() + 30
         while populate_threads() > threads_before and time.monotonic() < deadline:
             time.sleep(0.05)

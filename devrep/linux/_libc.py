@@ -24,12 +24,15 @@ libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 libc.prctl.restype = ctypes.c_int
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.madvise.restype = ctypes.c_int
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 # userfaultfd(2) syscall numbers; glibc 2.36 has no wrapper.
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "arm64": 282, "riscv64": 282, "ppc64le": 364, "s390x": 355}
 SYS_USERFAULTFD: int | None = _SYS_USERFAULTFD.get(platform.machine())
 
 PR_SET_PDEATHSIG = 1
+MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14+)
 
 
 def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
@@ -87,6 +90,15 @@ def syscall(number: int, *args: int | None, what: str) -> int:
         result = libc.syscall(ctypes.c_long(number), *words)
         if result >= 0:
             return int(result)
+        err = ctypes.get_errno()
+        if err != 4:  # EINTR
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def madvise(address: int, length: int, advice: int, what: str) -> None:
+    """``madvise(2)`` retrying on EINTR (``MADV_POPULATE_*`` returns it when a signal arrives part-way; what was
+    populated stays, so the retry only finishes the rest); raises ``OSError`` with errno. Releases the GIL."""
+    while libc.madvise(address, length, advice) < 0:
         err = ctypes.get_errno()
         if err != 4:  # EINTR
             raise OSError(err, f"{what}: {os.strerror(err)}")

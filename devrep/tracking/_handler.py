@@ -43,7 +43,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 
-from ..linux._libc import open_libc
+from ..linux._libc import MADV_POPULATE_WRITE, madvise
 from ..linux.uffd import MSG_SIZE, Event, PagefaultFlag, Userfaultfd
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -179,21 +179,14 @@ class FaultHandler:
         self.uffd.writeprotect(self.base, self.npages << PAGE_SHIFT, False)
 
 
-MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14+)
-_madvise = None
-
-
 def populate_write(address: int, length: int) -> bool:
     """``madvise(MADV_POPULATE_WRITE)``: fault the range in writable, as a write would, without writing.
     False if the kernel refused (an old kernel, or the range is gone); the caller's writes fault as usual."""
-    global _madvise
-    if _madvise is None:
-        import ctypes
-
-        _madvise = open_libc().madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    return bool(_madvise(address, length, MADV_POPULATE_WRITE) == 0)  # releases the GIL (ctypes)
+    try:
+        madvise(address, length, MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")  # releases the GIL (ctypes)
+    except OSError:
+        return False
+    return True
 
 
 class Populator:
