@@ -23,6 +23,7 @@ from devrep import PAGE_SIZE
 from devrep._pages import PageArray, RunArray
 from devrep.model import Event, EventKind
 from devrep.tracking import ExplicitTracker
+from devrep.region import _plan
 from devrep.tracking._sync import SyncTracker
 
 WAIT = 60.0  # generous bound for things that must happen (the machine may be loaded); never a timing assertion
@@ -330,7 +331,6 @@ def test_staged_rearm_copies_no_page_before_its_rearm_returned(monkeypatch: pyte
     stage, never two at once, covering every run exactly once, the later ones on a worker kept off one of this
     thread's CPUs; each copy reads only pages whose rearm has returned; both replicas end equal to the host and
     progress stays monotone up to the total."""
-    from devrep.region import _plan
 
     tracker = StagedTracker()
     npages = 4096
@@ -380,11 +380,13 @@ def test_staged_rearm_copies_no_page_before_its_rearm_returned(monkeypatch: pyte
                 assert np.array_equal(lease.read(), region.array)
 
 
-@pytest.mark.parametrize("case", ["few runs", "in-process", "one CPU"])
-def test_syncs_that_cannot_overlap_rearm_once_before_copying(case: str) -> None:
+@pytest.mark.parametrize("case", ["few runs", "in-process", "one CPU", "CPU quota"])
+def test_syncs_that_cannot_overlap_rearm_once_before_copying(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fewer runs than two stages' worth, a tracker that does not overlap (in-process sync mode: its rearm's TLB
-    flushes would interrupt the copy), or a thread allowed on one CPU only (nothing to overlap on) get one rearm
-    of every run before any copy."""
+    flushes would interrupt the copy), a thread allowed on one CPU only, or a cgroup CPU limit under two CPUs
+    (nothing to overlap on) get one rearm of every run before any copy."""
+    if case == "CPU quota":  # tests/test_cgroup.py reads a real limit; here the seam the sync asks
+        monkeypatch.setattr(_plan, "cpu_limit", lambda: 1.5)
     tracker = StagedTracker()
     tracker.rearm_overlaps_copy = case != "in-process"
     npages = 64 if case == "few runs" else 4096
@@ -429,8 +431,6 @@ def test_staged_copy_failure_joins_the_rearm_worker(monkeypatch: pytest.MonkeyPa
     """A copy that fails in a middle stage fails the sync with its own error only after the rearm worker has
     stopped (no rearm outlives the sync, so the next sync's rearm cannot run alongside it), without rearming the
     stages left; nothing is marked valid."""
-    from devrep.region import _plan
-
     tracker = StagedTracker()
     npages = 4096
     with devrep.Replicator(cpu_devices=1) as rep:

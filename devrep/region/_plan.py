@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, PageArray, RunArray, runs_from_pages
 from ..errors import FailedPreconditionError
+from ..linux.cgroup import cpu_limit
 from ..linux.numa import getcpu
 from ..model import Event, EventKind, ProgressCallback
 from ._replicas import Replica
@@ -205,8 +206,13 @@ def _other_cpus() -> set[int]:
 
     Pinned nowhere, the worker tends to land on the copying thread's CPU (the two hand off a semaphore and the GIL,
     and the scheduler wakes a thread near its waker), and then both time-share one CPU: on the 2-vCPU dev VM half of
-    the staged syncs took twice as long as rearm-then-copy that way. Empty when there is no second CPU to overlap on.
+    the staged syncs took twice as long as rearm-then-copy that way. Empty when there is no second CPU to overlap on:
+    one allowed CPU, or a cgroup CPU limit under two CPUs (the affinity mask of a container run with ``--cpus=1``
+    still lists every CPU; two threads there only spend the quota twice as fast, then wait out the period).
     """
+    limit = cpu_limit()
+    if limit is not None and limit < 2:
+        return set()
     try:
         allowed = os.sched_getaffinity(0)
         allowed.discard(getcpu()[0])
