@@ -33,6 +33,7 @@ from .errors import (
     ResourceExhaustedError,
 )
 from .linux._libc import MADV_POPULATE_WRITE, madvise, open_libc
+from .linux.cgroup import read_memory_room
 
 _libc = open_libc()  # its own handle: the argtypes below are this module's
 _libc.mmap.restype = ctypes.c_void_p
@@ -92,15 +93,65 @@ def memfd_create(name: str, nbytes: int, *, sealable: bool = True, allocate: boo
     try:
         os.ftruncate(fd, nbytes)
         if allocate:
-            allocate_pages(fd, nbytes)
+            allocate_pages(fd, nbytes, f"memfd {name!r}")
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def allocate_pages(fd: int, nbytes: int) -> None:
-    """Allocate a memfd's first ``nbytes`` now (``fallocate``, which follows a shared policy set by ``mbind``)."""
+ROOM_MARGIN = 32 << 20
+"""Kept free beyond a request: what the process itself still needs while it copies (page tables, buffers)."""
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """``/proc/meminfo`` -> bytes per field (``"MemAvailable: 123 kB"`` -> ``{"MemAvailable": 125952}``)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            out[name] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return out
+
+
+def memory_room() -> tuple[int, str] | None:
+    """How many bytes this process can still allocate before the kernel starts killing processes, and what
+    limits it: the machine (``MemAvailable``, which counts reclaimable cache as free) or this process's cgroup
+    (``devrep.linux.cgroup.read_memory_room``), whichever is less, plus free swap (a limit is never made stricter
+    than the kernel's: with swap, memory past the limit is swapped out rather than killed for). None when
+    neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = parse_meminfo(f.read())
+    except OSError:
+        info = {}
+    swap = info.get("SwapFree", 0)
+    rooms = []
+    if "MemAvailable" in info:
+        rooms.append((info["MemAvailable"] + swap, "available memory (MemAvailable + SwapFree)"))
+    cgroup_room = read_memory_room()
+    if cgroup_room is not None:
+        rooms.append((cgroup_room + swap, "this process's cgroup memory limit"))
+    return min(rooms) if rooms else None
+
+
+def ensure_room(nbytes: int, what: str) -> None:
+    """Refuse to allocate ``nbytes`` of host memory for ``what`` when it cannot fit (``memory_room``, less
+    ``ROOM_MARGIN``): past a limit the kernel does not fail the allocation, it kills a process, possibly this
+    one (measured: a daemon in a 600 MiB cgroup killed by one client's 1 GiB replicate). A guard, not a
+    reservation: two allocations racing may still overcommit."""
+    room = memory_room()
+    if room is not None and nbytes + ROOM_MARGIN > room[0]:
+        raise ResourceExhaustedError(
+            f"{what}: {nbytes} bytes do not fit in {room[1]}: {max(0, room[0] - ROOM_MARGIN)} bytes can be "
+            f"allocated now (a {ROOM_MARGIN >> 20} MiB margin kept free)")
+
+
+def allocate_pages(fd: int, nbytes: int, what: str = "shared memory") -> None:
+    """Allocate a memfd's first ``nbytes`` now (``fallocate``, which follows a shared policy set by ``mbind``),
+    after ``ensure_room``: ``ResourceExhaustedError`` when they cannot fit."""
+    ensure_room(nbytes, what)
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as exc:
@@ -259,6 +310,7 @@ def create_private(name: str, nbytes: int) -> HostMemory:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
         raise InvalidArgumentError(f"region size must be a positive integer, got {nbytes!r}")
     size = pages_for(nbytes) * PAGE_SIZE
+    ensure_room(size, f"region {name!r}")
     array = _map(size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         madvise(buffer_address(array), size, MADV_POPULATE_WRITE, f"allocating {size} bytes for region {name!r}")

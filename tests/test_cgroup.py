@@ -1,4 +1,5 @@
-"""``devrep.linux.cgroup``: the CFS CPU limit of this process's cgroups, on fake trees and on a real cgroup."""
+"""``devrep.linux.cgroup`` and ``devrep.memory.ensure_room``: the CPU and memory limits of this process's cgroups,
+on fake trees and on real cgroups (a server in a memory-limited cgroup refuses a replicate that would get it killed)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,31 @@ from pathlib import Path
 
 import pytest
 
-from devrep.linux.cgroup import parse_cfs, parse_cpu_max, parse_proc_cgroup, read_cpu_limit
+import devrep
+from devrep import memory
+from devrep.client import connect
+from devrep.demo import server_process
+from devrep.linux.cgroup import (
+    parse_cfs,
+    parse_cpu_max,
+    parse_memory_stat,
+    parse_proc_cgroup,
+    read_cpu_limit,
+    read_memory_room,
+)
+from devrep.testing import short_tmpdir
+
+MiB = 1 << 20
 
 HYBRID = "12:cpu,cpuacct:/kubepods/pod1/ctr\n4:memory:/x\n1:name=systemd:/y\n0::/unified/z\n"
 
 
 def test_parsers() -> None:
-    assert parse_proc_cgroup("0::/kubepods.slice/ctr.scope\n") == ("/kubepods.slice/ctr.scope", None)
-    assert parse_proc_cgroup(HYBRID) == ("/unified/z", "/kubepods/pod1/ctr")
-    assert parse_proc_cgroup("2:cpuacct:/a\n1:cpu:/b\n") == (None, "/b")
-    assert parse_proc_cgroup("") == (None, None)
+    assert parse_proc_cgroup("0::/kubepods.slice/ctr.scope\n") == {"": "/kubepods.slice/ctr.scope"}
+    assert parse_proc_cgroup(HYBRID) == {"cpu": "/kubepods/pod1/ctr", "cpuacct": "/kubepods/pod1/ctr", "memory": "/x",
+                                         "name=systemd": "/y", "": "/unified/z"}
+    assert parse_proc_cgroup("2:cpuacct:/a\n1:cpu:/b\n") == {"cpuacct": "/a", "cpu": "/b"}
+    assert parse_proc_cgroup("") == {}
     assert parse_cpu_max("max 100000\n") is None
     assert parse_cpu_max("150000 100000\n") == 1.5
     assert parse_cpu_max("50000\n") == 0.5  # period left out: the kernel's default
@@ -60,30 +76,67 @@ def test_v1_reads_the_cpu_hierarchy(tmp_path: Path) -> None:
     assert read_cpu_limit(tmp_path, HYBRID) == 0.2
 
 
+def test_memory_room_up_the_tree_counts_inactive_file_pages_as_free(tmp_path: Path) -> None:
+    ctr = tmp_path / "kubepods.slice" / "ctr.scope"
+    _write(ctr / "memory.max", "max\n")
+    _write(ctr / "memory.current", "100\n")
+    _write(ctr.parent / "memory.max", f"{1000 * MiB}\n")
+    _write(ctr.parent / "memory.current", f"{900 * MiB}\n")
+    _write(ctr.parent / "memory.stat", f"anon 1\ninactive_file {300 * MiB}\nactive_file 5\n")
+    assert read_memory_room(tmp_path, "0::/kubepods.slice/ctr.scope\n") == 400 * MiB
+    assert read_memory_room(tmp_path, "0::/\n") is None
+    v1 = tmp_path / "memory" / "pod"
+    _write(v1 / "memory.limit_in_bytes", f"{512 * MiB}\n")
+    _write(v1 / "memory.usage_in_bytes", f"{600 * MiB}\n")  # over the limit: no room, not a negative one
+    _write(tmp_path / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    _write(tmp_path / "memory" / "memory.usage_in_bytes", "1\n")
+    assert read_memory_room(tmp_path, "5:memory:/pod\n") == 0
+    _write(v1 / "memory.stat", f"total_inactive_file {200 * MiB}\ninactive_file 7\n")
+    assert read_memory_room(tmp_path, "5:memory:/pod\n") == 112 * MiB
+    _write(v1 / "memory.usage_in_bytes", "lots\n")
+    assert read_memory_room(tmp_path, "5:memory:/pod\n") is None  # never raises
+    assert parse_memory_stat("cache 4\ninactive_file 9\n", "inactive_file") == 9
+    assert parse_memory_stat("", "inactive_file") == 0
+
+
+def test_ensure_room_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert memory.parse_meminfo("MemTotal: 10 kB\nMemAvailable:  4 kB\nHugePages_Total: 3\n") == \
+        {"MemTotal": 10240, "MemAvailable": 4096, "HugePages_Total": 3}
+    monkeypatch.setattr(memory, "memory_room", lambda: (100 * MiB, "the test's limit"))
+    memory.ensure_room(100 * MiB - memory.ROOM_MARGIN, "a fit")
+    with pytest.raises(devrep.ResourceExhaustedError, match=r"a replica on cpu:0: \d+ bytes do not fit in the "
+                                                             r"test's limit: 71303168 bytes can be allocated"):
+        memory.ensure_room(100 * MiB - memory.ROOM_MARGIN + 1, "a replica on cpu:0")
+    monkeypatch.setattr(memory, "memory_room", lambda: None)  # nothing readable: nothing refused
+    memory.ensure_room(1 << 60, "anything")
+
+
 REPORT = ("from devrep.linux.cgroup import read_cpu_limit; from devrep.region._plan import _other_cpus; "
           "print(read_cpu_limit(), len(_other_cpus()))")
 
 
-def _real_cgroup(tmp: str) -> tuple[Path, Path]:
-    """A new cgroup limited to a quarter of a CPU: (its directory, the file a pid is written to), on the v1 ``cpu``
-    hierarchy or in v2 under the root; skips saying what this machine lacks."""
+def _real_cgroup(tmp: str, controller: str, limits: dict[str, str], v2_limits: dict[str, str]) -> tuple[Path, Path]:
+    """A new cgroup with ``limits`` written into it (v1 ``controller`` hierarchy) or ``v2_limits`` (cgroup v2, under
+    the root): (its directory, the file a pid is written to). Skips saying what this machine lacks."""
     root = Path("/sys/fs/cgroup")
     if os.geteuid() != 0:
         pytest.skip("making a cgroup needs root")
-    for v1 in (root / "cpu", root / "cpu,cpuacct"):
-        if (v1 / "cpu.cfs_quota_us").exists():
+    for v1 in (root / controller, *sorted(root.glob(f"*{controller}*,*")), *sorted(root.glob(f"*,{controller}"))):
+        if v1.is_dir() and (v1 / "cgroup.procs").exists() and not (v1 / "cgroup.controllers").exists():
             group = v1 / tmp
             group.mkdir()
-            (group / "cpu.cfs_period_us").write_text("100000")
-            (group / "cpu.cfs_quota_us").write_text("25000")
+            for name, value in limits.items():
+                (group / name).write_text(value)
             return group, group / "cgroup.procs"
     subtree = root / "cgroup.subtree_control"
-    if subtree.exists() and "cpu" in subtree.read_text().split():
+    if subtree.exists() and controller in subtree.read_text().split():
         group = root / tmp
         group.mkdir()
-        (group / "cpu.max").write_text("25000 100000")
+        for name, value in v2_limits.items():
+            (group / name).write_text(value)
         return group, group / "cgroup.procs"
-    pytest.skip("no cgroup v1 cpu hierarchy, and the cgroup v2 root does not delegate the cpu controller")
+    pytest.skip(f"no cgroup v1 {controller} hierarchy, and the cgroup v2 root does not delegate the {controller} "
+                "controller")
 
 
 def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
@@ -91,7 +144,8 @@ def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
     to overlap on there (its affinity mask still lists every CPU); outside it, no limit."""
     name = f"devrep-test-{uuid.uuid4().hex[:8]}"
     try:
-        group, procs = _real_cgroup(name)
+        group, procs = _real_cgroup(name, "cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "25000"},
+                                    {"cpu.max": "25000 100000"})
     except OSError as exc:
         pytest.skip(f"cannot make a cgroup here: {exc}")
     try:
@@ -104,5 +158,65 @@ def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
         outside = subprocess.run([sys.executable, "-c", REPORT], capture_output=True, text=True, timeout=120,
                                  check=True)
         assert outside.stdout.split()[0] != "0.25", outside.stdout
+    finally:
+        group.rmdir()
+
+
+def test_a_server_in_a_memory_limited_cgroup_refuses_a_replicate_that_would_get_it_killed() -> None:
+    """``devrep serve`` moved into a cgroup limited to 600 MiB: one client's replicate of 1 GiB, which used to get
+    the daemon SIGKILLed by the kernel (every client's service gone), is RESOURCE_EXHAUSTED naming the limit; the
+    server keeps serving and a replicate that fits still works."""
+    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(600 * MiB)},
+                                    {"memory.max": str(600 * MiB), "memory.swap.max": "0"})
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        with short_tmpdir() as tmp, server_process(tmp) as (address, proc):
+            procs.write_text(str(proc.pid))
+            with connect(address) as client:
+                client.create_region("big", 1 << 30, tracking="explicit")
+                with pytest.raises(devrep.ResourceExhaustedError, match="cgroup memory limit"):
+                    client.replicate("big", ["cpu:0"])
+                region = client.create_region("small", 64 * MiB, tracking="explicit")
+                region.array[:] = 5
+                client.replicate("small", ["cpu:0"])
+                with client.acquire("small", "cpu:0") as lease:
+                    assert int(lease.array[12345]) == 5
+            assert proc.poll() is None, "the server died"
+    finally:
+        group.rmdir()
+
+
+IN_PROCESS = """
+import sys
+sys.stdin.readline()
+import devrep
+with devrep.Replicator(cpu_devices=1) as rep:
+    try:
+        rep.create_region("big", 512 << 20)
+    except devrep.ResourceExhaustedError as exc:
+        print("refused:", exc)
+    region = rep.create_region("small", 16 << 20)
+    rep.replicate("small", ["cpu:0"])
+    print("small ok")
+"""
+
+
+def test_create_region_past_a_memory_limit_is_resource_exhausted_not_a_kill() -> None:
+    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(300 * MiB)},
+                                    {"memory.max": str(300 * MiB), "memory.swap.max": "0"})
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        child = subprocess.Popen([sys.executable, "-c", IN_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        procs.write_text(str(child.pid))
+        out, err = child.communicate("go\n", timeout=120)
+        assert child.returncode == 0, (child.returncode, err[-2000:])
+        assert "refused: region 'big'" in out and "cgroup memory limit" in out and "small ok" in out, out
     finally:
         group.rmdir()

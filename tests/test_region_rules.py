@@ -22,8 +22,8 @@ import devrep
 from devrep import PAGE_SIZE
 from devrep._pages import PageArray, RunArray
 from devrep.model import Event, EventKind
-from devrep.tracking import ExplicitTracker
 from devrep.region import _plan
+from devrep.tracking import ExplicitTracker
 from devrep.tracking._sync import SyncTracker
 
 WAIT = 60.0  # generous bound for things that must happen (the machine may be loaded); never a timing assertion

@@ -75,7 +75,8 @@ class CpuBackend(Backend):
         try:
             array = map_fd(fd, nbytes, writable=True)
             self._place(index, array)
-            allocate_pages(fd, nbytes)  # every page now, so a full memory shows here and not as a SIGBUS later
+            # Every page now, so a full memory shows here and not as a SIGBUS (or an OOM kill) later.
+            allocate_pages(fd, nbytes, f"a replica on {self.name}:{index}")
             # Later mappings (the readers') can only be read-only; ours stays writable.
             add_seals(fd, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE)
         except BaseException:

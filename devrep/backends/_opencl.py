@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from .._pages import PAGE_SIZE, RunArray, check_page_multiple
 from ..errors import BackendError, InvalidArgumentError, ResourceExhaustedError, UnknownDeviceError
+from ..memory import ensure_room
 from ..model import ExportKind
 from ._base import Backend, DeviceBuffer, ExportHandle, HostArray, Progress
 from ._kernels import bitcode_stamp, kernel_source, kernels_dir
@@ -309,6 +310,7 @@ class OpenCLBackend(Backend):
         their own memory."""
         if not d.unified:
             return cl.Buffer(d.ctx.context, cl.mem_flags.READ_WRITE, nbytes)
+        ensure_room(nbytes, f"a replica on {d.label}")  # host memory: past a limit the kernel kills, not fails
         try:  # private anonymous memory, as the driver's own malloc would use; page-aligned by mmap
             backing = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
         except OSError as exc:

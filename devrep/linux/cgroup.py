@@ -1,9 +1,15 @@
-"""How much CPU time this process's cgroups allow (the CFS bandwidth limit), cgroup v2 and v1.
+"""What this process's cgroups allow: CPU time (the CFS bandwidth limit) and memory (the limit less what is in
+use), cgroup v2 and v1.
 
-Why: ``sched_getaffinity`` lists every CPU of the machine inside a container limited to one CPU's worth of time
+Why CPU: ``sched_getaffinity`` lists every CPU of the machine inside a container limited to one CPU's worth of time
 (``docker --cpus=1``, a Kubernetes CPU limit), so code that spreads work over threads to save wall-clock time
 must also ask the quota: two threads under a one-CPU quota only burn it twice as fast and then wait out the rest
 of the period throttled (100 ms by default). ``devrep.region._plan`` asks before it stages a rearm on a second CPU.
+
+Why memory: past a cgroup's memory limit the kernel does not fail an allocation, it kills a process of the group
+(measured: ``devrep serve`` in a 600 MiB cgroup, one client's 1 GiB replicate, SIGKILL). ``devrep.memory`` asks
+before it allocates host memory for a region or a replica, so the request fails with ``RESOURCE_EXHAUSTED``
+instead.
 
 The parsers are pure (text in, numbers out); ``cpu_limit`` does the reading, from ``/proc/self/cgroup`` and the
 cgroup filesystems under ``/sys/fs/cgroup``, and never raises: a file it cannot read is a level without a limit.
@@ -19,18 +25,20 @@ _CACHE_SECONDS = 10.0  # a limit can change (in-place pod resize); reading it co
 _cache: tuple[float, Path, float | None] | None = None
 
 
-def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
-    """``/proc/PID/cgroup`` -> (the cgroup v2 path, the path in the v1 hierarchy holding the ``cpu`` controller);
-    ``None`` for a hierarchy the process is not in."""
-    v2 = v1 = None
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """``/proc/PID/cgroup`` -> the process's cgroup path per controller: ``""`` for the v2 (unified) hierarchy,
+    the controller's name (``"cpu"``, ``"memory"``) for a v1 one. A hierarchy the process is not in is absent."""
+    paths: dict[str, str] = {}
     for line in text.splitlines():
         number, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if number == "0" and controllers == "":
-            v2 = path
-        elif "cpu" in controllers.split(","):
-            v1 = path
-    return v2, v1
+            paths[""] = path
+        else:
+            for controller in controllers.split(","):
+                if controller:
+                    paths[controller] = path
+    return paths
 
 
 def parse_cpu_max(text: str) -> float | None:
@@ -46,6 +54,54 @@ def parse_cfs(quota: str, period: str) -> float | None:
     """cgroup v1 ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` -> CPUs' worth of time, None for no limit (-1)."""
     q, p = int(quota), int(period)
     return q / p if q > 0 and p > 0 else None
+
+
+# cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages in bytes (9223372036854771712 with 4 KiB pages).
+_V1_UNLIMITED = 1 << 62
+
+
+def parse_memory_stat(text: str, key: str) -> int:
+    """The value of ``key`` in a cgroup ``memory.stat`` (0 when absent)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def _room(limit: int, usage: int, stat: str | None, inactive_key: str) -> int:
+    """A cgroup level's room: its limit less its usage, not counting inactive file pages (page cache the kernel
+    reclaims before it would kill anything; what Kubernetes calls the working set)."""
+    reclaimable = parse_memory_stat(stat, inactive_key) if stat else 0
+    return max(0, limit - max(0, usage - reclaimable))
+
+
+def read_memory_room(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int | None:
+    """Bytes this process's cgroups still allow it to allocate: the least room over its cgroup and its parents
+    (v2 ``memory.max`` less ``memory.current``; v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes`` under
+    ``root/memory``; inactive file pages count as free); None where no level has a limit or none is readable."""
+    text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
+    if not text:
+        return None
+    paths = parse_proc_cgroup(text)
+    v2, v1 = paths.get(""), paths.get("memory")
+    rooms: list[int] = []
+    try:
+        if v2 is not None:
+            for level in _levels(root, v2):
+                limit, usage = _read(level / "memory.max"), _read(level / "memory.current")
+                if limit is None or usage is None or limit.strip() == "max":
+                    continue
+                rooms.append(_room(int(limit), int(usage), _read(level / "memory.stat"), "inactive_file"))
+        if v1 is not None and (root / "memory").is_dir():
+            for level in _levels(root / "memory", v1):
+                limit, usage = _read(level / "memory.limit_in_bytes"), _read(level / "memory.usage_in_bytes")
+                if limit is None or usage is None or int(limit) >= _V1_UNLIMITED:
+                    continue
+                rooms.append(_room(int(limit), int(usage), _read(level / "memory.stat"), "total_inactive_file"))
+    except ValueError:  # a file that is not what the kernel writes: no limit known, as for an unreadable one
+        return min(rooms) if rooms else None
+    return min(rooms) if rooms else None
 
 
 def _read(path: Path) -> str | None:
@@ -70,7 +126,8 @@ def read_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> 
     text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
     if not text:
         return None
-    v2, v1 = parse_proc_cgroup(text)
+    paths = parse_proc_cgroup(text)
+    v2, v1 = paths.get(""), paths.get("cpu")
     limits: list[float] = []
     if v2 is not None:
         # A v2-only host mounts the hierarchy at root; a hybrid one at root/unified (which has no cpu controller).
