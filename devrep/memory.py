@@ -9,6 +9,7 @@ unmapped when the last array that views it is garbage-collected, never under a l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -226,6 +227,15 @@ class HostMemory:
         else:
             pread_full(self.fd, out[:want], offset, on_eof=self._shrank)
             out[want:] = 0
+
+    def staging_bytes(self, runs: npt.NDArray[np.int64]) -> int:
+        """The most memory ``read_runs`` of ``runs`` can touch: their size, at most the file's allocated blocks
+        (holes leave the staging pages untouched)."""
+        size = int(np.asarray(runs, dtype=np.int64).reshape(-1, 2)[:, 1].sum()) * PAGE_SIZE
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                size = min(size, os.fstat(self.fd).st_blocks * 512)
+        return size
 
     def read_runs(self, runs: npt.NDArray[np.int64], staging: npt.NDArray[np.uint8]) -> None:
         """pread the page runs into ``staging`` (fresh zero memory, page-aligned, region-sized) at the same

@@ -189,6 +189,39 @@ def test_a_server_in_a_memory_limited_cgroup_refuses_a_replicate_that_would_get_
         group.rmdir()
 
 
+def test_a_file_region_whose_staging_cannot_fit_is_refused_not_killed(tmp_path: Path) -> None:
+    """A file region's copy stages the file's pages (pread, so a truncated file cannot SIGBUS the server) on top of
+    the replica's own memory: in a 600 MiB cgroup a 300 MiB file's replica fits, replica plus staging does not.
+    RESOURCE_EXHAUSTED naming the staging, and the server keeps serving. A sparse file of the same size stages
+    only its data, so it is not refused."""
+    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
+    dense, sparse = tmp_path / "dense.bin", tmp_path / "sparse.bin"
+    dense.write_bytes(b"w" * (300 * MiB))
+    with open(sparse, "wb") as f:
+        f.truncate(300 * MiB)
+        f.write(b"s" * MiB)
+    try:
+        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(600 * MiB)},
+                                    {"memory.max": str(600 * MiB), "memory.swap.max": "0"})
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        with short_tmpdir() as tmp, server_process(tmp) as (address, proc):
+            procs.write_text(str(proc.pid))
+            with connect(address) as client:
+                client.register_file("dense", dense)
+                with pytest.raises(devrep.ResourceExhaustedError, match="staging its file's pages"):
+                    client.replicate("dense", ["cpu:0"])
+                client.unregister("dense")
+                client.register_file("sparse", sparse)
+                client.replicate("sparse", ["cpu:0"])
+                with client.acquire("sparse", "cpu:0") as lease:
+                    assert bytes(lease.array[:4]) == b"ssss" and int(lease.array[2 * MiB]) == 0
+            assert proc.poll() is None, "the server died"
+    finally:
+        group.rmdir()
+
+
 IN_PROCESS = """
 import sys
 sys.stdin.readline()

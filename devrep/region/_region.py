@@ -25,7 +25,7 @@ from ..errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from ..memory import HostMemory, anonymous
+from ..memory import HostMemory, anonymous, ensure_room
 from ..model import (
     Event,
     EventKind,
@@ -389,7 +389,9 @@ class Region:
         pread (see ``HostMemory.guarded``)."""
         if not self.host.guarded:
             return self.host.array
-        staging = anonymous(self.host.array.nbytes)  # only the runs' pages get touched; freed after the copy
+        # Only the runs' pages get touched (freed after the copy), but they are on top of the replica's own memory.
+        ensure_room(self.host.staging_bytes(runs), f"region {self.name!r}: staging its file's pages")
+        staging = anonymous(self.host.array.nbytes)
         try:
             self.host.read_runs(runs, staging)
         except FailedPreconditionError as exc:
