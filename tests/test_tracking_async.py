@@ -14,7 +14,14 @@ from _support import remote_writer
 import devrep
 from devrep._pages import PAGE_SIZE, pages_from_runs
 from devrep.model import Event
-from devrep.tracking._async import _LOOP, IDLE_INTERVAL_MAX, AsyncTracker, ranges_to_pages
+from devrep.tracking._async import (
+    _LOOP,
+    IDLE_INTERVAL_MAX,
+    IDLE_SCANS_PER_SECOND,
+    AsyncTracker,
+    _EpochLoop,
+    ranges_to_pages,
+)
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -111,6 +118,31 @@ def test_async_regions_share_one_epoch_thread_and_idle_ones_still_report(rep: de
     got.clear()
     regions[37].array[PAGE_SIZE] = 7
     assert got.wait(30), "no epoch reported a write to an idle region"
+
+
+def test_idle_ceiling_grows_with_the_number_of_regions_past_500() -> None:
+    """Idle epochs stay near ``IDLE_SCANS_PER_SECOND`` however many async regions there are (bench A1)."""
+    loop = _EpochLoop()
+    members = [object() for _ in range(1500)]
+    loop._members.update(members[:500])  # type: ignore[arg-type]
+    assert loop.idle_ceiling() == IDLE_INTERVAL_MAX
+    loop._members.update(members)  # type: ignore[arg-type]
+    assert loop.idle_ceiling() == 1500 / IDLE_SCANS_PER_SECOND == 1.5
+
+
+def test_the_epoch_loop_forgets_trackers_that_end(rep: devrep.Replicator) -> None:
+    before = len(_LOOP._members)
+    regions = [rep.create_region(f"gone{i}", 4 * PAGE_SIZE, tracking="async") for i in range(20)]
+    assert len(_LOOP._members) == before + 20
+    for region in regions[:10]:
+        rep.unregister(region.name)  # close: removed at once
+    ended = regions[10].tracker
+    assert isinstance(ended, AsyncTracker)
+    ended.closed = True  # ended without close (its next epoch returns None): dropped then
+    deadline = time.monotonic() + 30
+    while len(_LOOP._members) > before + 9 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_LOOP._members) == before + 9
 
 
 def test_epoch_pages_wait_for_collect_and_idle_epochs_back_off(rep: devrep.Replicator) -> None:

@@ -9,8 +9,10 @@ with the client's userfaultfd and its own ``/proc/self/pagemap`` fd (``prepare_a
 Epochs exist only to publish invalidation events early (Watch); correctness never depends on them, because
 sync, acquire and verify call ``collect()`` first. So one thread (``_EpochLoop``) runs the epochs of every
 async region of the process, and an idle region backs off: a region written since its last epoch is scanned
-again after ``interval``, an idle one after twice its previous delay, up to ``IDLE_INTERVAL_MAX``. A thread
-per region waking every 50 ms cost 26% of a CPU for 300 idle regions; see ``bench/tracking.py`` (A1).
+again after ``interval``, an idle one after twice its previous delay, up to ``IDLE_INTERVAL_MAX`` -- or, with more
+than 500 async regions in the process, up to one second per ``IDLE_SCANS_PER_SECOND`` regions, so idle regions
+cost a bounded CPU however many there are. A thread per region waking every 50 ms cost 26% of a CPU for 300 idle
+regions; see ``bench/tracking.py`` (A1).
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 0.05
 IDLE_INTERVAL_MAX = 0.5
-"""Longest delay between epochs of a region nobody writes: bounds how late its first invalidation event is."""
+"""Longest delay between epochs of a region nobody writes, with up to 500 async regions in the process: bounds how
+late its first invalidation event is."""
+IDLE_SCANS_PER_SECOND = 1000
+"""Past 500 async regions the longest idle delay grows with their number to keep idle scans at this rate: an idle
+epoch costs 10-25 us of CPU here (a cold Python path and one PAGEMAP_SCAN), and 2,000 a second of them came
+to 5-6 % of a CPU on a slow day (bench A1)."""
 _SCAN_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 
 
@@ -65,24 +72,36 @@ class _EpochLoop:
     The loop only calls ``tracker._epoch()``, outside its own lock; the tracker scans under its lock and then,
     when pages were written, calls the region's ``notify`` (region lock, then tracker lock: the same order as
     ``collect``), so the loop never holds a lock the region needs.
+
+    A heap entry is a group of trackers due at the same time: the trackers of one wake-up that get the same next
+    delay go back as one entry (a thousand idle regions stay one entry, instead of a heap push and pop each per
+    epoch, which cost about a fifth of the loop's CPU; bench A1).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, AsyncTracker]] = []
-        self._order = itertools.count()  # ties on the due time never compare trackers
+        self._heap: list[tuple[float, int, list[AsyncTracker]]] = []
+        self._order = itertools.count()  # ties on the due time never compare groups
         self._thread: threading.Thread | None = None
+        self._members: set[AsyncTracker] = set()  # every tracker with epochs, for ``idle_ceiling``
         os.register_at_fork(after_in_child=self._after_fork)
+
+    def idle_ceiling(self) -> float:
+        """The longest delay between an idle region's epochs: ``IDLE_INTERVAL_MAX``, or longer with so many
+        regions that idle scans would pass ``IDLE_SCANS_PER_SECOND``."""
+        return max(IDLE_INTERVAL_MAX, len(self._members) / IDLE_SCANS_PER_SECOND)
 
     def _after_fork(self) -> None:
         # The loop thread does not exist in a forked child; its lock may have been held at the fork.
         self._cond = threading.Condition()
         self._heap = []
         self._thread = None
+        self._members = set()
 
     def add(self, tracker: AsyncTracker, delay: float) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), tracker))
+            self._members.add(tracker)
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), [tracker]))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="devrep-async-epochs", daemon=True)
                 self._thread.start()
@@ -90,10 +109,15 @@ class _EpochLoop:
 
     def remove(self, tracker: AsyncTracker) -> None:
         with self._cond:
-            kept = [entry for entry in self._heap if entry[2] is not tracker]
-            if len(kept) != len(self._heap):
-                heapq.heapify(kept)
-                self._heap = kept
+            self._members.discard(tracker)
+            kept = []
+            for due, order, group in self._heap:
+                if tracker in group:
+                    group = [t for t in group if t is not tracker]
+                if group:
+                    kept.append((due, order, group))
+            heapq.heapify(kept)
+            self._heap = kept
 
     def _next_due(self) -> list[AsyncTracker]:
         """Every tracker due within ``_SLACK`` from now: one wake-up serves them all (a wake-up per region
@@ -108,14 +132,15 @@ class _EpochLoop:
                 if due > 0:
                     self._cond.wait(due)
                     continue
-                batch = []
+                batch: list[AsyncTracker] = []
                 while self._heap and self._heap[0][0] <= now + _SLACK:
-                    batch.append(heapq.heappop(self._heap)[2])
+                    batch.extend(heapq.heappop(self._heap)[2])
                 return batch
 
     def _run(self) -> None:
         while True:
-            again: list[tuple[AsyncTracker, float]] = []
+            again: dict[float, list[AsyncTracker]] = {}
+            ended: list[AsyncTracker] = []
             for tracker in self._next_due():
                 try:
                     delay = tracker._epoch()
@@ -123,12 +148,15 @@ class _EpochLoop:
                     log.exception("async epoch failed")
                     delay = None
                 if delay is not None:
-                    again.append((tracker, delay))
-            # The batch back in one lock hold, and no notify: this thread is the one that waits.
+                    again.setdefault(delay, []).append(tracker)
+                else:
+                    ended.append(tracker)
+            # The batch back in one lock hold, one entry per delay, and no notify: this thread is the one that waits.
             now = time.monotonic()
             with self._cond:
-                for tracker, delay in again:
-                    heapq.heappush(self._heap, (now + delay, next(self._order), tracker))
+                self._members.difference_update(ended)
+                for delay, group in again.items():
+                    heapq.heappush(self._heap, (now + delay, next(self._order), group))
 
 
 _LOOP = _EpochLoop()
@@ -148,6 +176,7 @@ class AsyncTracker(Tracker):
         self._pagemap = -1
         self._scanner: PagemapScanner | None = None
         self._base = 0
+        self._end = 0
         self._npages = 0
         self._lock = threading.Lock()
         self._notify: Notify | None = None
@@ -193,6 +222,9 @@ class AsyncTracker(Tracker):
                 raise
             self._base = host.address
         self._scanner = PagemapScanner(self._pagemap)
+        self._scanner.configure(flags=_SCAN_FLAGS, category_mask=PageCategory.WRITTEN,
+                                return_mask=PageCategory.WRITTEN)
+        self._end = self._base + length
         if self.interval is not None:
             self._notify = notify
             _LOOP.add(self, self.interval)
@@ -218,15 +250,14 @@ class AsyncTracker(Tracker):
             except DevrepError as exc:  # the region failed or closed meanwhile; the next epoch finds out
                 log.debug("async epoch: %s", exc)
         else:
-            self._delay = min(self._delay * 2, max(IDLE_INTERVAL_MAX, self.interval))
+            self._delay = min(self._delay * 2, max(_LOOP.idle_ceiling(), self.interval))
         return self._delay
 
     def _scan_locked(self) -> PageArray:
         if self._scanner is None or self.closed:
             return np.empty(0, dtype=np.int64)
         try:
-            ranges = self._scanner.scan(self._base, self._base + self._npages * PAGE_SIZE, flags=_SCAN_FLAGS,
-                                        category_mask=PageCategory.WRITTEN, return_mask=PageCategory.WRITTEN)
+            ranges = self._scanner.run(self._base, self._end)
         except OSError as exc:
             # The writer's mapping is gone (client exited) or the kernel refused: nothing is tracked now.
             raise FailedPreconditionError(f"async write tracking failed: PAGEMAP_SCAN: {exc}") from exc
