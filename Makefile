@@ -32,7 +32,7 @@ clang14:
 
 # tests/test_cpp_client.py builds a C++ client from protos/ with Debian's gRPC C++ (installed when missing;
 # CI runs as root, elsewhere through sudo).
-CPP_DEPS := libgrpc++-dev protobuf-compiler-grpc pkg-config g++
+CPP_DEPS := libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc pkg-config g++
 cpp-deps:
 	@missing=""; for p in $(CPP_DEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \

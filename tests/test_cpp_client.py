@@ -31,7 +31,8 @@ def _missing_toolchain() -> str:
             return f"{tool} not found (apt-get install {package}; `make test` installs it)"
     probe = subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"], capture_output=True)
     if probe.returncode:
-        return "pkg-config cannot find grpc++/protobuf (apt-get install libgrpc++-dev; `make test` installs it)"
+        return ("pkg-config cannot find grpc++/protobuf (apt-get install libgrpc++-dev libprotobuf-dev; `make test` "
+                "installs them)")
     return ""
 
 
