@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import devrep
 from devrep import memory
-from devrep.client import connect
+from devrep.client import Client, connect
 from devrep.demo import server_process
 from devrep.linux.cgroup import (
     parse_cfs,
@@ -139,16 +141,40 @@ def _real_cgroup(tmp: str, controller: str, limits: dict[str, str], v2_limits: d
                 "controller")
 
 
-def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
-    """A child moved into a real cgroup limited to 0.25 CPU reads that limit, and the staged rearm finds no CPU
-    to overlap on there (its affinity mask still lists every CPU); outside it, no limit."""
-    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
+@contextmanager
+def _limited(controller: str, limits: dict[str, str], v2_limits: dict[str, str]) -> Iterator[Path]:
+    """A fresh cgroup with these limits (``_real_cgroup``) for the block: yields the file a pid is written to, and
+    removes the cgroup afterwards (its processes must have ended by then)."""
     try:
-        group, procs = _real_cgroup(name, "cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "25000"},
-                                    {"cpu.max": "25000 100000"})
+        group, procs = _real_cgroup(f"devrep-test-{uuid.uuid4().hex[:8]}", controller, limits, v2_limits)
     except OSError as exc:
         pytest.skip(f"cannot make a cgroup here: {exc}")
     try:
+        yield procs
+    finally:
+        group.rmdir()
+
+
+def _memory_limit(limit: int) -> dict[str, dict[str, str]]:
+    return {"limits": {"memory.limit_in_bytes": str(limit)},
+            "v2_limits": {"memory.max": str(limit), "memory.swap.max": "0"}}
+
+
+@contextmanager
+def _server_limited_to(limit: int) -> Iterator[tuple[Client, subprocess.Popen[bytes]]]:
+    """A real ``devrep serve`` moved into a cgroup limited to ``limit`` bytes of memory, and a client of it."""
+    with _limited("memory", **_memory_limit(limit)) as procs, short_tmpdir() as tmp, \
+            server_process(tmp) as (address, proc):
+        procs.write_text(str(proc.pid))
+        with connect(address) as client:
+            yield client, proc
+
+
+def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
+    """A child moved into a real cgroup limited to 0.25 CPU reads that limit, and the staged rearm finds no CPU
+    to overlap on there (its affinity mask still lists every CPU); outside it, no limit."""
+    with _limited("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "25000"},
+                  {"cpu.max": "25000 100000"}) as procs:
         child = subprocess.Popen([sys.executable, "-c", f"import sys; sys.stdin.readline(); {REPORT}"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.write_text(str(child.pid))
@@ -158,35 +184,22 @@ def test_a_real_cpu_limit_is_read_and_turns_staging_off() -> None:
         outside = subprocess.run([sys.executable, "-c", REPORT], capture_output=True, text=True, timeout=120,
                                  check=True)
         assert outside.stdout.split()[0] != "0.25", outside.stdout
-    finally:
-        group.rmdir()
 
 
 def test_a_server_in_a_memory_limited_cgroup_refuses_a_replicate_that_would_get_it_killed() -> None:
     """``devrep serve`` moved into a cgroup limited to 600 MiB: one client's replicate of 1 GiB, which used to get
     the daemon SIGKILLed by the kernel (every client's service gone), is RESOURCE_EXHAUSTED naming the limit; the
     server keeps serving and a replicate that fits still works."""
-    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
-    try:
-        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(600 * MiB)},
-                                    {"memory.max": str(600 * MiB), "memory.swap.max": "0"})
-    except OSError as exc:
-        pytest.skip(f"cannot make a cgroup here: {exc}")
-    try:
-        with short_tmpdir() as tmp, server_process(tmp) as (address, proc):
-            procs.write_text(str(proc.pid))
-            with connect(address) as client:
-                client.create_region("big", 1 << 30, tracking="explicit")
-                with pytest.raises(devrep.ResourceExhaustedError, match="cgroup memory limit"):
-                    client.replicate("big", ["cpu:0"])
-                region = client.create_region("small", 64 * MiB, tracking="explicit")
-                region.array[:] = 5
-                client.replicate("small", ["cpu:0"])
-                with client.acquire("small", "cpu:0") as lease:
-                    assert int(lease.array[12345]) == 5
-            assert proc.poll() is None, "the server died"
-    finally:
-        group.rmdir()
+    with _server_limited_to(600 * MiB) as (client, proc):
+        client.create_region("big", 1 << 30, tracking="explicit")
+        with pytest.raises(devrep.ResourceExhaustedError, match="cgroup memory limit"):
+            client.replicate("big", ["cpu:0"])
+        region = client.create_region("small", 64 * MiB, tracking="explicit")
+        region.array[:] = 5
+        client.replicate("small", ["cpu:0"])
+        with client.acquire("small", "cpu:0") as lease:
+            assert int(lease.array[12345]) == 5
+        assert proc.poll() is None, "the server died"
 
 
 def test_a_file_region_whose_staging_cannot_fit_is_refused_not_killed(tmp_path: Path) -> None:
@@ -194,32 +207,21 @@ def test_a_file_region_whose_staging_cannot_fit_is_refused_not_killed(tmp_path: 
     the replica's own memory: in a 600 MiB cgroup a 300 MiB file's replica fits, replica plus staging does not.
     RESOURCE_EXHAUSTED naming the staging, and the server keeps serving. A sparse file of the same size stages
     only its data, so it is not refused."""
-    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
     dense, sparse = tmp_path / "dense.bin", tmp_path / "sparse.bin"
     dense.write_bytes(b"w" * (300 * MiB))
     with open(sparse, "wb") as f:
         f.truncate(300 * MiB)
         f.write(b"s" * MiB)
-    try:
-        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(600 * MiB)},
-                                    {"memory.max": str(600 * MiB), "memory.swap.max": "0"})
-    except OSError as exc:
-        pytest.skip(f"cannot make a cgroup here: {exc}")
-    try:
-        with short_tmpdir() as tmp, server_process(tmp) as (address, proc):
-            procs.write_text(str(proc.pid))
-            with connect(address) as client:
-                client.register_file("dense", dense)
-                with pytest.raises(devrep.ResourceExhaustedError, match="staging its file's pages"):
-                    client.replicate("dense", ["cpu:0"])
-                client.unregister("dense")
-                client.register_file("sparse", sparse)
-                client.replicate("sparse", ["cpu:0"])
-                with client.acquire("sparse", "cpu:0") as lease:
-                    assert bytes(lease.array[:4]) == b"ssss" and int(lease.array[2 * MiB]) == 0
-            assert proc.poll() is None, "the server died"
-    finally:
-        group.rmdir()
+    with _server_limited_to(600 * MiB) as (client, proc):
+        client.register_file("dense", dense)
+        with pytest.raises(devrep.ResourceExhaustedError, match="staging its file's pages"):
+            client.replicate("dense", ["cpu:0"])
+        client.unregister("dense")
+        client.register_file("sparse", sparse)
+        client.replicate("sparse", ["cpu:0"])
+        with client.acquire("sparse", "cpu:0") as lease:
+            assert bytes(lease.array[:4]) == b"ssss" and int(lease.array[2 * MiB]) == 0
+        assert proc.poll() is None, "the server died"
 
 
 IN_PROCESS = """
@@ -238,18 +240,10 @@ with devrep.Replicator(cpu_devices=1) as rep:
 
 
 def test_create_region_past_a_memory_limit_is_resource_exhausted_not_a_kill() -> None:
-    name = f"devrep-test-{uuid.uuid4().hex[:8]}"
-    try:
-        group, procs = _real_cgroup(name, "memory", {"memory.limit_in_bytes": str(300 * MiB)},
-                                    {"memory.max": str(300 * MiB), "memory.swap.max": "0"})
-    except OSError as exc:
-        pytest.skip(f"cannot make a cgroup here: {exc}")
-    try:
+    with _limited("memory", **_memory_limit(300 * MiB)) as procs:
         child = subprocess.Popen([sys.executable, "-c", IN_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         procs.write_text(str(child.pid))
         out, err = child.communicate("go\n", timeout=120)
         assert child.returncode == 0, (child.returncode, err[-2000:])
         assert "refused: region 'big'" in out and "cgroup memory limit" in out and "small ok" in out, out
-    finally:
-        group.rmdir()

@@ -80,10 +80,7 @@ def read_memory_room(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -
     """Bytes this process's cgroups still allow it to allocate: the least room over its cgroup and its parents
     (v2 ``memory.max`` less ``memory.current``; v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes`` under
     ``root/memory``; inactive file pages count as free); None where no level has a limit or none is readable."""
-    text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
-    if not text:
-        return None
-    paths = parse_proc_cgroup(text)
+    paths = _own_paths(proc_cgroup)
     v2, v1 = paths.get(""), paths.get("memory")
     rooms: list[int] = []
     try:
@@ -102,6 +99,12 @@ def read_memory_room(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -
     except ValueError:  # a file that is not what the kernel writes: no limit known, as for an unreadable one
         return min(rooms) if rooms else None
     return min(rooms) if rooms else None
+
+
+def _own_paths(proc_cgroup: str | None) -> dict[str, str]:
+    """``parse_proc_cgroup`` of ``proc_cgroup``, or of this process's ``/proc/self/cgroup`` (empty if unreadable)."""
+    text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
+    return parse_proc_cgroup(text) if text else {}
 
 
 def _read(path: Path) -> str | None:
@@ -123,10 +126,7 @@ def read_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> 
     ``cpu.cfs_quota_us`` under ``root/cpu`` or ``root/cpu,cpuacct``); None where none is set or none is readable.
     Inside a cgroup namespace (a container) the paths are relative to the container's own cgroup, which is what
     ``root`` shows there, so the walk sees the container's limit."""
-    text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
-    if not text:
-        return None
-    paths = parse_proc_cgroup(text)
+    paths = _own_paths(proc_cgroup)
     v2, v1 = paths.get(""), paths.get("cpu")
     limits: list[float] = []
     if v2 is not None:
